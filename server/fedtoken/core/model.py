@@ -107,6 +107,8 @@ class Expectation:
     audience: str
     issuer: str = ""
     tenant: str = ""
+    # Introspection (RFC 7662) reports aud to the caller instead of checking it.
+    check_audience: bool = True
 
 
 @dataclass(frozen=True, slots=True)

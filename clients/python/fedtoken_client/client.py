@@ -1,0 +1,182 @@
+"""A small typed client over the generated stubs (sync and asyncio)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+
+from fedtoken_client._pb.fedtoken.v1 import (
+    common_pb2,
+    key_admin_pb2,
+    key_admin_pb2_grpc,
+    token_service_pb2,
+    token_service_pb2_grpc,
+)
+from fedtoken_client.errors import from_rpc_error
+
+Verdict = token_service_pb2.Verdict
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from exc
+
+
+def reason_name(value: int) -> str:
+    """The stable name of a verdict Reason value (e.g. "REVOKED")."""
+    return common_pb2.Reason.Name(value)
+
+
+class FedtokenClient:
+    """Blocking client for TokenService and KeyAdmin.
+
+    ``caller`` is sent as ``x-fedtoken-caller`` and lands in the audit trail.
+    """
+
+    def __init__(self, target: str, *, caller: str = "", timeout: float = 10.0,
+                 channel: grpc.Channel | None = None) -> None:
+        self._channel = channel or grpc.insecure_channel(target)
+        self.tokens = token_service_pb2_grpc.TokenServiceStub(self._channel)
+        self.admin = key_admin_pb2_grpc.KeyAdminStub(self._channel)
+        self._metadata = (("x-fedtoken-caller", caller),) if caller else ()
+        self._timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> FedtokenClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        with _translated():
+            return method(request, timeout=self._timeout, metadata=self._metadata)
+
+    # -- tokens ----------------------------------------------------------------
+
+    def issue(self, subject: str, audience: str | Sequence[str], *, tenant: str = "",
+              lifetime_seconds: int = 0, claims: dict[str, Any] | None = None,
+              scope: str = "", client_id: str = "") -> token_service_pb2.IssueResponse:
+        aud = [audience] if isinstance(audience, str) else list(audience)
+        return self._call(self.tokens.Issue, token_service_pb2.IssueRequest(
+            tenant=tenant, subject=subject, audience=aud, lifetime_seconds=lifetime_seconds,
+            extra_claims_json=json.dumps(claims) if claims else "", scope=scope,
+            client_id=client_id,
+        ))
+
+    def verify(self, token: str, audience: str, *, issuer: str = "",
+               tenant: str = "") -> Verdict:
+        resp = self._call(self.tokens.Verify, token_service_pb2.VerifyRequest(
+            token=token, audience=audience, issuer=issuer, tenant=tenant))
+        return resp.verdict
+
+    def verify_batch(self, tokens: Sequence[str], audience: str, *, issuer: str = "",
+                     tenant: str = "") -> list[Verdict]:
+        resp = self._call(self.tokens.VerifyBatch, token_service_pb2.VerifyBatchRequest(
+            tokens=list(tokens), audience=audience, issuer=issuer, tenant=tenant))
+        return list(resp.verdicts)
+
+    def introspect(self, token: str) -> token_service_pb2.IntrospectResponse:
+        return self._call(self.tokens.Introspect,
+                          token_service_pb2.IntrospectRequest(token=token))
+
+    def revoke(self, *, token: str = "", jti: str = "", tenant: str = "",
+               expires_at: int = 0, reason: str = "") -> token_service_pb2.RevokeResponse:
+        req = token_service_pb2.RevokeRequest(tenant=tenant, expires_at=expires_at,
+                                              reason=reason)
+        if token:
+            req.token = token
+        elif jti:
+            req.jti = jti
+        return self._call(self.tokens.Revoke, req)
+
+    def get_keys(self, tenant: str = "") -> token_service_pb2.GetKeysResponse:
+        return self._call(self.tokens.GetKeys, token_service_pb2.GetKeysRequest(tenant=tenant))
+
+    # -- admin -----------------------------------------------------------------
+
+    def create_tenant(self, tenant_id: str, issuer: str = "", *, generate_key: bool = True,
+                      **policy: Any) -> key_admin_pb2.Tenant:
+        return self._call(self.admin.CreateTenant, key_admin_pb2.CreateTenantRequest(
+            id=tenant_id, issuer=issuer, generate_key=generate_key, **policy))
+
+    def list_tenants(self) -> list[key_admin_pb2.Tenant]:
+        return list(self._call(self.admin.ListTenants,
+                               key_admin_pb2.ListTenantsRequest()).tenants)
+
+    def generate_key(self, tenant: str = "", *, key_size: int = 0,
+                     activate: bool = False) -> common_pb2.Key:
+        return self._call(self.admin.GenerateKey, key_admin_pb2.GenerateKeyRequest(
+            tenant=tenant, key_size=key_size, activate=activate))
+
+    def list_keys(self, tenant: str = "") -> list[common_pb2.Key]:
+        return list(self._call(self.admin.ListKeys,
+                               key_admin_pb2.ListKeysRequest(tenant=tenant)).keys)
+
+    def activate_key(self, kid: str, tenant: str = "") -> common_pb2.Key:
+        return self._call(self.admin.ActivateKey, key_admin_pb2.KeyRef(tenant=tenant, kid=kid))
+
+    def retire_key(self, kid: str, tenant: str = "") -> common_pb2.Key:
+        return self._call(self.admin.RetireKey, key_admin_pb2.KeyRef(tenant=tenant, kid=kid))
+
+
+class AsyncFedtokenClient:
+    """asyncio flavour of the token calls, for services built on grpc.aio."""
+
+    def __init__(self, target: str, *, caller: str = "", timeout: float = 10.0) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self.tokens = token_service_pb2_grpc.TokenServiceStub(self._channel)
+        self.admin = key_admin_pb2_grpc.KeyAdminStub(self._channel)
+        self._metadata = (("x-fedtoken-caller", caller),) if caller else ()
+        self._timeout = timeout
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def issue(self, subject: str, audience: str | Sequence[str], *, tenant: str = "",
+                    lifetime_seconds: int = 0, claims: dict[str, Any] | None = None,
+                    ) -> token_service_pb2.IssueResponse:
+        aud = [audience] if isinstance(audience, str) else list(audience)
+        return await self._call(self.tokens.Issue, token_service_pb2.IssueRequest(
+            tenant=tenant, subject=subject, audience=aud, lifetime_seconds=lifetime_seconds,
+            extra_claims_json=json.dumps(claims) if claims else ""))
+
+    async def verify(self, token: str, audience: str, *, issuer: str = "",
+                     tenant: str = "") -> Verdict:
+        resp = await self._call(self.tokens.Verify, token_service_pb2.VerifyRequest(
+            token=token, audience=audience, issuer=issuer, tenant=tenant))
+        return resp.verdict
+
+    async def verify_batch(self, tokens: Sequence[str], audience: str, *, issuer: str = "",
+                           tenant: str = "") -> list[Verdict]:
+        resp = await self._call(self.tokens.VerifyBatch, token_service_pb2.VerifyBatchRequest(
+            tokens=list(tokens), audience=audience, issuer=issuer, tenant=tenant))
+        return list(resp.verdicts)
+
+    async def revoke(self, *, token: str = "", jti: str = "",
+                     tenant: str = "") -> token_service_pb2.RevokeResponse:
+        req = token_service_pb2.RevokeRequest(tenant=tenant)
+        if token:
+            req.token = token
+        elif jti:
+            req.jti = jti
+        return await self._call(self.tokens.Revoke, req)
+
+    async def introspect(self, token: str) -> token_service_pb2.IntrospectResponse:
+        return await self._call(self.tokens.Introspect,
+                                token_service_pb2.IntrospectRequest(token=token))

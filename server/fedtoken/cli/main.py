@@ -1,0 +1,265 @@
+"""The ``fedtoken`` command: run the service, and operate it through KeyAdmin.
+
+Every command except ``serve`` and ``token decode`` is a client of the gRPC
+API (``--target``, or FEDTOKEN_TARGET); none touches the database.
+Exit status: 0 success, 1 a verdict said invalid / inactive, 2 an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from fedtoken.errors import FedtokenError
+from fedtoken_client import FedtokenClient, FedtokenRpcError
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _print(msg: Message | dict[str, Any] | list[Any]) -> None:
+    if isinstance(msg, Message):
+        data: Any = MessageToDict(msg, preserving_proto_field_name=True,
+                                  always_print_fields_with_no_presence=True)
+    else:
+        data = msg
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+# -- serve -----------------------------------------------------------------------
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from fedtoken.config import load_settings
+    from fedtoken.serve import run
+
+    overrides = {
+        "state_dir": ns.state_dir,
+        "grpc_host": ns.grpc_host,
+        "grpc_port": ns.grpc_port,
+        "http_host": ns.http_host,
+        "http_port": ns.http_port,
+        "database_dsn": ns.dsn,
+        "workers": ns.workers,
+        "log_level": ns.log_level,
+    }
+    settings = load_settings(overrides, config_file=ns.config)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    return run(settings)
+
+
+# -- client commands ----------------------------------------------------------------
+
+
+def _client(ns: argparse.Namespace) -> FedtokenClient:
+    return FedtokenClient(ns.target, caller=ns.caller or f"cli:{os.getenv('USER', 'unknown')}")
+
+
+def cmd_tenants(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        if ns.action == "list":
+            _print([MessageToDict(t, preserving_proto_field_name=True) for t in c.list_tenants()])
+        elif ns.action == "create":
+            policy: dict[str, Any] = {}
+            if ns.max_lifetime:
+                policy["max_token_lifetime_seconds"] = ns.max_lifetime
+            if ns.default_lifetime:
+                policy["default_token_lifetime_seconds"] = ns.default_lifetime
+            if ns.key_size:
+                policy["key_size"] = ns.key_size
+            _print(c.create_tenant(ns.id, ns.issuer or "", generate_key=not ns.no_key, **policy))
+        else:
+            from fedtoken_client._pb.fedtoken.v1 import key_admin_pb2
+
+            _print(c._call(c.admin.GetTenant, key_admin_pb2.GetTenantRequest(id=ns.id)))
+    return 0
+
+
+def cmd_keys(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        if ns.action == "list":
+            _print([MessageToDict(k, preserving_proto_field_name=True)
+                    for k in c.list_keys(ns.tenant)])
+        elif ns.action == "generate":
+            _print(c.generate_key(ns.tenant, key_size=ns.size, activate=ns.activate))
+        elif ns.action == "activate":
+            _print(c.activate_key(ns.kid, ns.tenant))
+        elif ns.action == "retire":
+            _print(c.retire_key(ns.kid, ns.tenant))
+    return 0
+
+
+def cmd_token(ns: argparse.Namespace) -> int:
+    if ns.action == "decode":
+        return _decode(ns.token)
+    with _client(ns) as c:
+        if ns.action == "issue":
+            claims = json.loads(ns.claims) if ns.claims else None
+            resp = c.issue(ns.sub, ns.aud, tenant=ns.tenant, lifetime_seconds=ns.lifetime,
+                           claims=claims, scope=ns.scope)
+            if ns.json:
+                _print(resp)
+            else:
+                print(resp.token)
+            return 0
+        if ns.action == "verify":
+            verdict = c.verify(_token_arg(ns.token), ns.aud, issuer=ns.issuer, tenant=ns.tenant)
+            out = MessageToDict(verdict, preserving_proto_field_name=True,
+                                always_print_fields_with_no_presence=True)
+            out.pop("claims_json", None)
+            if verdict.valid:
+                out["claims"] = json.loads(verdict.claims_json)
+            _print(out)
+            return 0 if verdict.valid else 1
+        if ns.action == "introspect":
+            intro = c.introspect(_token_arg(ns.token))
+            _print(intro)
+            return 0 if intro.active else 1
+        if ns.action == "revoke":
+            if bool(ns.token) == bool(ns.jti):
+                print("give exactly one of --token or --jti", file=sys.stderr)
+                return 2
+            _print(c.revoke(token=_token_arg(ns.token) if ns.token else "", jti=ns.jti or "",
+                            tenant=ns.tenant, reason=ns.reason))
+            return 0
+    return 2
+
+
+def cmd_jwks(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        resp = c.get_keys(ns.tenant)
+        print(json.dumps(json.loads(resp.jwks_json), indent=2))
+    return 0
+
+
+def _token_arg(value: str) -> str:
+    return sys.stdin.read().strip() if value == "-" else value
+
+
+def _decode(token: str) -> int:
+    """Show header and payload WITHOUT verifying anything (debugging aid)."""
+    token = _token_arg(token)
+    parts = token.split(".")
+    if len(parts) != 3:
+        print("not a compact JWS (need three dot-separated parts)", file=sys.stderr)
+        return 2
+    try:
+        header, payload = (json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))
+                           for p in parts[:2])
+    except ValueError:
+        print("header or payload is not base64url JSON", file=sys.stderr)
+        return 2
+    _print({"UNVERIFIED": True, "header": header, "payload": payload})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedtoken", description=__doc__.splitlines()[0])
+    p.add_argument("--target", default=os.environ.get("FEDTOKEN_TARGET", DEFAULT_TARGET),
+                   help="gRPC address of a fedtoken server (env FEDTOKEN_TARGET)")
+    p.add_argument("--caller", default="", help="name recorded as the actor in the audit trail")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC server and the HTTP bridge")
+    s.add_argument("--config", type=lambda v: __import__("pathlib").Path(v), default=None,
+                   help="TOML settings file (env FEDTOKEN_CONFIG)")
+    s.add_argument("--state-dir", dest="state_dir")
+    s.add_argument("--grpc-host")
+    s.add_argument("--grpc-port", type=int)
+    s.add_argument("--http-host")
+    s.add_argument("--http-port", type=int)
+    s.add_argument("--dsn", help="Postgres DSN; default: embedded Postgres under the state dir")
+    s.add_argument("--workers", type=int, help="worker processes (0: one per core)")
+    s.add_argument("--log-level")
+    s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("tenants", help="list, show or create tenants")
+    tsub = t.add_subparsers(dest="action", required=True)
+    tsub.add_parser("list")
+    show = tsub.add_parser("show")
+    show.add_argument("id")
+    create = tsub.add_parser("create")
+    create.add_argument("id")
+    create.add_argument("--issuer", help="issuer URL (default: <public_url>/t/<id>)")
+    create.add_argument("--max-lifetime", type=int, default=0)
+    create.add_argument("--default-lifetime", type=int, default=0)
+    create.add_argument("--key-size", type=int, default=0)
+    create.add_argument("--no-key", action="store_true", help="do not generate a first key")
+    t.set_defaults(func=cmd_tenants)
+
+    k = sub.add_parser("keys", help="generate, list, activate, retire HSM keys")
+    ksub = k.add_subparsers(dest="action", required=True)
+    for name in ("list", "generate", "activate", "retire"):
+        a = ksub.add_parser(name)
+        a.add_argument("--tenant", default="")
+        if name == "generate":
+            a.add_argument("--size", type=int, default=0)
+            a.add_argument("--activate", action="store_true")
+        if name in ("activate", "retire"):
+            a.add_argument("kid")
+    k.set_defaults(func=cmd_keys)
+
+    tok = sub.add_parser("token", help="issue, verify, introspect, revoke or decode tokens")
+    tsub2 = tok.add_subparsers(dest="action", required=True)
+    iss = tsub2.add_parser("issue")
+    iss.add_argument("--sub", required=True)
+    iss.add_argument("--aud", required=True, action="append")
+    iss.add_argument("--tenant", default="")
+    iss.add_argument("--lifetime", type=int, default=0)
+    iss.add_argument("--claims", help="extra claims as a JSON object")
+    iss.add_argument("--scope", default="")
+    iss.add_argument("--json", action="store_true", help="print the whole response")
+    ver = tsub2.add_parser("verify")
+    ver.add_argument("token", help="the token, or - to read it from stdin")
+    ver.add_argument("--aud", required=True)
+    ver.add_argument("--issuer", default="")
+    ver.add_argument("--tenant", default="")
+    intr = tsub2.add_parser("introspect")
+    intr.add_argument("token")
+    rev = tsub2.add_parser("revoke")
+    rev.add_argument("--token")
+    rev.add_argument("--jti")
+    rev.add_argument("--tenant", default="")
+    rev.add_argument("--reason", default="")
+    dec = tsub2.add_parser("decode", help="print header and payload, UNVERIFIED")
+    dec.add_argument("token")
+    tok.set_defaults(func=cmd_token)
+
+    j = sub.add_parser("jwks", help="print a tenant's JWKS")
+    j.add_argument("--tenant", default="")
+    j.set_defaults(func=cmd_jwks)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        code: int = ns.func(ns)
+        return code
+    except FedtokenRpcError as exc:
+        print(f"error: {exc.code.name} {exc.reason}: {exc.message}", file=sys.stderr)
+        return 2
+    except FedtokenError as exc:
+        print(f"error: {exc.reason.value}: {exc.message}", file=sys.stderr)
+        return 2
+    except (json.JSONDecodeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,179 @@
+"""Settings, resolved once at start: arguments > environment > file > defaults.
+
+Nothing else in fedtoken reads the environment (except the PKCS#11 library,
+which reads SOFTHSM2_CONF itself). Every setting is documented in the README;
+the environment name is ``FEDTOKEN_`` + the upper-case field name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedtoken.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a fedtoken process. Immutable once resolved."""
+
+    # Where the dev HSM token, the embedded Postgres and spill files live.
+    state_dir: Path = Path(".state")
+    # gRPC listener. Workers share it through SO_REUSEPORT.
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    # HTTP bridge (JWKS, discovery). 0 disables it.
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    # Base URL the HTTP bridge is reachable at; the default tenant's issuer
+    # is this URL, tenant T's is <public_url>/t/<T>. Empty: derived from http.
+    public_url: str = ""
+    # gRPC target the bridge calls for GetKeys; empty: this process's server.
+    bridge_grpc_target: str = ""
+    # Postgres DSN; empty starts an embedded Postgres under state_dir/pg.
+    database_dsn: str = ""
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+    # PKCS#11 module and token. Empty module: the usual SoftHSM2 paths.
+    hsm_module: str = ""
+    hsm_token_label: str = "fedtoken-dev"  # noqa: S105 - a label, not a secret
+    # The user PIN: give hsm_pin (environment FEDTOKEN_HSM_PIN) or a file.
+    hsm_pin: str = field(default="", repr=False)
+    hsm_pin_file: str = ""
+    # Create the dev SoftHSM token under state_dir when it is missing.
+    hsm_init_dev_token: bool = True
+    # The tenant served at / and used when a request names none; created on
+    # first start with a first active key.
+    default_tenant: str = "default"
+    create_default_tenant: bool = True
+    key_size: int = 2048
+    # Verification.
+    leeway_seconds: int = 30
+    max_token_bytes: int = 16384
+    max_batch: int = 10000
+    verify_threads: int = 2
+    # JWKS Cache-Control max-age, seconds.
+    jwks_max_age_seconds: int = 300
+    # Revocation view: verdicts turn REVOCATION_UNAVAILABLE when the view has
+    # not been confirmed current for this long (fail closed).
+    revocation_staleness_seconds: float = 5.0
+    revocation_heartbeat_seconds: float = 1.0
+    revocation_resync_seconds: float = 60.0
+    # Worker processes for `serve` (0: one per core).
+    workers: int = 1
+    log_level: str = "INFO"
+
+    @property
+    def http_public_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        return f"http://{self.http_host}:{self.http_port}"
+
+    def issuer_for(self, tenant: str) -> str:
+        """The issuer URL a new tenant gets unless the operator names one."""
+        base = self.http_public_url
+        return base if tenant == self.default_tenant else f"{base}/t/{tenant}"
+
+    def resolve_pin(self) -> str:
+        if self.hsm_pin:
+            return self.hsm_pin
+        pin_file = Path(self.hsm_pin_file) if self.hsm_pin_file else None
+        if pin_file is None:
+            candidate = self.state_dir / "softhsm" / "pin"
+            pin_file = candidate if candidate.exists() else None
+        if pin_file is None:
+            raise InvalidRequest(
+                "no HSM PIN configured: set FEDTOKEN_HSM_PIN or hsm_pin_file, or let the "
+                f"dev token be created under {self.state_dir}/softhsm"
+            )
+        return pin_file.read_text().strip()
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    kind = _FIELDS[name].type
+    if isinstance(raw, str):
+        text = raw.strip()
+        if kind == "bool":
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise InvalidRequest(f"setting {name}: expected a boolean, got {raw!r}")
+        if kind == "int":
+            try:
+                return int(text)
+            except ValueError as exc:
+                raise InvalidRequest(f"setting {name}: expected an integer") from exc
+        if kind == "float":
+            try:
+                return float(text)
+            except ValueError as exc:
+                raise InvalidRequest(f"setting {name}: expected a number") from exc
+        if kind == "Path":
+            return Path(text)
+        return raw
+    if kind == "Path":
+        return Path(raw)
+    return raw
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Resolve settings: ``overrides`` (CLI) > environment > TOML file > defaults.
+
+    The TOML file is ``config_file``, else ``$FEDTOKEN_CONFIG`` if set. Keys
+    are the field names of Settings, at the top level or under [fedtoken].
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or (Path(env["FEDTOKEN_CONFIG"]) if env.get("FEDTOKEN_CONFIG") else None)
+    if path is not None:
+        data = tomllib.loads(path.read_text())
+        data = data.get("fedtoken", data)
+        for key, raw in data.items():
+            if key not in _FIELDS:
+                raise InvalidRequest(f"{path}: unknown setting {key!r}")
+            values[key] = _coerce(key, raw)
+    for name in _FIELDS:
+        env_name = "FEDTOKEN_" + name.upper()
+        if env_name in env:
+            values[name] = _coerce(name, env[env_name])
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in _FIELDS:
+            raise InvalidRequest(f"unknown setting {key!r}")
+        values[key] = _coerce(key, raw)
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if s.key_size < 2048:
+        raise InvalidRequest("key_size must be at least 2048")
+    if not 1 <= s.max_batch <= 100_000:
+        raise InvalidRequest("max_batch must be between 1 and 100000")
+    if s.leeway_seconds < 0 or s.leeway_seconds > 300:
+        raise InvalidRequest("leeway_seconds must be between 0 and 300")
+    if s.revocation_staleness_seconds <= s.revocation_heartbeat_seconds:
+        raise InvalidRequest("revocation_staleness_seconds must exceed the heartbeat interval")
+
+
+def replace(settings: Settings, **changes: Any) -> Settings:
+    """A copy with some fields changed (used by tests and worker spawning)."""
+    new = dataclasses.replace(settings, **changes)
+    _validate(new)
+    return new

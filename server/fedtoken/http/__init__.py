@@ -1,0 +1,1 @@
+"""The HTTP bridge: JWKS, OIDC discovery, health."""

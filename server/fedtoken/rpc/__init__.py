@@ -1,0 +1,1 @@
+"""gRPC servicers and the one place where errors become statuses."""

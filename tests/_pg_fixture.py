@@ -1,0 +1,88 @@
+"""A real Postgres for tests: ``FEDTOKEN_TEST_DSN`` or an embedded server.
+
+``pg_dsn`` (session): a superuser DSN of the server. ``fresh_dsn`` (module):
+a new, empty database per test module (no migrations applied), dropped at
+the end. ``create_database`` is synchronous so that sync fixtures can use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from fedtoken.store.embedded import EmbeddedPostgres
+
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from sync code, even under a running loop."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def dsn_with_database(dsn: str, database: str) -> str:
+    """The same server and credentials, another database (URL DSNs only)."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def create_database(admin_dsn: str, name: str) -> str:
+    """CREATE DATABASE ``name`` and return its DSN."""
+
+    async def create() -> None:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    _run(create())
+    return dsn_with_database(admin_dsn, name)
+
+
+def drop_database(admin_dsn: str, name: str) -> None:
+    """DROP DATABASE ``name``, disconnecting whoever is still on it."""
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    _run(drop())
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Superuser DSN of a running Postgres, shared by the whole session."""
+    configured = os.environ.get("FEDTOKEN_TEST_DSN")
+    if configured:
+        yield configured
+        return
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    dsn = pg.start()
+    try:
+        yield dsn
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="module")
+def fresh_dsn(pg_dsn: str) -> Iterator[str]:
+    """DSN of a new empty database for this test module."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    dsn = create_database(pg_dsn, name)
+    try:
+        yield dsn
+    finally:
+        drop_database(pg_dsn, name)

@@ -1,0 +1,114 @@
+"""The real `fedtoken serve` process: restart keeps keys and revocations; the
+CLI drives it. Each server here owns a fresh state dir (its own SoftHSM
+token) and a fresh database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedtoken_client import FedtokenClient, FedtokenRpcError, reason_name
+from tests._pg_fixture import create_database, drop_database
+from tests.support import ROOT, free_port
+
+pytestmark = pytest.mark.integration
+
+
+class ServeProcess:
+    def __init__(self, state: Path, dsn: str) -> None:
+        self.state, self.dsn = state, dsn
+        self.grpc_port, self.http_port = free_port(), free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = state / "serve.log"
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("FEDTOKEN_") and k != "SOFTHSM2_CONF"}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "clients/python")])
+        return env
+
+    def start(self) -> ServeProcess:
+        cmd = [sys.executable, "-m", "fedtoken.cli.main", "serve", "--state-dir", str(self.state),
+               "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
+               "--dsn", self.dsn, "--workers", "1"]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env())
+        deadline = time.monotonic() + 90
+        with FedtokenClient(self.target) as c:
+            while True:
+                try:
+                    c.get_keys()
+                    return self
+                except FedtokenRpcError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"serve did not start:\n{self.log.read_text()}") from None
+                    time.sleep(0.3)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fedtoken.cli.main", "--target", self.target,
+                               *args], capture_output=True, text=True, env=self.env(), timeout=60)
+
+
+@pytest.fixture()
+def serve(tmp_path: Path, pg_dsn: str) -> Iterator[ServeProcess]:
+    # A database of its own: its key rows describe this state dir's HSM token.
+    name = f"serve_{uuid.uuid4().hex[:10]}"
+    sp = ServeProcess(tmp_path, create_database(pg_dsn, name))
+    yield sp
+    if sp.proc is not None and sp.proc.poll() is None:
+        sp.proc.kill()
+        sp.proc.wait()
+    drop_database(pg_dsn, name)
+
+
+def test_restart_keeps_keys_and_revocations(serve: ServeProcess) -> None:
+    serve.start()
+    with FedtokenClient(serve.target) as c:
+        revoked = c.issue("r1", "svc")
+        kept = c.issue("r2", "svc")
+        c.revoke(token=revoked.token)
+        keys_before = {k.kid: k.state for k in c.list_keys()}
+    assert serve.stop() == 0  # graceful
+
+    serve.start()
+    with FedtokenClient(serve.target) as c:
+        assert {k.kid: k.state for k in c.list_keys()} == keys_before
+        assert c.verify(kept.token, "svc").valid
+        v = c.verify(revoked.token, "svc")
+        assert reason_name(v.reason) == "REVOKED"
+        assert c.issue("r3", "svc").kid == kept.kid  # same HSM key signs after restart
+    assert serve.stop() == 0
+
+
+def test_cli_issue_verify_revoke(serve: ServeProcess) -> None:
+    serve.start()
+    issued = serve.cli("token", "issue", "--sub", "cli-user", "--aud", "svc")
+    assert issued.returncode == 0, issued.stderr
+    token = issued.stdout.strip()
+    assert token.count(".") == 2
+    ok = serve.cli("token", "verify", token, "--aud", "svc")
+    assert ok.returncode == 0 and '"valid": true' in ok.stdout
+    assert serve.cli("token", "revoke", "--token", token).returncode == 0
+    bad = serve.cli("token", "verify", token, "--aud", "svc")
+    assert bad.returncode == 1 and '"REVOKED"' in bad.stdout
+    err = serve.cli("token", "issue", "--sub", "x", "--aud", "svc", "--tenant", "missing")
+    assert err.returncode == 2 and "TENANT_NOT_FOUND" in err.stderr
+    assert "Traceback" not in err.stderr

@@ -1,0 +1,470 @@
+"""The verification engine and the local key resolver, with real RSA keys.
+
+``World`` and ``make_world`` also serve test_attacks.py and test_properties.py:
+two tenants with keys in every lifecycle state, an in-memory revocation view,
+and helpers that sign tokens the way an issuer (or an attacker) would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from functools import cache
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from fedtoken.core.jwk import b64url_encode, rsa_public_jwk
+from fedtoken.core.model import (
+    Expectation,
+    KeyRecord,
+    KeyState,
+    Reason,
+    Tenant,
+    TenantPolicy,
+    Verdict,
+)
+from fedtoken.errors import PolicyViolation
+from fedtoken.verifier import ChainedKeyResolver, LocalKeyResolver, VerificationEngine
+
+NOW = 1_800_000_000
+ISS_A = "https://auth.example/t/acme"
+ISS_B = "https://auth.example/t/beta"
+AUDIENCE = "api://orders"
+
+_HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+
+
+def rsa_key(name: str, bits: int = 2048) -> rsa.RSAPrivateKey:
+    """One key per name and size for the whole test run (generation is slow)."""
+    return _rsa_key(name, bits)  # positional, so the cache sees one key per pair
+
+
+@cache
+def _rsa_key(name: str, bits: int) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def sign(private_key: rsa.RSAPrivateKey, alg: str, data: bytes) -> bytes:
+    digest = _HASHES[alg[2:]]()
+    if alg.startswith("PS"):
+        pad: padding.AsymmetricPadding = padding.PSS(
+            mgf=padding.MGF1(digest), salt_length=digest.digest_size
+        )
+    else:
+        pad = padding.PKCS1v15()
+    return private_key.sign(data, pad, digest)
+
+
+def segment(value: Any) -> str:
+    """base64url of compact JSON (or of raw text/bytes, for malformed tokens)."""
+    if isinstance(value, str):
+        value = value.encode()
+    elif not isinstance(value, bytes):
+        value = json.dumps(value, separators=(",", ":")).encode()
+    return b64url_encode(value)
+
+
+class FixedClock:
+    def __init__(self, now: float = NOW) -> None:
+        self.t = now
+
+    def now(self) -> float:
+        return self.t
+
+
+@dataclass
+class FakeRevocations:
+    """A RevocationView with explicit contents."""
+
+    jtis: set[tuple[str, str]] = field(default_factory=set)
+    subjects: set[tuple[str, str]] = field(default_factory=set)
+    kids: set[str] = field(default_factory=set)
+    stale: bool = False
+
+    def check(self, tenant: str, jti: str, subject: str, issued_at: int, kid: str) -> Reason | None:
+        if self.stale:
+            return Reason.REVOCATION_UNAVAILABLE
+        if kid in self.kids:
+            return Reason.KEY_REVOKED
+        if (tenant, jti) in self.jtis or (tenant, subject) in self.subjects:
+            return Reason.REVOKED
+        return None
+
+
+def record(name: str, tenant: str, state: KeyState, alg: str = "RS256", **extra: int) -> KeyRecord:
+    numbers = rsa_key(name).public_key().public_numbers()
+    jwk = rsa_public_jwk(numbers.n, numbers.e, alg=alg)
+    return KeyRecord(
+        kid=jwk["kid"],
+        tenant=tenant,
+        alg=alg,
+        key_size=2048,
+        state=state,
+        public_jwk=jwk,
+        hsm_label=name,
+        **extra,
+    )
+
+
+@dataclass
+class World:
+    """Two tenants and their keys, an engine, and token factories."""
+
+    resolver: LocalKeyResolver
+    revocations: FakeRevocations
+    clock: FixedClock
+    engine: VerificationEngine
+    kids: dict[str, str]  # key name -> kid
+    expect: Expectation = field(default_factory=lambda: Expectation(audience=AUDIENCE))
+
+    def claims(self, **overrides: Any) -> dict[str, Any]:
+        """Good claims for tenant A; an override of None removes the claim."""
+        claims: dict[str, Any] = {
+            "iss": ISS_A,
+            "sub": "alice",
+            "aud": AUDIENCE,
+            "iat": NOW - 60,
+            "nbf": NOW - 60,
+            "exp": NOW + 600,
+            "jti": "jti-1",
+            "tenant": "acme",
+        }
+        claims.update(overrides)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def header(self, key: str = "a_active", **overrides: Any) -> dict[str, Any]:
+        header: dict[str, Any] = {"alg": "RS256", "typ": "JWT", "kid": self.kids[key]}
+        header.update(overrides)
+        return {k: v for k, v in header.items() if v is not None}
+
+    def token(
+        self,
+        key: str = "a_active",
+        *,
+        header: dict[str, Any] | None = None,
+        claims: dict[str, Any] | None = None,
+        sign_with: str | None = None,
+        sign_alg: str | None = None,
+    ) -> str:
+        """A token signed with ``sign_with`` (default: the key named in the
+        header), using ``sign_alg`` (default: the header's alg)."""
+        header = self.header(key) if header is None else header
+        claims = self.claims() if claims is None else claims
+        signing_input = f"{segment(header)}.{segment(claims)}".encode()
+        signature = sign(rsa_key(sign_with or key), sign_alg or header["alg"], signing_input)
+        return f"{signing_input.decode()}.{b64url_encode(signature)}"
+
+    def verify(self, token: str | bytes, expect: Expectation | None = None) -> Verdict:
+        return self.engine.verify(token, expect or self.expect)  # type: ignore[arg-type]
+
+
+# name -> (tenant, state, alg, extra record fields)
+KEYS: dict[str, tuple[str, KeyState, str, dict[str, int]]] = {
+    "a_active": ("acme", KeyState.ACTIVE, "RS256", {}),
+    "a_pending": ("acme", KeyState.PENDING, "RS256", {}),
+    "a_retiring": ("acme", KeyState.RETIRING, "RS256", {}),
+    "a_ps256": ("acme", KeyState.ACTIVE, "PS256", {}),
+    "a_retired": ("acme", KeyState.RETIRED, "RS256", {}),
+    "a_destroyed": ("acme", KeyState.DESTROYED, "RS256", {}),
+    "a_compromised": ("acme", KeyState.COMPROMISED, "RS256", {"compromised_at": NOW - 10}),
+    "a_burnt": ("acme", KeyState.DESTROYED, "RS256", {"compromised_at": NOW - 10}),
+    "b_active": ("beta", KeyState.ACTIVE, "RS256", {}),
+}
+TENANTS = [
+    Tenant(id="acme", issuer=ISS_A, policy=TenantPolicy(allowed_algorithms=("RS256", "PS256"))),
+    Tenant(id="beta", issuer=ISS_B),
+]
+
+
+def make_world(**engine_options: Any) -> World:
+    records = [record(name, *spec[:3], **spec[3]) for name, spec in KEYS.items()]
+    resolver = LocalKeyResolver()
+    resolver.replace(TENANTS, records)
+    revocations = FakeRevocations(
+        jtis={("acme", "revoked-jti")},
+        subjects={("acme", "revoked-subject")},
+    )
+    clock = FixedClock()
+    engine = VerificationEngine(resolver, revocations, clock=clock, **engine_options)
+    kids = {name: r.kid for name, r in zip(KEYS, records, strict=True)}
+    return World(resolver, revocations, clock, engine, kids)
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return make_world()
+
+
+# --- happy path and verdict contents --------------------------------------------
+
+
+def test_valid_token_verdict_carries_claims(world: World) -> None:
+    claims = world.claims()
+    token = world.token(claims=claims)
+    verdict = world.verify(token)
+    assert verdict.valid and verdict.reason is Reason.OK
+    assert (verdict.tenant, verdict.issuer, verdict.kid) == ("acme", ISS_A, world.kids["a_active"])
+    assert (verdict.subject, verdict.jti, verdict.expires_at) == ("alice", "jti-1", NOW + 600)
+    assert verdict.claims == claims
+    assert json.loads(verdict.claims_json) == claims
+    # claims_json is the payload exactly as signed, not a re-encoding.
+    assert b64url_encode(verdict.claims_json) == token.split(".")[1]
+
+
+@pytest.mark.parametrize("key", ["a_active", "a_pending", "a_retiring"])
+def test_published_states_verify(world: World, key: str) -> None:
+    assert world.verify(world.token(key)).reason is Reason.OK
+
+
+def test_ps256_key_verifies_ps256_tokens(world: World) -> None:
+    token = world.token("a_ps256", header=world.header("a_ps256", alg="PS256"))
+    assert world.verify(token).reason is Reason.OK
+
+
+def test_bytes_token_is_accepted(world: World) -> None:
+    assert world.verify(world.token().encode()).reason is Reason.OK
+
+
+def test_invalid_verdict_has_no_claims(world: World) -> None:
+    verdict = world.verify(world.token(claims=world.claims(exp=NOW - 3600)))
+    assert verdict.reason is Reason.EXPIRED
+    assert verdict.claims is None and verdict.claims_json == b""
+    # Authentic (signature checked), so the identifying claims are reported.
+    assert (verdict.subject, verdict.jti, verdict.expires_at) == ("alice", "jti-1", NOW - 3600)
+
+
+def test_unauthenticated_claims_are_not_reported(world: World) -> None:
+    token = world.token(sign_with="b_active")  # header names a_active
+    verdict = world.verify(token)
+    assert verdict.reason is Reason.BAD_SIGNATURE
+    assert (verdict.tenant, verdict.issuer, verdict.kid) == ("acme", ISS_A, world.kids["a_active"])
+    assert (verdict.subject, verdict.jti, verdict.expires_at) == ("", "", 0)
+
+
+def test_expected_issuer_and_tenant(world: World) -> None:
+    token = world.token()
+    assert world.verify(token, Expectation(AUDIENCE, issuer=ISS_A, tenant="acme")).valid
+    wrong_iss = Expectation(AUDIENCE, issuer=ISS_B)
+    assert world.verify(token, wrong_iss).reason is Reason.ISSUER_MISMATCH
+    wrong_tenant = Expectation(AUDIENCE, tenant="beta")
+    assert world.verify(token, wrong_tenant).reason is Reason.TENANT_MISMATCH
+
+
+def test_audience_can_be_left_to_the_caller(world: World) -> None:
+    token = world.token(claims=world.claims(aud="api://other"))
+    assert world.verify(token).reason is Reason.AUDIENCE_MISMATCH
+    introspect = Expectation(audience="", check_audience=False)
+    assert world.verify(token, introspect).reason is Reason.OK
+
+
+def test_leeway_applies(world: World) -> None:
+    just_expired = world.token(claims=world.claims(exp=NOW - 10))
+    assert world.verify(just_expired).reason is Reason.OK  # within the 30 s leeway
+    strict = make_world(leeway=0)
+    assert strict.verify(just_expired).reason is Reason.EXPIRED
+
+
+def test_token_size_limit_is_configurable(world: World) -> None:
+    token = world.token(claims=world.claims(pad="x" * 600))
+    assert world.verify(token).reason is Reason.OK
+    small = make_world(max_token_size=len(token) - 1)
+    assert small.verify(token).reason is Reason.MALFORMED
+
+
+def test_issuer_algorithm_allowlist_applies() -> None:
+    # Tenant beta allows RS256 only: a PS256 token is refused before any key
+    # lookup, even when it is correctly signed.
+    w = make_world()
+    header = w.header("b_active", alg="PS256")
+    token = w.token("b_active", header=header, claims=w.claims(iss=ISS_B))
+    assert w.verify(token).reason is Reason.UNSUPPORTED_ALGORITHM
+
+
+# --- batches ----------------------------------------------------------------------
+
+
+def _mixed_batch(world: World, count: int) -> tuple[list[str], list[Reason]]:
+    good = world.token()
+    expired = world.token(claims=world.claims(exp=NOW - 3600))
+    forged = world.token(sign_with="b_active")
+    pattern = [
+        (good, Reason.OK),
+        (expired, Reason.EXPIRED),
+        (forged, Reason.BAD_SIGNATURE),
+        ("not a token", Reason.MALFORMED),
+    ]
+    items = [pattern[i % len(pattern)] for i in range(count)]
+    return [t for t, _ in items], [r for _, r in items]
+
+
+@pytest.mark.parametrize("count", [0, 1, 31, 32, 64, 129, 1000])
+async def test_batch_preserves_order(world: World, count: int) -> None:
+    tokens, reasons = _mixed_batch(world, count)
+    verdicts = await world.engine.verify_batch(tokens, world.expect)
+    assert [v.reason for v in verdicts] == reasons
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+async def test_batch_with_other_thread_counts(threads: int) -> None:
+    w = make_world(threads=threads)
+    tokens, reasons = _mixed_batch(w, 300)
+    assert [v.reason for v in await w.engine.verify_batch(tokens, w.expect)] == reasons
+    w.engine.close()
+
+
+async def test_batch_reads_the_clock_once(world: World) -> None:
+    class CountingClock(FixedClock):
+        reads = 0
+
+        def now(self) -> float:
+            self.reads += 1
+            return super().now()
+
+    clock = CountingClock()
+    engine = VerificationEngine(world.resolver, world.revocations, clock=clock)
+    tokens, _ = _mixed_batch(world, 200)
+    await engine.verify_batch(tokens, world.expect)
+    assert clock.reads == 1
+    engine.close()
+
+
+async def test_unexpected_error_becomes_malformed_and_is_logged_without_token(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    class ExplodingRevocations:
+        def check(self, tenant: str, jti: str, subject: str, issued_at: int, kid: str) -> None:
+            raise RuntimeError(f"boom {jti}")
+
+    engine = VerificationEngine(world.resolver, ExplodingRevocations(), clock=world.clock)
+    good = world.token(claims=world.claims(jti="secret-jti-value"))
+    caplog.set_level(logging.ERROR)
+    verdicts = await engine.verify_batch(["x", good, "y"], world.expect)
+    assert [v.reason for v in verdicts] == [Reason.MALFORMED] * 3
+    assert engine.verify(good, world.expect).reason is Reason.MALFORMED
+    assert "RuntimeError" in caplog.text
+    assert good not in caplog.text and "secret-jti-value" not in caplog.text
+    engine.close()
+
+
+def test_threads_must_be_positive(world: World) -> None:
+    with pytest.raises(ValueError):
+        VerificationEngine(world.resolver, world.revocations, clock=world.clock, threads=0)
+
+
+def test_batch_runs_concurrently_with_the_event_loop(world: World) -> None:
+    async def main() -> list[Verdict]:
+        tokens, _ = _mixed_batch(world, 500)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        verdicts = await world.engine.verify_batch(tokens, world.expect)
+        task.cancel()
+        assert ticks > 1  # the loop kept running while the workers verified
+        return verdicts
+
+    assert len(asyncio.run(main())) == 500
+
+
+# --- the local resolver -------------------------------------------------------------
+
+
+def test_resolver_maps_issuers_states_and_owners(world: World) -> None:
+    acme = world.resolver.issuer_keys(ISS_A)
+    assert acme is not None and acme.tenant == "acme" and acme.local
+    assert acme.allowed_algorithms == frozenset({"RS256", "PS256"})
+    assert set(acme.keys) == {
+        world.kids[k] for k in ("a_active", "a_pending", "a_retiring", "a_ps256")
+    }
+    assert acme.withdrawn == {
+        world.kids["a_retired"]: KeyState.RETIRED,
+        world.kids["a_destroyed"]: KeyState.DESTROYED,
+        world.kids["a_compromised"]: KeyState.COMPROMISED,
+        # destroyed after a compromise: still reported as compromised
+        world.kids["a_burnt"]: KeyState.COMPROMISED,
+    }
+    assert world.resolver.tenant_of_kid(world.kids["b_active"]) == "beta"
+    assert world.resolver.tenant_of_kid("nope") is None
+    assert world.resolver.issuer_keys("https://evil.example") is None
+
+
+def test_resolver_reuses_loaded_keys_and_swaps_whole() -> None:
+    w = make_world()
+    before = w.resolver.issuer_keys(ISS_A)
+    assert before is not None
+    records = [record(name, *spec[:3], **spec[3]) for name, spec in KEYS.items()]
+    # Rotate: the active key starts retiring.
+    records = [
+        replace(r, state=KeyState.RETIRING) if r.hsm_label == "a_active" else r for r in records
+    ]
+    w.resolver.replace(TENANTS, records)
+    after = w.resolver.issuer_keys(ISS_A)
+    assert after is not None and after is not before
+    kid = w.kids["a_active"]
+    assert after.keys[kid].state is KeyState.RETIRING
+    assert after.keys[kid].public_key is before.keys[kid].public_key
+    # The old snapshot a reader may still hold is untouched.
+    assert before.keys[kid].state is KeyState.ACTIVE
+
+
+def test_resolver_refuses_shared_issuer_and_duplicate_kids_keeping_old_state() -> None:
+    w = make_world()
+    twins = [*TENANTS, Tenant(id="gamma", issuer=ISS_A)]
+    with pytest.raises(PolicyViolation):
+        w.resolver.replace(twins, [])
+    dup = record("b_active", "acme", KeyState.ACTIVE)
+    with pytest.raises(PolicyViolation):
+        w.resolver.replace(TENANTS, [record("b_active", "beta", KeyState.ACTIVE), dup])
+    assert w.verify(w.token()).reason is Reason.OK
+
+
+def test_resolver_skips_unusable_key_and_unknown_tenant() -> None:
+    good = record("a_active", "acme", KeyState.ACTIVE)
+    bad = record("b_active", "acme", KeyState.ACTIVE)
+    bad = replace(bad, public_jwk={**bad.public_jwk, "d": "AQAB"})
+    orphan = record("a_pending", "nobody", KeyState.ACTIVE)
+    resolver = LocalKeyResolver()
+    resolver.replace(TENANTS, [good, bad, orphan])
+    acme = resolver.issuer_keys(ISS_A)
+    assert acme is not None and set(acme.keys) == {good.kid}
+    assert resolver.tenant_of_kid(orphan.kid) is None
+
+
+def test_algorithm_policy_cannot_admit_symmetric_algorithms() -> None:
+    tenant = Tenant(
+        id="acme", issuer=ISS_A, policy=TenantPolicy(allowed_algorithms=("RS256", "HS256", "none"))
+    )
+    resolver = LocalKeyResolver()
+    resolver.replace([tenant], [])
+    keys = resolver.issuer_keys(ISS_A)
+    assert keys is not None and keys.allowed_algorithms == frozenset({"RS256"})
+
+
+def test_chained_resolver_asks_in_order(world: World) -> None:
+    other = LocalKeyResolver()
+    shadow = Tenant(id="shadow", issuer=ISS_A)
+    other.replace(
+        [shadow, Tenant(id="gamma", issuer="https://gamma.example")],
+        [record("a_pending", "gamma", KeyState.ACTIVE)],
+    )
+    chained = ChainedKeyResolver(world.resolver, other)
+    acme = chained.issuer_keys(ISS_A)
+    assert acme is not None and acme.tenant == "acme"  # first resolver wins
+    gamma = chained.issuer_keys("https://gamma.example")
+    assert gamma is not None and gamma.tenant == "gamma"
+    assert chained.issuer_keys("https://nowhere.example") is None
+    assert chained.tenant_of_kid(world.kids["a_pending"]) == "acme"
+    assert chained.tenant_of_kid("unknown") is None
+    engine = VerificationEngine(chained, world.revocations, clock=world.clock)
+    assert engine.verify(world.token(), world.expect).reason is Reason.OK
+    engine.close()
