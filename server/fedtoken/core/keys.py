@@ -162,7 +162,7 @@ def load_rsa_public_key(jwk: Mapping[str, Any]) -> RSAPublicKey:
     PolicyViolation saying which rule it breaks.
 
     Rules (../shared/guide/security.md): kty RSA; n and e strict base64url;
-    modulus of MIN_RSA_BITS..MAX_RSA_BITS; e odd, >= 3 and below 2**256;
+    odd modulus of MIN_RSA_BITS..MAX_RSA_BITS; e odd, >= 3 and below 2**256;
     ``use`` absent or "sig"; ``alg`` absent or asymmetric; no private members.
     Leading zero octets in n or e are tolerated: they do not change the
     integer, so they cannot make one key verify as another.
@@ -191,11 +191,13 @@ def load_rsa_public_key(jwk: Mapping[str, Any]) -> RSAPublicKey:
         e = int.from_bytes(b64url_decode_strict(e_b64.encode("ascii")), "big")
     except ValueError as exc:  # UnicodeEncodeError included
         raise refuse("n or e is not strict unpadded base64url") from exc
-    if not MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS:
-        raise refuse(f"modulus must have {MIN_RSA_BITS} to {MAX_RSA_BITS} bits")
+    # An RSA modulus is a product of two odd primes; cryptography would load
+    # an even one.
+    if n % 2 == 0 or not MIN_RSA_BITS <= n.bit_length() <= MAX_RSA_BITS:
+        raise refuse(f"modulus must be odd and have {MIN_RSA_BITS} to {MAX_RSA_BITS} bits")
     if e < 3 or e % 2 == 0 or e.bit_length() > MAX_RSA_EXPONENT_BITS:
         raise refuse("public exponent must be odd, at least 3 and below 2**256")
     try:
         return RSAPublicNumbers(e, n).public_key()
-    except ValueError as exc:  # e.g. an even modulus
+    except ValueError as exc:  # e.g. e >= n
         raise refuse("the RSA public numbers are invalid") from exc
