@@ -25,31 +25,41 @@ _sym_db = _symbol_database.Default()
 from fedtoken_client._pb.fedtoken.v1 import common_pb2 as fedtoken_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64token/v1/key_admin.proto\x12\x0b\x66\x65\x64token.v1\x1a\x18\x66\x65\x64token/v1/common.proto\"\xb2\x01\n\x06Tenant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\"\n\x1amax_token_lifetime_seconds\x18\x03 \x01(\x03\x12&\n\x1e\x64\x65\x66\x61ult_token_lifetime_seconds\x18\x04 \x01(\x03\x12\x1a\n\x12\x61llowed_algorithms\x18\x05 \x03(\t\x12\x10\n\x08key_size\x18\x06 \x01(\x05\x12\x12\n\ncreated_at\x18\x07 \x01(\x03\"\xc1\x01\n\x13\x43reateTenantRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\"\n\x1amax_token_lifetime_seconds\x18\x03 \x01(\x03\x12&\n\x1e\x64\x65\x66\x61ult_token_lifetime_seconds\x18\x04 \x01(\x03\x12\x1a\n\x12\x61llowed_algorithms\x18\x05 \x03(\t\x12\x10\n\x08key_size\x18\x06 \x01(\x05\x12\x14\n\x0cgenerate_key\x18\x07 \x01(\x08\"\x1e\n\x10GetTenantRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12ListTenantsRequest\";\n\x13ListTenantsResponse\x12$\n\x07tenants\x18\x01 \x03(\x0b\x32\x13.fedtoken.v1.Tenant\"H\n\x12GenerateKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\x05\x12\x10\n\x08\x61\x63tivate\x18\x03 \x01(\x08\"!\n\x0fListKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"2\n\x10ListKeysResponse\x12\x1e\n\x04keys\x18\x01 \x03(\x0b\x32\x10.fedtoken.v1.Key\"%\n\x06KeyRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0b\n\x03kid\x18\x02 \x01(\t2\xd9\x03\n\x08KeyAdmin\x12\x45\n\x0c\x43reateTenant\x12 .fedtoken.v1.CreateTenantRequest\x1a\x13.fedtoken.v1.Tenant\x12?\n\tGetTenant\x12\x1d.fedtoken.v1.GetTenantRequest\x1a\x13.fedtoken.v1.Tenant\x12P\n\x0bListTenants\x12\x1f.fedtoken.v1.ListTenantsRequest\x1a .fedtoken.v1.ListTenantsResponse\x12@\n\x0bGenerateKey\x12\x1f.fedtoken.v1.GenerateKeyRequest\x1a\x10.fedtoken.v1.Key\x12G\n\x08ListKeys\x12\x1c.fedtoken.v1.ListKeysRequest\x1a\x1d.fedtoken.v1.ListKeysResponse\x12\x34\n\x0b\x41\x63tivateKey\x12\x13.fedtoken.v1.KeyRef\x1a\x10.fedtoken.v1.Key\x12\x32\n\tRetireKey\x12\x13.fedtoken.v1.KeyRef\x1a\x10.fedtoken.v1.Keyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64token/v1/key_admin.proto\x12\x0b\x66\x65\x64token.v1\x1a\x18\x66\x65\x64token/v1/common.proto\"\xe1\x01\n\nAuditEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0f\n\x07time_us\x18\x02 \x01(\x03\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x12\n\nevent_type\x18\x05 \x01(\t\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x0b\n\x03jti\x18\x07 \x01(\t\x12\x0b\n\x03kid\x18\x08 \x01(\t\x12\x0f\n\x07outcome\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x14\n\x0c\x64\x65tails_json\x18\x0c \x01(\t\x12\x0c\n\x04hash\x18\r \x01(\t\"\x91\x01\n\x16ListAuditEventsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\r\n\x05since\x18\x04 \x01(\x03\x12\r\n\x05until\x18\x05 \x01(\x03\x12\x11\n\tafter_seq\x18\x06 \x01(\x03\x12\x11\n\tpage_size\x18\x07 \x01(\x05\"Z\n\x17ListAuditEventsResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.fedtoken.v1.AuditEvent\x12\x16\n\x0enext_after_seq\x18\x02 \x01(\x03\"\x19\n\x17VerifyAuditChainRequest\"\x81\x01\n\x10\x41uditChainReport\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x14\n\x0crows_checked\x18\x02 \x01(\x03\x12\x10\n\x08head_seq\x18\x03 \x01(\x03\x12\x11\n\thead_hash\x18\x04 \x01(\t\x12\x15\n\rfirst_bad_seq\x18\x05 \x01(\x03\x12\x0f\n\x07problem\x18\x06 \x01(\t\"\xb2\x01\n\x06Tenant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\"\n\x1amax_token_lifetime_seconds\x18\x03 \x01(\x03\x12&\n\x1e\x64\x65\x66\x61ult_token_lifetime_seconds\x18\x04 \x01(\x03\x12\x1a\n\x12\x61llowed_algorithms\x18\x05 \x03(\t\x12\x10\n\x08key_size\x18\x06 \x01(\x05\x12\x12\n\ncreated_at\x18\x07 \x01(\x03\"\xc1\x01\n\x13\x43reateTenantRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\"\n\x1amax_token_lifetime_seconds\x18\x03 \x01(\x03\x12&\n\x1e\x64\x65\x66\x61ult_token_lifetime_seconds\x18\x04 \x01(\x03\x12\x1a\n\x12\x61llowed_algorithms\x18\x05 \x03(\t\x12\x10\n\x08key_size\x18\x06 \x01(\x05\x12\x14\n\x0cgenerate_key\x18\x07 \x01(\x08\"\x1e\n\x10GetTenantRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12ListTenantsRequest\";\n\x13ListTenantsResponse\x12$\n\x07tenants\x18\x01 \x03(\x0b\x32\x13.fedtoken.v1.Tenant\"H\n\x12GenerateKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\x05\x12\x10\n\x08\x61\x63tivate\x18\x03 \x01(\x08\"!\n\x0fListKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"2\n\x10ListKeysResponse\x12\x1e\n\x04keys\x18\x01 \x03(\x0b\x32\x10.fedtoken.v1.Key\"%\n\x06KeyRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0b\n\x03kid\x18\x02 \x01(\t2\x90\x05\n\x08KeyAdmin\x12\x45\n\x0c\x43reateTenant\x12 .fedtoken.v1.CreateTenantRequest\x1a\x13.fedtoken.v1.Tenant\x12?\n\tGetTenant\x12\x1d.fedtoken.v1.GetTenantRequest\x1a\x13.fedtoken.v1.Tenant\x12P\n\x0bListTenants\x12\x1f.fedtoken.v1.ListTenantsRequest\x1a .fedtoken.v1.ListTenantsResponse\x12@\n\x0bGenerateKey\x12\x1f.fedtoken.v1.GenerateKeyRequest\x1a\x10.fedtoken.v1.Key\x12G\n\x08ListKeys\x12\x1c.fedtoken.v1.ListKeysRequest\x1a\x1d.fedtoken.v1.ListKeysResponse\x12\x34\n\x0b\x41\x63tivateKey\x12\x13.fedtoken.v1.KeyRef\x1a\x10.fedtoken.v1.Key\x12\x32\n\tRetireKey\x12\x13.fedtoken.v1.KeyRef\x1a\x10.fedtoken.v1.Key\x12\\\n\x0fListAuditEvents\x12#.fedtoken.v1.ListAuditEventsRequest\x1a$.fedtoken.v1.ListAuditEventsResponse\x12W\n\x10VerifyAuditChain\x12$.fedtoken.v1.VerifyAuditChainRequest\x1a\x1d.fedtoken.v1.AuditChainReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtoken.v1.key_admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENANT']._serialized_start=71
-  _globals['_TENANT']._serialized_end=249
-  _globals['_CREATETENANTREQUEST']._serialized_start=252
-  _globals['_CREATETENANTREQUEST']._serialized_end=445
-  _globals['_GETTENANTREQUEST']._serialized_start=447
-  _globals['_GETTENANTREQUEST']._serialized_end=477
-  _globals['_LISTTENANTSREQUEST']._serialized_start=479
-  _globals['_LISTTENANTSREQUEST']._serialized_end=499
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=501
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=560
-  _globals['_GENERATEKEYREQUEST']._serialized_start=562
-  _globals['_GENERATEKEYREQUEST']._serialized_end=634
-  _globals['_LISTKEYSREQUEST']._serialized_start=636
-  _globals['_LISTKEYSREQUEST']._serialized_end=669
-  _globals['_LISTKEYSRESPONSE']._serialized_start=671
-  _globals['_LISTKEYSRESPONSE']._serialized_end=721
-  _globals['_KEYREF']._serialized_start=723
-  _globals['_KEYREF']._serialized_end=760
-  _globals['_KEYADMIN']._serialized_start=763
-  _globals['_KEYADMIN']._serialized_end=1236
+  _globals['_AUDITEVENT']._serialized_start=71
+  _globals['_AUDITEVENT']._serialized_end=296
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=299
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=444
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=446
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=536
+  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_start=538
+  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_end=563
+  _globals['_AUDITCHAINREPORT']._serialized_start=566
+  _globals['_AUDITCHAINREPORT']._serialized_end=695
+  _globals['_TENANT']._serialized_start=698
+  _globals['_TENANT']._serialized_end=876
+  _globals['_CREATETENANTREQUEST']._serialized_start=879
+  _globals['_CREATETENANTREQUEST']._serialized_end=1072
+  _globals['_GETTENANTREQUEST']._serialized_start=1074
+  _globals['_GETTENANTREQUEST']._serialized_end=1104
+  _globals['_LISTTENANTSREQUEST']._serialized_start=1106
+  _globals['_LISTTENANTSREQUEST']._serialized_end=1126
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=1128
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=1187
+  _globals['_GENERATEKEYREQUEST']._serialized_start=1189
+  _globals['_GENERATEKEYREQUEST']._serialized_end=1261
+  _globals['_LISTKEYSREQUEST']._serialized_start=1263
+  _globals['_LISTKEYSREQUEST']._serialized_end=1296
+  _globals['_LISTKEYSRESPONSE']._serialized_start=1298
+  _globals['_LISTKEYSRESPONSE']._serialized_end=1348
+  _globals['_KEYREF']._serialized_start=1350
+  _globals['_KEYREF']._serialized_end=1387
+  _globals['_KEYADMIN']._serialized_start=1390
+  _globals['_KEYADMIN']._serialized_end=2046
 # @@protoc_insertion_point(module_scope)

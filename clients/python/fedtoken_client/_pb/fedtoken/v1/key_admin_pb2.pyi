@@ -7,6 +7,82 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AuditEvent(_message.Message):
+    __slots__ = ("seq", "time_us", "tenant", "actor", "event_type", "subject", "jti", "kid", "outcome", "reason", "request_id", "details_json", "hash")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIME_US_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    JTI_FIELD_NUMBER: _ClassVar[int]
+    KID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_JSON_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    time_us: int
+    tenant: str
+    actor: str
+    event_type: str
+    subject: str
+    jti: str
+    kid: str
+    outcome: str
+    reason: str
+    request_id: str
+    details_json: str
+    hash: str
+    def __init__(self, seq: _Optional[int] = ..., time_us: _Optional[int] = ..., tenant: _Optional[str] = ..., actor: _Optional[str] = ..., event_type: _Optional[str] = ..., subject: _Optional[str] = ..., jti: _Optional[str] = ..., kid: _Optional[str] = ..., outcome: _Optional[str] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ..., details_json: _Optional[str] = ..., hash: _Optional[str] = ...) -> None: ...
+
+class ListAuditEventsRequest(_message.Message):
+    __slots__ = ("tenant", "event_type", "subject", "since", "until", "after_seq", "page_size")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    event_type: str
+    subject: str
+    since: int
+    until: int
+    after_seq: int
+    page_size: int
+    def __init__(self, tenant: _Optional[str] = ..., event_type: _Optional[str] = ..., subject: _Optional[str] = ..., since: _Optional[int] = ..., until: _Optional[int] = ..., after_seq: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
+
+class ListAuditEventsResponse(_message.Message):
+    __slots__ = ("events", "next_after_seq")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
+    next_after_seq: int
+    def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., next_after_seq: _Optional[int] = ...) -> None: ...
+
+class VerifyAuditChainRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AuditChainReport(_message.Message):
+    __slots__ = ("ok", "rows_checked", "head_seq", "head_hash", "first_bad_seq", "problem")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ROWS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    rows_checked: int
+    head_seq: int
+    head_hash: str
+    first_bad_seq: int
+    problem: str
+    def __init__(self, ok: _Optional[bool] = ..., rows_checked: _Optional[int] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., first_bad_seq: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...
+
 class Tenant(_message.Message):
     __slots__ = ("id", "issuer", "max_token_lifetime_seconds", "default_token_lifetime_seconds", "allowed_algorithms", "key_size", "created_at")
     ID_FIELD_NUMBER: _ClassVar[int]

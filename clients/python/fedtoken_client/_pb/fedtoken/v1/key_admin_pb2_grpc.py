@@ -70,6 +70,16 @@ class KeyAdminStub:
                 request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.KeyRef.SerializeToString,
                 response_deserializer=fedtoken_dot_v1_dot_common__pb2.Key.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/fedtoken.v1.KeyAdmin/ListAuditEvents',
+                request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
+        self.VerifyAuditChain = channel.unary_unary(
+                '/fedtoken.v1.KeyAdmin/VerifyAuditChain',
+                request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.VerifyAuditChainRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.AuditChainReport.FromString,
+                _registered_method=True)
 
 
 class KeyAdminServicer:
@@ -134,6 +144,22 @@ class KeyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """ListAuditEvents pages through the audit trail, oldest first, filtered
+        by tenant, event type, subject and time range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAuditChain(self, request, context):
+        """VerifyAuditChain walks the whole hash chain and names the first record
+        that was altered, deleted or reordered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +197,16 @@ def add_KeyAdminServicer_to_server(servicer, server):
                     servicer.RetireKey,
                     request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.KeyRef.FromString,
                     response_serializer=fedtoken_dot_v1_dot_common__pb2.Key.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'VerifyAuditChain': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAuditChain,
+                    request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.VerifyAuditChainRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.AuditChainReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -362,6 +398,60 @@ class KeyAdmin:
             '/fedtoken.v1.KeyAdmin/RetireKey',
             fedtoken_dot_v1_dot_key__admin__pb2.KeyRef.SerializeToString,
             fedtoken_dot_v1_dot_common__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.KeyAdmin/ListAuditEvents',
+            fedtoken_dot_v1_dot_key__admin__pb2.ListAuditEventsRequest.SerializeToString,
+            fedtoken_dot_v1_dot_key__admin__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAuditChain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.KeyAdmin/VerifyAuditChain',
+            fedtoken_dot_v1_dot_key__admin__pb2.VerifyAuditChainRequest.SerializeToString,
+            fedtoken_dot_v1_dot_key__admin__pb2.AuditChainReport.FromString,
             options,
             channel_credentials,
             insecure,

@@ -142,30 +142,46 @@ class IntrospectResponse(_message.Message):
     def __init__(self, active: _Optional[bool] = ..., scope: _Optional[str] = ..., client_id: _Optional[str] = ..., token_type: _Optional[str] = ..., exp: _Optional[int] = ..., iat: _Optional[int] = ..., nbf: _Optional[int] = ..., sub: _Optional[str] = ..., aud: _Optional[_Iterable[str]] = ..., iss: _Optional[str] = ..., jti: _Optional[str] = ..., tenant: _Optional[str] = ..., kid: _Optional[str] = ..., reason: _Optional[_Union[_common_pb2.Reason, str]] = ...) -> None: ...
 
 class RevokeRequest(_message.Message):
-    __slots__ = ("tenant", "token", "jti", "expires_at", "reason")
+    __slots__ = ("tenant", "token", "jti", "subject", "kid", "expires_at", "reason")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     JTI_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    KID_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     token: str
     jti: str
+    subject: SubjectRevocation
+    kid: str
     expires_at: int
     reason: str
-    def __init__(self, tenant: _Optional[str] = ..., token: _Optional[str] = ..., jti: _Optional[str] = ..., expires_at: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, tenant: _Optional[str] = ..., token: _Optional[str] = ..., jti: _Optional[str] = ..., subject: _Optional[_Union[SubjectRevocation, _Mapping]] = ..., kid: _Optional[str] = ..., expires_at: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SubjectRevocation(_message.Message):
+    __slots__ = ("subject", "issued_before")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    issued_before: int
+    def __init__(self, subject: _Optional[str] = ..., issued_before: _Optional[int] = ...) -> None: ...
 
 class RevokeResponse(_message.Message):
-    __slots__ = ("tenant", "jti", "revoked_at", "created")
+    __slots__ = ("tenant", "jti", "revoked_at", "created", "kind", "value")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     JTI_FIELD_NUMBER: _ClassVar[int]
     REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     jti: str
     revoked_at: int
     created: bool
-    def __init__(self, tenant: _Optional[str] = ..., jti: _Optional[str] = ..., revoked_at: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
+    kind: str
+    value: str
+    def __init__(self, tenant: _Optional[str] = ..., jti: _Optional[str] = ..., revoked_at: _Optional[int] = ..., created: _Optional[bool] = ..., kind: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class GetKeysRequest(_message.Message):
     __slots__ = ("tenant",)

@@ -112,9 +112,12 @@ class TokenServiceServicer:
 
     def Revoke(self, request, context):
         """Revoke makes a revocation durable in Postgres (and audited) before it
-        returns. Verify answers REVOKED for the token from then on.
+        returns: of one token (by token or jti), of every token of a subject
+        issued before a time, or of every token a key signed (the key is marked
+        COMPROMISED and leaves the JWKS). Every replica applies it within
+        moments; Verify answers REVOKED (or KEY_REVOKED) from then on.
         Errors: INVALID_ARGUMENT (INVALID_FIELD, INVALID_TOKEN), NOT_FOUND
-        (TENANT_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
+        (TENANT_NOT_FOUND, KEY_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
