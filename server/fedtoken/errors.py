@@ -14,6 +14,10 @@ return codes in ``fedtoken.hsm``, asyncpg SQLSTATE classes in
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedtoken.core.model import Reason
 
 
 class StatusClass(enum.Enum):
@@ -168,6 +172,6 @@ class TokenError(FedtokenError):
     status = StatusClass.INVALID_ARGUMENT
     reason = ErrorReason.INVALID_TOKEN
 
-    def __init__(self, verdict_reason: object, message: str) -> None:
+    def __init__(self, verdict_reason: Reason, message: str) -> None:
         super().__init__(message)
         self.verdict_reason = verdict_reason

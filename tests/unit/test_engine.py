@@ -351,6 +351,21 @@ async def test_unexpected_error_becomes_malformed_and_is_logged_without_token(
     engine.close()
 
 
+async def test_resolver_failure_becomes_malformed(world: World) -> None:
+    class BrokenResolver:
+        def issuer_keys(self, issuer: str) -> None:
+            raise KeyError(issuer)
+
+        def tenant_of_kid(self, kid: str) -> None:
+            return None
+
+    engine = VerificationEngine(BrokenResolver(), world.revocations, clock=world.clock)
+    tokens = [world.token(), "junk"] * 50
+    verdicts = await engine.verify_batch(tokens, world.expect)
+    assert [v.reason for v in verdicts] == [Reason.MALFORMED] * 100
+    engine.close()
+
+
 def test_threads_must_be_positive(world: World) -> None:
     with pytest.raises(ValueError):
         VerificationEngine(world.resolver, world.revocations, clock=world.clock, threads=0)

@@ -199,5 +199,5 @@ def load_rsa_public_key(jwk: Mapping[str, Any]) -> RSAPublicKey:
         raise refuse("public exponent must be odd, at least 3 and below 2**256")
     try:
         return RSAPublicNumbers(e, n).public_key()
-    except ValueError as exc:  # e.g. e >= n
+    except ValueError as exc:  # implied by the checks above today; guards a stricter library
         raise refuse("the RSA public numbers are invalid") from exc

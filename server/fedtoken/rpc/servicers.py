@@ -15,8 +15,8 @@ from fedtoken.core.model import (
     Reason,
     Tenant,
     TenantPolicy,
-    Verdict,
 )
+from fedtoken.rpc.convert import REASON_PB, verdict_pb
 from fedtoken.rpc.errors import request_id_of, rpc_boundary
 from fedtoken_client._pb.fedtoken.v1 import (
     common_pb2,
@@ -28,8 +28,6 @@ from fedtoken_client._pb.fedtoken.v1 import (
 
 CALLER_KEY = "x-fedtoken-caller"
 
-# Enum values are plain ints at run time; the stubs type them as NewTypes.
-_REASON: dict[Reason, Any] = {r: common_pb2.Reason.Value(r.value) for r in Reason}
 
 
 _KEY_STATE: dict[KeyState, Any] = {s: common_pb2.KeyState.Value(s.value) for s in KeyState}
@@ -44,20 +42,6 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller:
     peer = context.peer() or ""
     actor = f"{declared}@{peer}" if declared else peer
     return Caller(actor=actor, request_id=request_id_of(context))
-
-
-def verdict_pb(v: Verdict) -> token_service_pb2.Verdict:
-    return token_service_pb2.Verdict(
-        valid=v.valid,
-        reason=_REASON[v.reason],
-        tenant=v.tenant,
-        issuer=v.issuer,
-        kid=v.kid,
-        subject=v.subject,
-        jti=v.jti,
-        expires_at=v.expires_at,
-        claims_json=v.claims_json,
-    )
 
 
 def key_pb(k: KeyRecord) -> common_pb2.Key:
@@ -137,7 +121,9 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
     ) -> token_service_pb2.IntrospectResponse:
         result = await self._a.introspect(request.token, caller_of(context))
         if not result.active:
-            return token_service_pb2.IntrospectResponse(active=False, reason=_REASON[result.reason])
+            return token_service_pb2.IntrospectResponse(
+                active=False, reason=REASON_PB[result.reason]
+            )
         c = result.claims
         aud = c.get("aud")
         return token_service_pb2.IntrospectResponse(
@@ -154,7 +140,7 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
             jti=_str(c.get("jti")),
             tenant=result.tenant,
             kid=result.kid,
-            reason=_REASON[Reason.OK],
+            reason=REASON_PB[Reason.OK],
         )
 
     @rpc_boundary

@@ -1,0 +1,25 @@
+"""Core results to protobuf messages (the hot half of Verify and VerifyBatch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtoken.core.model import Reason, Verdict
+from fedtoken_client._pb.fedtoken.v1 import common_pb2, token_service_pb2
+
+# Enum values are plain ints at run time; the stubs type them as NewTypes.
+REASON_PB: dict[Reason, Any] = {r: common_pb2.Reason.Value(r.value) for r in Reason}
+
+
+def verdict_pb(v: Verdict) -> token_service_pb2.Verdict:
+    return token_service_pb2.Verdict(
+        valid=v.valid,
+        reason=REASON_PB[v.reason],
+        tenant=v.tenant,
+        issuer=v.issuer,
+        kid=v.kid,
+        subject=v.subject,
+        jti=v.jti,
+        expires_at=v.expires_at,
+        claims_json=v.claims_json,
+    )
