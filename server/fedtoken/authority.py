@@ -107,6 +107,8 @@ class Revoked:
     jti: str
     revoked_at: int
     created: bool
+    kind: str = "jti"
+    value: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,46 +342,106 @@ class Authority:
         tenant_id: str,
         token: str = "",
         jti: str = "",
+        subject: str = "",
+        issued_before: int = 0,
+        kid: str = "",
         expires_at: int = 0,
         reason: str = "",
         caller: Caller,
     ) -> Revoked:
+        """Revoke one token (by token or jti), a subject's tokens issued before
+        a time, or every token of a compromised key. Durable and audited in
+        one transaction before it returns."""
         if len(reason) > 200:
             raise InvalidRequest("reason is limited to 200 characters", field="reason")
+        if sum(bool(x) for x in (token, jti, subject, kid)) != 1:
+            raise InvalidRequest("give exactly one of token, jti, subject or kid", field="target")
+        if kid:
+            return await self._compromise_key(tenant_id, kid, reason, caller)
         now = int(self.clock.now())
+        leeway = self.settings.leeway_seconds
+        not_before: int | None = None
         if token:
             tenant, jti, token_exp = self._authenticate_for_revocation(token)
-            if token_exp <= now - self.settings.leeway_seconds:
+            if token_exp <= now - leeway:
                 # An expired token is already rejected everywhere: nothing to store.
-                return Revoked(tenant.id, jti, now, False)
-            expires_at = token_exp
-        else:
+                return Revoked(tenant.id, jti, now, False, "jti", jti)
+            kind, value, expires_at = "jti", jti, token_exp
+        elif jti:
             tenant = await self._tenant(tenant_id)
-            if not jti or len(jti) > _MAX_JTI:
-                raise InvalidRequest("give a token or a jti (1 to 256 characters)", field="jti")
+            if len(jti) > _MAX_JTI:
+                raise InvalidRequest("jti is limited to 256 characters", field="jti")
+            kind, value = "jti", jti
             if expires_at <= 0:
                 expires_at = now + tenant.policy.max_token_lifetime_seconds
-        expires_at += self.settings.leeway_seconds
+        else:
+            tenant = await self._tenant(tenant_id)
+            if len(subject) > _MAX_SUBJECT:
+                raise InvalidRequest("subject is limited to 255 characters", field="subject")
+            not_before = issued_before or now
+            if not_before > now + leeway or not_before < 0:
+                raise InvalidRequest("issued_before must not be in the future",
+                                     field="issued_before")
+            kind, value = "subject", subject
+            # Every token issued before the cut has expired by then.
+            expires_at = not_before + tenant.policy.max_token_lifetime_seconds
+        expires_at += leeway
         event = AuditEvent(
             event_type="token.revoked",
             tenant=tenant.id,
             actor=caller.actor,
-            subject="",
+            subject=subject,
             jti=jti,
             kid="",
             outcome="ok",
             reason=reason,
             request_id=caller.request_id,
-            details={"kind": "jti", "expires_at": expires_at},
+            details={"kind": kind, "expires_at": expires_at,
+                     **({"issued_before": not_before} if not_before is not None else {})},
         )
         created, revoked_at = await self.store.revoke(
-            tenant.id, "jti", jti,
+            tenant.id, kind, value,
             expires_at=datetime.fromtimestamp(expires_at, UTC),
+            not_before=datetime.fromtimestamp(not_before, UTC) if not_before is not None
+            else None,
             reason=reason, actor=caller.actor, audit=event,
         )
         # Visible here at once; other replicas learn it by notification.
-        self.revocations.add(RevocationEntry(tenant.id, "jti", jti, expires_at))
-        return Revoked(tenant.id, jti, int(revoked_at.timestamp()), created)
+        self.revocations.add(RevocationEntry(tenant.id, kind, value, expires_at,
+                                             not_before or 0))
+        return Revoked(tenant.id, jti, int(revoked_at.timestamp()), created, kind, value)
+
+    async def _compromise_key(self, tenant_id: str, kid: str, reason: str,
+                              caller: Caller) -> Revoked:
+        """Emergency revocation: the key leaves the JWKS and every token it
+        signed is rejected. If it was the signing key, a replacement is
+        generated and activated at once so issuance continues."""
+        key = await self._own_key(tenant_id, kid)
+        tenant = await self._tenant(key.tenant)
+        check_transition(key.state, KeyState.COMPROMISED)
+        now = int(self.clock.now())
+        # Its tokens are all expired after one maximum lifetime; the key
+        # itself stays COMPROMISED for good.
+        expires_at = now + tenant.policy.max_token_lifetime_seconds + self.settings.leeway_seconds
+        async with self.store.transaction() as tx:
+            await tx.set_key_state(kid, KeyState.COMPROMISED, expected=[key.state])
+            created, revoked_at = await tx.revoke(
+                tenant.id, "key", kid, expires_at=datetime.fromtimestamp(expires_at, UTC),
+                reason=reason, actor=caller.actor,
+                audit=AuditEvent(
+                    event_type="key.compromised", tenant=tenant.id, actor=caller.actor,
+                    subject="", jti="", kid=kid, outcome="ok", reason=reason,
+                    request_id=caller.request_id,
+                    details={"previous_state": key.state.value, "expires_at": expires_at},
+                ),
+            )
+        self.revocations.add(RevocationEntry(tenant.id, "key", kid, expires_at))
+        await self.reload_keys()
+        if key.state is KeyState.ACTIVE:
+            log.warning("active key %s of tenant %s compromised; activating a replacement",
+                        kid, tenant.id)
+            await self.generate_key(tenant.id, 0, True, caller)
+        return Revoked(tenant.id, "", int(revoked_at.timestamp()), created, "key", kid)
 
     def _authenticate_for_revocation(self, token: str) -> tuple[Tenant, str, int]:
         """The token must be ours and genuinely signed; its exp and jti are read."""

@@ -34,6 +34,21 @@ def reason_name(value: int) -> str:
     return common_pb2.Reason.Name(value)
 
 
+def _revoke_request(token: str, jti: str, subject: str, issued_before: int, kid: str,
+                    tenant: str, expires_at: int, reason: str) -> token_service_pb2.RevokeRequest:
+    req = token_service_pb2.RevokeRequest(tenant=tenant, expires_at=expires_at, reason=reason)
+    if token:
+        req.token = token
+    elif jti:
+        req.jti = jti
+    elif subject:
+        req.subject.subject = subject
+        req.subject.issued_before = issued_before
+    elif kid:
+        req.kid = kid
+    return req
+
+
 class FedtokenClient:
     """Blocking client for TokenService and KeyAdmin.
 
@@ -89,15 +104,13 @@ class FedtokenClient:
         return self._call(self.tokens.Introspect,
                           token_service_pb2.IntrospectRequest(token=token))
 
-    def revoke(self, *, token: str = "", jti: str = "", tenant: str = "",
+    def revoke(self, *, token: str = "", jti: str = "", subject: str = "",
+               issued_before: int = 0, kid: str = "", tenant: str = "",
                expires_at: int = 0, reason: str = "") -> token_service_pb2.RevokeResponse:
-        req = token_service_pb2.RevokeRequest(tenant=tenant, expires_at=expires_at,
-                                              reason=reason)
-        if token:
-            req.token = token
-        elif jti:
-            req.jti = jti
-        return self._call(self.tokens.Revoke, req)
+        """Revoke exactly one target: a token, a jti, a subject's tokens issued
+        before ``issued_before`` (0: now), or every token of key ``kid``."""
+        return self._call(self.tokens.Revoke, _revoke_request(
+            token, jti, subject, issued_before, kid, tenant, expires_at, reason))
 
     def get_keys(self, tenant: str = "") -> token_service_pb2.GetKeysResponse:
         return self._call(self.tokens.GetKeys, token_service_pb2.GetKeysRequest(tenant=tenant))
@@ -168,14 +181,11 @@ class AsyncFedtokenClient:
             tokens=list(tokens), audience=audience, issuer=issuer, tenant=tenant))
         return list(resp.verdicts)
 
-    async def revoke(self, *, token: str = "", jti: str = "",
-                     tenant: str = "") -> token_service_pb2.RevokeResponse:
-        req = token_service_pb2.RevokeRequest(tenant=tenant)
-        if token:
-            req.token = token
-        elif jti:
-            req.jti = jti
-        return await self._call(self.tokens.Revoke, req)
+    async def revoke(self, *, token: str = "", jti: str = "", subject: str = "",
+                     issued_before: int = 0, kid: str = "", tenant: str = "",
+                     reason: str = "") -> token_service_pb2.RevokeResponse:
+        return await self._call(self.tokens.Revoke, _revoke_request(
+            token, jti, subject, issued_before, kid, tenant, 0, reason))
 
     async def introspect(self, token: str) -> token_service_pb2.IntrospectResponse:
         return await self._call(self.tokens.Introspect,

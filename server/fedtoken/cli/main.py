@@ -127,11 +127,12 @@ def cmd_token(ns: argparse.Namespace) -> int:
             _print(intro)
             return 0 if intro.active else 1
         if ns.action == "revoke":
-            if bool(ns.token) == bool(ns.jti):
-                print("give exactly one of --token or --jti", file=sys.stderr)
+            if sum(bool(x) for x in (ns.token, ns.jti, ns.subject, ns.kid)) != 1:
+                print("give exactly one of --token, --jti, --subject or --kid", file=sys.stderr)
                 return 2
             _print(c.revoke(token=_token_arg(ns.token) if ns.token else "", jti=ns.jti or "",
-                            tenant=ns.tenant, reason=ns.reason))
+                            subject=ns.subject or "", issued_before=ns.issued_before,
+                            kid=ns.kid or "", tenant=ns.tenant, reason=ns.reason))
             return 0
     return 2
 
@@ -230,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     rev = tsub2.add_parser("revoke")
     rev.add_argument("--token")
     rev.add_argument("--jti")
+    rev.add_argument("--subject", help="revoke the subject's tokens issued before a time")
+    rev.add_argument("--issued-before", dest="issued_before", type=int, default=0,
+                     help="with --subject: Unix time of the cut (default now)")
+    rev.add_argument("--kid", help="EMERGENCY: the key is compromised; reject all its tokens")
     rev.add_argument("--tenant", default="")
     rev.add_argument("--reason", default="")
     dec = tsub2.add_parser("decode", help="print header and payload, UNVERIFIED")

@@ -146,17 +146,21 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
     @rpc_boundary
     async def Revoke(self, request: token_service_pb2.RevokeRequest,
                      context: grpc.aio.ServicerContext) -> token_service_pb2.RevokeResponse:
+        target = request.WhichOneof("target")
         revoked = await self._a.revoke(
             tenant_id=request.tenant,
             token=request.token,
             jti=request.jti,
+            subject=request.subject.subject if target == "subject" else "",
+            issued_before=request.subject.issued_before if target == "subject" else 0,
+            kid=request.kid,
             expires_at=request.expires_at,
             reason=request.reason,
             caller=caller_of(context),
         )
         return token_service_pb2.RevokeResponse(
             tenant=revoked.tenant, jti=revoked.jti, revoked_at=revoked.revoked_at,
-            created=revoked.created,
+            created=revoked.created, kind=revoked.kind, value=revoked.value,
         )
 
     @rpc_boundary
