@@ -58,7 +58,7 @@ from fedtoken.errors import (
 from fedtoken.hsm import Pkcs11Hsm
 from fedtoken.revocation import InMemoryRevocationView, RevocationEntry
 from fedtoken.store import Revocation, Store
-from fedtoken.store.audit import AuditEvent
+from fedtoken.store.audit import AuditEvent, AuditRecord, ChainReport
 from fedtoken.verifier import LocalKeyResolver, VerificationEngine
 
 log = logging.getLogger(__name__)
@@ -564,6 +564,24 @@ class Authority:
         return record
 
     # -- audit ---------------------------------------------------------------------
+
+    async def list_audit(self, *, tenant: str, event_type: str, subject: str, since: int,
+                         until: int, after_seq: int, page_size: int) -> list[AuditRecord]:
+        if page_size < 0 or page_size > 1000 or after_seq < 0 or since < 0 or until < 0:
+            raise InvalidRequest("page_size 0..1000; after_seq, since, until not negative",
+                                 field="page_size")
+        return await self.store.list_audit(
+            tenant=tenant or None,
+            event_type=event_type or None,
+            subject=subject or None,
+            since=datetime.fromtimestamp(since, UTC) if since else None,
+            until=datetime.fromtimestamp(until, UTC) if until else None,
+            after_seq=after_seq,
+            limit=page_size or 100,
+        )
+
+    async def verify_audit_chain(self) -> ChainReport:
+        return await self.store.verify_audit_chain()
 
     async def _audit(self, event: AuditEvent, *, required: bool = False) -> None:
         try:

@@ -141,6 +141,16 @@ class FedtokenClient:
     def retire_key(self, kid: str, tenant: str = "") -> common_pb2.Key:
         return self._call(self.admin.RetireKey, key_admin_pb2.KeyRef(tenant=tenant, kid=kid))
 
+    def list_audit(self, *, tenant: str = "", event_type: str = "", subject: str = "",
+                   since: int = 0, until: int = 0, after_seq: int = 0,
+                   page_size: int = 100) -> key_admin_pb2.ListAuditEventsResponse:
+        return self._call(self.admin.ListAuditEvents, key_admin_pb2.ListAuditEventsRequest(
+            tenant=tenant, event_type=event_type, subject=subject, since=since, until=until,
+            after_seq=after_seq, page_size=page_size))
+
+    def verify_audit_chain(self) -> key_admin_pb2.AuditChainReport:
+        return self._call(self.admin.VerifyAuditChain, key_admin_pb2.VerifyAuditChainRequest())
+
 
 class AsyncFedtokenClient:
     """asyncio flavour of the token calls, for services built on grpc.aio."""

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,6 +138,26 @@ def cmd_token(ns: argparse.Namespace) -> int:
     return 2
 
 
+def cmd_audit(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        if ns.action == "verify":
+            report = c.verify_audit_chain()
+            _print(report)
+            return 0 if report.ok else 1
+        after = ns.after
+        while True:
+            page = c.list_audit(tenant=ns.tenant, event_type=ns.type, subject=ns.subject,
+                                since=ns.since, after_seq=after, page_size=ns.limit)
+            for event in page.events:
+                print(json.dumps(MessageToDict(event, preserving_proto_field_name=True),
+                                 sort_keys=True), flush=True)
+                after = event.seq
+            if not ns.follow:
+                return 0
+            if not page.events:
+                time.sleep(1.0)
+
+
 def cmd_jwks(ns: argparse.Namespace) -> int:
     with _client(ns) as c:
         resp = c.get_keys(ns.tenant)
@@ -240,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     dec = tsub2.add_parser("decode", help="print header and payload, UNVERIFIED")
     dec.add_argument("token")
     tok.set_defaults(func=cmd_token)
+
+    au = sub.add_parser("audit", help="read the audit trail, verify its hash chain")
+    ausub = au.add_subparsers(dest="action", required=True)
+    tail = ausub.add_parser("tail", help="print audit events as JSON lines, oldest first")
+    tail.add_argument("--tenant", default="")
+    tail.add_argument("--type", default="", help="event type, e.g. token.issued")
+    tail.add_argument("--subject", default="")
+    tail.add_argument("--since", type=int, default=0, help="Unix seconds")
+    tail.add_argument("--after", type=int, default=0, help="start after this seq")
+    tail.add_argument("--limit", type=int, default=100, help="page size (max 1000)")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    ausub.add_parser("verify", help="walk the hash chain; exit 1 naming the first bad record")
+    au.set_defaults(func=cmd_audit)
 
     j = sub.add_parser("jwks", help="print a tenant's JWKS")
     j.add_argument("--tenant", default="")

@@ -18,6 +18,7 @@ from fedtoken.core.model import (
 )
 from fedtoken.rpc.convert import REASON_PB, verdict_pb
 from fedtoken.rpc.errors import request_id_of, rpc_boundary
+from fedtoken.store.audit import AuditRecord
 from fedtoken_client._pb.fedtoken.v1 import (
     common_pb2,
     key_admin_pb2,
@@ -231,6 +232,55 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
     async def RetireKey(self, request: key_admin_pb2.KeyRef,
                         context: grpc.aio.ServicerContext) -> common_pb2.Key:
         return key_pb(await self._a.retire_key(request.tenant, request.kid, caller_of(context)))
+
+    @rpc_boundary
+    async def ListAuditEvents(
+        self, request: key_admin_pb2.ListAuditEventsRequest, context: grpc.aio.ServicerContext
+    ) -> key_admin_pb2.ListAuditEventsResponse:
+        size = request.page_size or 100
+        records = await self._a.list_audit(
+            tenant=request.tenant, event_type=request.event_type, subject=request.subject,
+            since=request.since, until=request.until, after_seq=request.after_seq,
+            page_size=size,
+        )
+        return key_admin_pb2.ListAuditEventsResponse(
+            events=[audit_pb(r) for r in records],
+            next_after_seq=records[-1].seq if len(records) == size else 0,
+        )
+
+    @rpc_boundary
+    async def VerifyAuditChain(
+        self, request: key_admin_pb2.VerifyAuditChainRequest, context: grpc.aio.ServicerContext
+    ) -> key_admin_pb2.AuditChainReport:
+        report = await self._a.verify_audit_chain()
+        return key_admin_pb2.AuditChainReport(
+            ok=report.ok,
+            rows_checked=report.rows_checked,
+            head_seq=report.head_seq,
+            head_hash=report.head_hash.hex(),
+            first_bad_seq=report.first_bad_seq or 0,
+            problem=report.problem.name if report.problem else "",
+        )
+
+
+def audit_pb(r: AuditRecord) -> key_admin_pb2.AuditEvent:
+    e = r.event
+    return key_admin_pb2.AuditEvent(
+        seq=r.seq,
+        time_us=int(r.ts.timestamp() * 1_000_000),
+        tenant=e.tenant,
+        actor=e.actor,
+        event_type=e.event_type,
+        subject=e.subject,
+        jti=e.jti,
+        kid=e.kid,
+        outcome=e.outcome,
+        reason=e.reason,
+        request_id=e.request_id,
+        details_json=json.dumps(e.details, separators=(",", ":"), sort_keys=True)
+        if e.details else "",
+        hash=r.hash.hex(),
+    )
 
 
 def _str(value: object) -> str:

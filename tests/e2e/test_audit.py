@@ -1,0 +1,103 @@
+"""The audit trail through the API and the CLI: events recorded with context,
+and a tampered row caught by `fedtoken audit verify`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from fedtoken.hsm import HsmConfig
+from fedtoken_client import FedtokenClient
+from tests._pg_fixture import create_database, drop_database
+from tests.support import ROOT, ServerThread, make_settings
+
+
+@pytest.fixture(scope="module")
+def own_server(
+    tmp_path_factory: pytest.TempPathFactory, pg_dsn: str, hsm_config: HsmConfig
+) -> Iterator[tuple[ServerThread, str]]:
+    """A server on a database of its own: this module tampers with it."""
+    name = f"audit_{uuid.uuid4().hex[:8]}"
+    dsn = create_database(pg_dsn, name)
+    srv = ServerThread(make_settings(tmp_path_factory.mktemp("audit")), dsn, hsm_config).start()
+    yield srv, dsn
+    srv.stop()
+    drop_database(pg_dsn, name)
+
+
+def _cli(target: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT / "server"), str(ROOT / "clients/python")]))
+    return subprocess.run([sys.executable, "-m", "fedtoken.cli.main", "--target", target, *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_events_carry_context_and_the_chain_verifies(
+    own_server: tuple[ServerThread, str],
+) -> None:
+    srv, _ = own_server
+    with FedtokenClient(srv.target, caller="billing-api") as c:
+        issued = c.issue("olivia", "svc", lifetime_seconds=60)
+        c.revoke(token=issued.token, reason="logout")
+        page = c.list_audit(subject="olivia", event_type="token.issued")
+        (event,) = page.events
+        assert (event.tenant, event.jti, event.kid, event.outcome) == (
+            "default", issued.jti, issued.kid, "ok")
+        assert event.actor.startswith("billing-api@") and event.request_id
+        assert json.loads(event.details_json)["aud"] == ["svc"]
+        assert issued.token not in event.details_json  # never a full token
+        revoked = c.list_audit(event_type="token.revoked").events
+        assert any(e.jti == issued.jti and e.reason == "logout" for e in revoked)
+        # Paging walks everything exactly once.
+        seen, after = [], 0
+        while True:
+            page = c.list_audit(after_seq=after, page_size=2)
+            seen += [e.seq for e in page.events]
+            if not page.next_after_seq:
+                break
+            after = page.next_after_seq
+        assert seen == list(range(1, len(seen) + 1))
+        report = c.verify_audit_chain()
+        assert report.ok and report.rows_checked == len(seen) and report.head_seq == len(seen)
+
+    ok = _cli(srv.target, "audit", "verify")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
+    tail = _cli(srv.target, "audit", "tail", "--subject", "olivia")
+    assert tail.returncode == 0
+    assert {json.loads(line)["event_type"] for line in tail.stdout.splitlines()} >= {
+        "token.issued"}
+
+
+def test_a_row_edited_with_sql_is_named_by_audit_verify(
+    own_server: tuple[ServerThread, str],
+) -> None:
+    srv, dsn = own_server
+    with FedtokenClient(srv.target) as c:
+        c.issue("peggy", "svc")
+        (victim,) = c.list_audit(subject="peggy").events
+
+    async def tamper() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            # What an attacker with database superuser rights would do.
+            await conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
+            await conn.execute("UPDATE audit_events SET subject = 'someone-else' WHERE seq = $1",
+                               victim.seq)
+        finally:
+            await conn.close()
+
+    import asyncio
+
+    asyncio.run(tamper())
+    bad = _cli(srv.target, "audit", "verify")
+    assert bad.returncode == 1
+    report = json.loads(bad.stdout)
+    assert report["ok"] is False
+    assert int(report["first_bad_seq"]) == victim.seq and report["problem"] == "ALTERED"
