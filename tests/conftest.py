@@ -7,6 +7,7 @@ SoftHSM token (the PKCS#11 library is initialised once per process).
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,9 @@ from tests._hsm_fixture import hsm_devtoken
 from tests._pg_fixture import fresh_dsn, pg_dsn
 
 __all__ = ["fresh_dsn", "hsm_devtoken", "pg_dsn"]
+
+# The shared server's one introspection client (RFC 7662 over HTTP).
+INTROSPECTION_SECRET = "rs-secret-for-tests"
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -56,7 +60,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, server_db: str, hsm_config)
     """One running fedtoken (gRPC + HTTP bridge) for the e2e and interop tests."""
     from tests.support import ServerThread, make_settings
 
-    settings = make_settings(tmp_path_factory.mktemp("server-state"))
+    settings = make_settings(
+        tmp_path_factory.mktemp("server-state"),
+        introspection_clients=f"rs-test:{hashlib.sha256(INTROSPECTION_SECRET.encode()).hexdigest()}",
+    )
     srv = ServerThread(settings, server_db, hsm_config).start()
     yield srv
     srv.stop()

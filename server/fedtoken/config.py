@@ -64,6 +64,10 @@ class Settings:
     revocation_staleness_seconds: float = 5.0
     revocation_heartbeat_seconds: float = 1.0
     revocation_resync_seconds: float = 60.0
+    # RFC 7662 introspection over HTTP (POST /introspect): the callers allowed,
+    # as "client_id:sha256-hex-of-secret" entries separated by commas (see
+    # `fedtoken hash-secret`). Empty: every introspection request gets 401.
+    introspection_clients: str = field(default="", repr=False)
     # Worker processes for `serve` (0: one per core).
     workers: int = 1
     log_level: str = "INFO"
@@ -161,7 +165,26 @@ def load_settings(
     return settings
 
 
+def parse_introspection_clients(spec: str) -> dict[str, bytes]:
+    """``id:hex,id2:hex`` -> {id: sha256 digest}; refuses malformed entries."""
+    clients: dict[str, bytes] = {}
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        client_id, _, digest = entry.rpartition(":")
+        try:
+            raw = bytes.fromhex(digest)
+        except ValueError:
+            raw = b""
+        if not client_id or len(raw) != 32 or client_id in clients:
+            raise InvalidRequest(
+                "introspection_clients: each entry is client_id:<64 hex chars of sha256(secret)>,"
+                " ids unique"
+            )
+        clients[client_id] = raw
+    return clients
+
+
 def _validate(s: Settings) -> None:
+    parse_introspection_clients(s.introspection_clients)
     if s.key_size < 2048:
         raise InvalidRequest("key_size must be at least 2048")
     if not 1 <= s.max_batch <= 100_000:

@@ -158,6 +158,18 @@ def cmd_audit(ns: argparse.Namespace) -> int:
                 time.sleep(1.0)
 
 
+def cmd_hash_secret(ns: argparse.Namespace) -> int:
+    """Print the sha256 digest an introspection_clients entry needs."""
+    import hashlib
+    import secrets
+
+    secret = sys.stdin.readline().rstrip("\n") if ns.stdin else secrets.token_urlsafe(32)
+    if not ns.stdin:
+        print(f"secret (give it to the client, store it nowhere else): {secret}")
+    print(f"{ns.client_id}:{hashlib.sha256(secret.encode()).hexdigest()}")
+    return 0
+
+
 def cmd_jwks(ns: argparse.Namespace) -> int:
     with _client(ns) as c:
         resp = c.get_keys(ns.tenant)
@@ -274,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
     ausub.add_parser("verify", help="walk the hash chain; exit 1 naming the first bad record")
     au.set_defaults(func=cmd_audit)
+
+    hs = sub.add_parser("hash-secret", help="make an introspection_clients entry")
+    hs.add_argument("client_id")
+    hs.add_argument("--stdin", action="store_true", help="read the secret from stdin "
+                    "instead of generating one")
+    hs.set_defaults(func=cmd_hash_secret)
 
     j = sub.add_parser("jwks", help="print a tenant's JWKS")
     j.add_argument("--tenant", default="")
