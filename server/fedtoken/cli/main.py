@@ -7,11 +7,16 @@ Exit status: 0 success, 1 a verdict said invalid / inactive, 2 an error.
 
 from __future__ import annotations
 
+import os
+
+# gRPC's fork handlers only print warnings here (we fork just to run pg_ctl
+# and softhsm2-util); it reads this once, when grpc is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import argparse
 import base64
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
