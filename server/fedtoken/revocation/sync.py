@@ -4,10 +4,27 @@ One dedicated connection LISTENs on ``fedtoken_events``. Every heartbeat
 interval the task sends a NOTIFY carrying its own id and a counter on that
 same connection; Postgres delivers notifications in commit order, so when a
 heartbeat comes back, every revocation committed before it was sent has been
-delivered. That is what advances the view's freshness watermark. If the
-connection dies, the view is marked stale at once (verdicts fail closed),
-and after reconnecting the task reloads a full snapshot before it confirms
-freshness again. A periodic full resync repairs anything a bug could lose.
+delivered. That is what advances the view's freshness watermark.
+
+Failure handling, all of it failing closed:
+
+- the connection terminates: the view is marked stale at once;
+- the connection hangs without any TCP error (a frozen server, a silent
+  network partition): the heartbeat statement times out, or heartbeats stop
+  coming back, and the session is torn down (``terminate``, not a polite
+  close that would wait for the dead peer); the watermark has meanwhile
+  expired on its own, since nothing confirms it;
+- a revocation notification that cannot be applied: the session is torn
+  down and the view reloaded, rather than risk having lost a revocation.
+
+After (re)connecting, the task LISTENs first, then loads a full snapshot:
+notifications arriving during the load are applied and also buffered, and
+the buffer is re-applied on top of the snapshot, so a revocation committed
+at any moment is either in the snapshot or in the buffer. Only then do
+heartbeats start, so the view stays stale until a heartbeat sent after the
+resync comes back. A periodic full resync (and purge of expired entries)
+repairs anything a bug could lose; it runs beside the heartbeats, so a long
+snapshot load does not let the watermark lapse.
 """
 
 from __future__ import annotations
@@ -18,7 +35,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import asyncpg
@@ -29,9 +46,15 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "fedtoken_events"
 _DAY = 86400
+_MIN_HEARTBEAT_TIMEOUT = 2.0
+_SNAPSHOT_TIMEOUT = 120.0
 
-SnapshotLoader = Callable[[], Awaitable[list[RevocationEntry]]]
+SnapshotLoader = Callable[[], Awaitable[Iterable[RevocationEntry]]]
 KeysChanged = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class FeedBroken(ConnectionError):
+    """The notification feed can no longer be trusted; reconnect and resync."""
 
 
 class RevocationSync:
@@ -58,10 +81,15 @@ class RevocationSync:
         self._conn: asyncpg.Connection | None = None
         self._pending: dict[int, float] = {}
         self._counter = 0
-        self._buffer: list[RevocationEntry] | None = None
+        self._buffers: list[list[RevocationEntry]] = []
         self._lost = asyncio.Event()
+        self._broken = ""
         self.ready = asyncio.Event()
         self._tasks: set[asyncio.Future[None]] = set()
+        # Bounds for a hung connection: no statement or heartbeat may take
+        # longer than this before the session is declared broken.
+        self._hb_timeout = max(2 * heartbeat, _MIN_HEARTBEAT_TIMEOUT)
+        self._hb_overdue = max(3 * heartbeat, _MIN_HEARTBEAT_TIMEOUT)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="revocation-sync")
@@ -76,70 +104,119 @@ class RevocationSync:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._close_conn()
+        self._view.mark_stale()
 
     async def _close_conn(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await asyncio.wait_for(conn.close(), self._hb_timeout)
+        except Exception:  # noqa: BLE001 - a hung or broken peer: drop the socket
+            conn.terminate()
 
     async def _run(self) -> None:
         backoff = 0.2
         while True:
             try:
                 await self._session()
-                backoff = 0.2
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure means: stale, reconnect
-                log.warning("revocation feed lost (%s); verdicts fail closed until resynced",
-                            type(exc).__name__)
+                log.warning("revocation feed lost (%s: %s); verdicts fail closed until resynced",
+                            type(exc).__name__, exc)
+            else:  # pragma: no cover - _session only ends by raising
+                backoff = 0.2
             self._view.mark_stale()
             await self._close_conn()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
+    def _on_terminated(self, conn: object) -> None:
+        if conn is self._conn:  # not our own close of an old connection
+            self._view.mark_stale()
+            self._lost.set()
+
     async def _session(self) -> None:
         self._lost.clear()
+        self._broken = ""
         self._pending.clear()
         conn = await asyncpg.connect(self._dsn, timeout=5)
         self._conn = conn
-        conn.add_termination_listener(lambda _c: self._lost.set())
-        await conn.add_listener(CHANNEL, self._on_notify)
+        conn.add_termination_listener(self._on_terminated)
+        # LISTEN before the snapshot: nothing committed from here on is missed.
+        await asyncio.wait_for(conn.add_listener(CHANNEL, self._on_notify), self._hb_timeout)
         await self._full_load()
-        if self._on_keys_changed is not None:
-            await self._on_keys_changed({"type": "resync"})
-        last_resync = time.monotonic()
-        while not self._lost.is_set():
-            self._counter += 1
-            sent = time.monotonic()
-            self._pending[self._counter] = sent
-            payload = json.dumps({"type": "heartbeat", "from": self._id, "n": self._counter})
-            await asyncio.wait_for(conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload),
-                                   self._heartbeat * 2)
-            if sent - last_resync > self._resync:
+        connected = time.monotonic()
+        resyncer = asyncio.create_task(self._periodic_resync(), name="revocation-resync")
+        try:
+            while not self._lost.is_set():
+                await self._beat(conn)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), self._heartbeat)
+                if resyncer.done():
+                    resyncer.result()  # re-raise what stopped it
+                oldest = min(self._pending.values(), default=None)
+                if oldest is not None and time.monotonic() - oldest > self._hb_overdue:
+                    # Sent, acknowledged by the server, never delivered back.
+                    raise FeedBroken("heartbeats not delivered")
+        finally:
+            resyncer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await resyncer
+        if self._broken:
+            raise FeedBroken(self._broken)
+        raise FeedBroken(f"listener connection terminated after "
+                         f"{time.monotonic() - connected:.1f}s")
+
+    async def _beat(self, conn: asyncpg.Connection) -> None:
+        self._counter += 1
+        sent = time.monotonic()
+        self._pending[self._counter] = sent
+        payload = json.dumps({"type": "heartbeat", "from": self._id, "n": self._counter})
+        await asyncio.wait_for(conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload),
+                               self._hb_timeout)
+
+    async def _periodic_resync(self) -> None:
+        """Full reload every ``resync`` seconds, beside the heartbeats.
+
+        A failed reload (Postgres briefly unable to answer) is retried at the
+        next period: the feed itself is still proven by the heartbeats.
+        """
+        while True:
+            await asyncio.sleep(self._resync)
+            try:
                 await self._full_load()
-                self._view.purge_expired()
-                last_resync = sent
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), self._heartbeat)
-            if self._pending and time.monotonic() - min(self._pending.values()) > max(
-                3 * self._heartbeat, 2.0
-            ):
-                # Heartbeats are not coming back: the feed is broken.
-                raise ConnectionError("heartbeats not delivered")
-        raise ConnectionError("listener connection terminated")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep the feed; retry later
+                log.warning("periodic revocation resync failed (%s)", type(exc).__name__)
+            self._view.purge_expired()
 
     async def _full_load(self) -> None:
-        self._buffer = []
+        buffer: list[RevocationEntry] = []
+        self._buffers.append(buffer)
         try:
-            entries = await self._load_snapshot()
+            entries = await asyncio.wait_for(self._load_snapshot(), _SNAPSHOT_TIMEOUT)
             self._view.replace_all(entries)
-            for entry in self._buffer:
+            for entry in buffer:
                 self._view.add(entry)
         finally:
-            self._buffer = None
+            self._buffers = [b for b in self._buffers if b is not buffer]
+        if self._on_keys_changed is not None:
+            await self._on_keys_changed({"type": "resync"})
+
+    def _fail(self, why: str) -> None:
+        log.error("%s; reloading the revocation view", why)
+        self._broken = why
+        self._view.mark_stale()
+        self._lost.set()
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         try:
@@ -147,28 +224,40 @@ class RevocationSync:
         except ValueError:
             log.warning("ignoring a non-JSON notification on %s", CHANNEL)
             return
+        if not isinstance(event, dict):
+            log.warning("ignoring a non-object notification on %s", CHANNEL)
+            return
         kind = event.get("type")
         if kind == "heartbeat":
             if event.get("from") == self._id:
-                sent = self._pending.pop(int(event.get("n", -1)), None)
+                try:
+                    n = int(event["n"])
+                except (KeyError, TypeError, ValueError):
+                    return
+                sent = self._pending.pop(n, None)
                 if sent is not None:
-                    for n in [n for n in self._pending if n < int(event["n"])]:
-                        del self._pending[n]
+                    for earlier in [m for m in self._pending if m < n]:
+                        del self._pending[earlier]
                     self._view.confirm_fresh(sent)
                     self.ready.set()
             return
         if kind == "revocation":
-            entry = RevocationEntry(
-                tenant=str(event.get("tenant", "")),
-                kind=str(event.get("kind", "")),
-                value=str(event.get("value", "")),
-                # Without an expiry, keep it a day: forgetting late fails closed.
-                expires_at=int(event.get("expires_at") or time.time() + _DAY),
-                not_before=int(event.get("not_before") or 0),
-            )
-            self._view.add(entry)
-            if self._buffer is not None:
-                self._buffer.append(entry)
+            try:
+                entry = RevocationEntry(
+                    tenant=str(event["tenant"]),
+                    kind=str(event["kind"]),
+                    value=str(event["value"]),
+                    # Without an expiry, keep it a day: forgetting late fails closed.
+                    expires_at=int(event.get("expires_at") or time.time() + _DAY),
+                    not_before=int(event.get("not_before") or 0),
+                )
+                self._view.add(entry)
+            except (KeyError, TypeError, ValueError) as exc:
+                # A revocation we cannot apply must not be silently lost.
+                self._fail(f"unusable revocation notification ({exc!r})")
+                return
+            for buffer in self._buffers:
+                buffer.append(entry)
             if entry.kind == "key" and self._on_keys_changed is not None:
                 self._spawn(self._on_keys_changed(event))
             return
@@ -178,4 +267,10 @@ class RevocationSync:
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("reloading keys after a change failed (%s); the periodic resync "
+                        "will retry", type(task.exception()).__name__)

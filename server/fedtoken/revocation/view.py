@@ -7,11 +7,14 @@ heartbeat NOTIFY that travels behind all earlier notifications). Past
 ``staleness`` seconds without confirmation, every check answers
 REVOCATION_UNAVAILABLE until the view is confirmed again.
 
-Memory: a revoked jti is kept as a 63-bit keyed digest of (tenant, jti) in
-one set, and in a per-minute expiry bucket that lets expired entries be
-dropped without a per-entry timestamp. A digest collision can only make a
-token look revoked (fail closed), with probability about n / 2**63 per check.
-Introspect never relies on this view: it asks Postgres exactly.
+Memory: a revoked jti is kept as a 63-bit keyed digest of (tenant, jti) in an
+open-addressing hash table made of two flat arrays (8 bytes of digest and 4
+bytes of expiry per slot, load factor at most 0.6), plus the digest once
+more in a per-minute expiry bucket (an array of uint64) so that expired
+entries are dropped without scanning the table. About 32 bytes per jti at
+one million: no Python object per entry. A digest collision can only make a
+token look revoked (fail closed), with probability about n / 2**63 per
+check. Introspect never relies on this view: it asks Postgres exactly.
 """
 
 from __future__ import annotations
@@ -19,12 +22,20 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from fedtoken.core.model import Reason
 
 _BUCKET_SECONDS = 60
+_TOP = 1 << 63  # set in every stored digest, so a stored value is never EMPTY or TOMBSTONE
+_EMPTY = 0
+_TOMBSTONE = 1
+_MAX_FILL = 0.6  # live + tombstones, as a fraction of the slots, before a rebuild
+_TARGET_FILL = 0.4  # live entries after a rebuild
+_MIN_SLOTS = 1024
+_U32_MAX = 0xFFFF_FFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +56,149 @@ def jti_digest(tenant: str, jti: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+class _Slots:
+    """One generation of the table: replaced whole when it is rebuilt, so a
+    reader that took a reference probes a consistent pair of arrays."""
+
+    __slots__ = ("digests", "expiry", "mask")
+
+    def __init__(self, size: int) -> None:
+        self.digests = array("Q", bytes(8 * size))
+        self.expiry = array("I", bytes(4 * size))
+        self.mask = size - 1
+
+
+def _slots_for(live: int) -> int:
+    size = _MIN_SLOTS
+    while size * _TARGET_FILL < live:
+        size *= 2
+    return size
+
+
+class DigestTable:
+    """A set of 63-bit digests, each with an expiry (unix seconds).
+
+    Linear probing over ``array('Q')``; deletions leave tombstones, cleared
+    by the next rebuild. One writer at a time (the view's lock); readers may
+    probe concurrently without a lock: every slot update is a single
+    GIL-atomic store, and a rebuild swaps in a new ``_Slots`` object.
+    """
+
+    def __init__(self, expected: int = 0) -> None:
+        self._slots = _Slots(_slots_for(expected))
+        self._live = 0
+        self._filled = 0  # live + tombstones
+        self._buckets: dict[int, array[int]] = {}
+
+    def __len__(self) -> int:
+        return self._live
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in the arrays (the table and the expiry buckets)."""
+        s = self._slots
+        total = s.digests.buffer_info()[1] * 8 + s.expiry.buffer_info()[1] * 4
+        return total + sum(b.buffer_info()[1] * 8 for b in self._buckets.values())
+
+    def __contains__(self, digest: int) -> bool:
+        s = self._slots
+        digests, mask = s.digests, s.mask
+        key = digest | _TOP
+        i = digest & mask
+        while True:
+            v = digests[i]
+            if v == key:
+                return True
+            if v == _EMPTY:
+                return False
+            i = (i + 1) & mask
+
+    def add(self, digest: int, expires_at: int) -> None:
+        exp = min(max(expires_at, 0), _U32_MAX)
+        s = self._slots
+        digests, mask = s.digests, s.mask
+        key = digest | _TOP
+        i = digest & mask
+        free = -1
+        while True:
+            v = digests[i]
+            if v == key:
+                if exp > s.expiry[i]:
+                    s.expiry[i] = exp
+                    self._bucket(exp).append(key)
+                return
+            if v == _EMPTY:
+                break
+            if v == _TOMBSTONE and free < 0:
+                free = i
+            i = (i + 1) & mask
+        if free >= 0:
+            i = free
+        else:
+            self._filled += 1
+        s.expiry[i] = exp
+        digests[i] = key  # last: makes the slot visible to readers
+        self._live += 1
+        self._bucket(exp).append(key)
+        if self._filled > _MAX_FILL * (mask + 1):
+            self._rebuild()
+
+    def purge(self, now: float) -> int:
+        """Drop digests whose expiry is before ``now``; return how many."""
+        limit = int(now) // _BUCKET_SECONDS
+        removed = 0
+        for minute in [m for m in self._buckets if m < limit]:
+            for key in self._buckets.pop(minute):
+                s = self._slots
+                digests, mask = s.digests, s.mask
+                i = (key ^ _TOP) & mask
+                while True:
+                    v = digests[i]
+                    if v == key:
+                        # A later re-revocation may have extended it.
+                        if s.expiry[i] < now:
+                            digests[i] = _TOMBSTONE
+                            self._live -= 1
+                            removed += 1
+                        break
+                    if v == _EMPTY:
+                        break
+                    i = (i + 1) & mask
+        if self._filled - self._live > self._live and self._filled > _MIN_SLOTS * _TARGET_FILL:
+            self._rebuild()
+        return removed
+
+    def _bucket(self, exp: int) -> array[int]:
+        # The minute after expiry: an entry is only dropped once its token
+        # can no longer be valid.
+        minute = exp // _BUCKET_SECONDS + 1
+        bucket = self._buckets.get(minute)
+        if bucket is None:
+            bucket = self._buckets[minute] = array("Q")
+        return bucket
+
+    def _rebuild(self) -> None:
+        old = self._slots
+        new = _Slots(_slots_for(self._live))
+        digests, expiry, mask = new.digests, new.expiry, new.mask
+        for j, key in enumerate(old.digests):
+            if key > _TOMBSTONE:
+                i = (key ^ _TOP) & mask
+                while digests[i] != _EMPTY:
+                    i = (i + 1) & mask
+                digests[i] = key
+                expiry[i] = old.expiry[j]
+        self._slots = new
+        self._filled = self._live
+
+
 class InMemoryRevocationView:
     """Implements ``fedtoken.core.ports.RevocationView``.
 
-    Writers (the sync task on the event loop) and readers (verify threads)
-    may run concurrently: membership tests on sets and dicts are atomic under
-    the GIL, and structural changes happen under ``_lock``.
+    Writers (the sync task and Revoke, on the event loop) and readers (verify
+    threads) may run concurrently: readers never take the lock (membership
+    tests on the digest table and on dicts are safe under the GIL, see
+    ``DigestTable``), and writers serialise on ``_lock``.
     """
 
     def __init__(
@@ -64,8 +212,7 @@ class InMemoryRevocationView:
         self._monotonic = monotonic
         self._wall = wall
         self._lock = threading.Lock()
-        self._jtis: set[int] = set()
-        self._buckets: dict[int, list[int]] = {}
+        self._jtis = DigestTable()
         self._subjects: dict[tuple[str, str], tuple[int, int]] = {}
         self._keys: dict[str, int] = {}
         # Never fresh until the first full load is confirmed.
@@ -78,7 +225,8 @@ class InMemoryRevocationView:
             return Reason.REVOCATION_UNAVAILABLE
         if kid in self._keys:
             return Reason.KEY_REVOKED
-        if self._jtis and jti_digest(tenant, jti) in self._jtis:
+        jtis = self._jtis
+        if len(jtis) and jti_digest(tenant, jti) in jtis:
             return Reason.REVOKED
         if self._subjects:
             cut = self._subjects.get((tenant, subject))
@@ -94,6 +242,11 @@ class InMemoryRevocationView:
     def size(self) -> int:
         return len(self._jtis) + len(self._subjects) + len(self._keys)
 
+    @property
+    def jti_table_bytes(self) -> int:
+        """Bytes held by the jti table's arrays (for the benchmark)."""
+        return self._jtis.nbytes
+
     # -- writes (sync task) ------------------------------------------------
 
     def confirm_fresh(self, as_of_monotonic: float) -> None:
@@ -106,54 +259,53 @@ class InMemoryRevocationView:
 
     def add(self, entry: RevocationEntry) -> None:
         with self._lock:
-            self._add_locked(entry)
+            _apply(entry, self._jtis, self._subjects, self._keys)
 
     def replace_all(self, entries: Iterable[RevocationEntry]) -> None:
-        """Swap in a full snapshot (after a reconnect or a periodic resync)."""
-        new = InMemoryRevocationView(staleness=self._staleness)
+        """Swap in a full snapshot (after a reconnect or a periodic resync).
+
+        Anything not in ``entries`` is forgotten. The new state is built
+        aside and swapped in, so readers see either the old or the new one.
+        """
+        expected = len(entries) if isinstance(entries, list | tuple) else 0
+        jtis = DigestTable(expected)
+        subjects: dict[tuple[str, str], tuple[int, int]] = {}
+        keys: dict[str, int] = {}
         for entry in entries:
-            new._add_locked(entry)
+            _apply(entry, jtis, subjects, keys)
         with self._lock:
-            self._jtis = new._jtis
-            self._buckets = new._buckets
-            self._subjects = new._subjects
-            self._keys = new._keys
+            self._jtis, self._subjects, self._keys = jtis, subjects, keys
 
     def purge_expired(self, now: float | None = None) -> int:
         """Forget revocations whose tokens have expired anyway."""
         now = self._wall() if now is None else now
-        limit = int(now) // _BUCKET_SECONDS
-        removed = 0
         with self._lock:
-            for bucket in [b for b in self._buckets if b < limit]:
-                for digest in self._buckets.pop(bucket):
-                    self._jtis.discard(digest)
-                    removed += 1
-            for key, (_, exp) in list(self._subjects.items()):
-                if exp < now:
-                    del self._subjects[key]
-                    removed += 1
-            for kid, exp in list(self._keys.items()):
-                if exp < now:
-                    del self._keys[kid]
-                    removed += 1
+            removed = self._jtis.purge(now)
+            subjects = {k: v for k, v in self._subjects.items() if v[1] >= now}
+            keys = {k: v for k, v in self._keys.items() if v >= now}
+            removed += len(self._subjects) - len(subjects) + len(self._keys) - len(keys)
+            # New dicts rather than deletions: readers never see one mid-change.
+            self._subjects, self._keys = subjects, keys
         return removed
 
-    def _add_locked(self, entry: RevocationEntry) -> None:
-        if entry.kind == "jti":
-            digest = jti_digest(entry.tenant, entry.value)
-            if digest not in self._jtis:
-                self._jtis.add(digest)
-                # Bucket by the minute after expiry, so an entry is only
-                # dropped once its token can no longer be valid.
-                bucket = entry.expires_at // _BUCKET_SECONDS + 1
-                self._buckets.setdefault(bucket, []).append(digest)
-        elif entry.kind == "subject":
-            key = (entry.tenant, entry.value)
-            old = self._subjects.get(key)
-            if old is None or entry.not_before > old[0]:
-                self._subjects[key] = (entry.not_before, entry.expires_at)
-        elif entry.kind == "key":
-            self._keys[entry.value] = max(entry.expires_at, self._keys.get(entry.value, 0))
+
+def _apply(
+    entry: RevocationEntry,
+    jtis: DigestTable,
+    subjects: dict[tuple[str, str], tuple[int, int]],
+    keys: dict[str, int],
+) -> None:
+    """Merge one revocation; a repeat can only widen what is revoked."""
+    if entry.kind == "jti":
+        jtis.add(jti_digest(entry.tenant, entry.value), entry.expires_at)
+    elif entry.kind == "subject":
+        key = (entry.tenant, entry.value)
+        old = subjects.get(key)
+        if old is None:
+            subjects[key] = (entry.not_before, entry.expires_at)
         else:
-            raise ValueError(f"unknown revocation kind {entry.kind!r}")
+            subjects[key] = (max(old[0], entry.not_before), max(old[1], entry.expires_at))
+    elif entry.kind == "key":
+        keys[entry.value] = max(entry.expires_at, keys.get(entry.value, 0))
+    else:
+        raise ValueError(f"unknown revocation kind {entry.kind!r}")
