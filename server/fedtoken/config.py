@@ -69,7 +69,7 @@ class Settings:
     # `fedtoken hash-secret`). Empty: every introspection request gets 401.
     introspection_clients: str = field(default="", repr=False)
     # Worker processes for `serve` (0: one per core).
-    workers: int = 1
+    workers: int = 0
     log_level: str = "INFO"
 
     @property

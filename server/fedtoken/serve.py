@@ -1,11 +1,15 @@
 """Process supervision for ``fedtoken serve``.
 
-One worker: everything runs in this process. N workers: this process
+Default: one worker per core (``--workers 0``; see Settings.workers). One
+worker: everything runs in this process. N workers: this process
 prepares the shared pieces (dev HSM token, embedded Postgres, migrations,
 first tenant and key), then starts N worker processes that each open their
 own HSM session and connection pool and listen on the same gRPC port
 (SO_REUSEPORT, the kernel spreads connections); this process serves the
-HTTP bridge as a client of that port and supervises the workers.
+HTTP bridge as a client of that port and supervises the workers (started
+one after the other, each confirmed listening; one that dies is restarted).
+Several processes are how the Python part of verification scales: the GIL
+allows one thread of Python per process.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.synchronize
 import os
 import signal
+import time
 
 from fedtoken.app import App, prepare_database, prepare_hsm, start_app
 from fedtoken.config import Settings, replace
@@ -25,6 +31,10 @@ log = logging.getLogger("fedtoken")
 
 def run(settings: Settings) -> int:
     workers = settings.workers or os.cpu_count() or 1
+    if settings.workers == 0 and settings.grpc_port == 0:
+        # One per core was asked for implicitly, but workers can only share a
+        # fixed port: an ephemeral port (tests, tools) gets one worker.
+        workers = 1
     if workers == 1:
         asyncio.run(_serve_single(settings))
         return 0
@@ -57,7 +67,8 @@ def _announce(app: App) -> None:
                  s.http_host, app.http_port, s.http_public_url)
 
 
-def _worker_main(settings: Settings, dsn: str, index: int) -> None:
+def _worker_main(settings: Settings, dsn: str, index: int,
+                 ready: multiprocessing.synchronize.Event) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(),
         format=f"%(asctime)s %(levelname)s %(name)s[w{index}:%(process)d]: %(message)s",
@@ -65,12 +76,85 @@ def _worker_main(settings: Settings, dsn: str, index: int) -> None:
 
     async def main() -> None:
         app = await start_app(settings, dsn=dsn, http=False, bootstrap=False)
+        ready.set()
         try:
             await _wait_for_signal()
         finally:
             await app.stop(5.0)
 
     asyncio.run(main())
+
+
+# A worker that fails to start is retried this many times, then serve exits.
+START_ATTEMPTS = 3
+# How long one worker may take from spawn to listening.
+START_TIMEOUT = 120.0
+
+
+class _Workers:
+    """The worker processes: started one at a time (SoftHSM's token files are
+    shared, and several processes logging in at once have been seen to miss
+    the token), each confirmed listening before the next starts, and
+    restarted if one dies while serving."""
+
+    def __init__(self, settings: Settings, dsn: str, count: int) -> None:
+        self._settings, self._dsn = settings, dsn
+        self._ctx = multiprocessing.get_context("spawn")
+        self.procs: list[multiprocessing.context.SpawnProcess | None] = [None] * count
+        self.stopping = False
+
+    def start(self, index: int) -> None:
+        for attempt in range(1, START_ATTEMPTS + 1):
+            ready = self._ctx.Event()
+            proc = self._ctx.Process(target=_worker_main, name=f"fedtoken-w{index}",
+                                     args=(self._settings, self._dsn, index, ready))
+            proc.start()
+            self.procs[index] = proc
+            deadline = time.monotonic() + START_TIMEOUT
+            while proc.is_alive() and not ready.wait(0.2) and time.monotonic() < deadline:
+                pass
+            if ready.is_set():
+                return
+            _terminate(proc)
+            log.error("worker %d did not start (attempt %d of %d, exit code %s)",
+                      index, attempt, START_ATTEMPTS, proc.exitcode)
+        raise SystemExit(f"worker {index} could not start; see the log above")
+
+    def start_all(self) -> None:
+        for i in range(len(self.procs)):
+            self.start(i)
+
+    async def supervise(self) -> None:
+        """Restart a worker that dies while serving (the others keep serving)."""
+        while not self.stopping:
+            await asyncio.sleep(0.5)
+            for i, proc in enumerate(self.procs):
+                if proc is not None and not proc.is_alive() and not self.stopping:
+                    log.error("worker %d (pid %s) exited with code %s; restarting it",
+                              i, proc.pid, proc.exitcode)
+                    await asyncio.to_thread(self.start, i)
+
+    def stop(self) -> None:
+        self.stopping = True
+        for proc in self.procs:
+            if proc is not None and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            if proc is not None:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(5)
+
+
+def _terminate(proc: multiprocessing.context.SpawnProcess) -> None:
+    if proc.is_alive():
+        proc.terminate()
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
 
 
 def _serve_many(settings: Settings, workers: int) -> int:
@@ -84,13 +168,7 @@ def _serve_many(settings: Settings, workers: int) -> int:
         await app.stop(0)
 
     asyncio.run(bootstrap())
-    ctx = multiprocessing.get_context("spawn")
-    procs: list[multiprocessing.context.SpawnProcess] = []
-    for i in range(workers):
-        proc = ctx.Process(target=_worker_main, args=(settings, dsn, i),
-                           name=f"fedtoken-w{i}")
-        proc.start()
-        procs.append(proc)
+    pool = _Workers(settings, dsn, workers)
 
     async def bridge() -> None:
         from aiohttp import web
@@ -105,21 +183,22 @@ def _serve_many(settings: Settings, workers: int) -> int:
             await web.TCPSite(runner, settings.http_host, settings.http_port).start()
         log.info("fedtoken: %d workers on gRPC %s:%d, HTTP bridge on %s", workers,
                  settings.grpc_host, settings.grpc_port, settings.http_public_url)
+        supervisor = asyncio.create_task(pool.supervise())
         try:
             await _wait_for_signal()
         finally:
+            pool.stopping = True
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
             await runner.cleanup()
             await source.close()
 
     try:
+        pool.start_all()
         asyncio.run(bridge())
     finally:
-        for proc in procs:
-            if proc.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            proc.join(10)
+        pool.stop()
         if pg is not None:
             pg.stop()
     return 0

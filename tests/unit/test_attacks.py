@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from fedtoken.core.jwk import b64url_encode
 from fedtoken.core.model import Expectation, Reason
-from tests.unit.test_engine import (
+from tests.unit._world import (
     AUDIENCE,
     ISS_A,
     ISS_B,

@@ -1,8 +1,7 @@
 """The verification engine and the local key resolver, with real RSA keys.
 
-``World`` and ``make_world`` also serve test_attacks.py and test_properties.py:
-two tenants with keys in every lifecycle state, an in-memory revocation view,
-and helpers that sign tokens the way an issuer (or an attacker) would.
+The shared fixtures (``World``, ``make_world``, key and token helpers) live in
+tests/unit/_world.py.
 """
 
 from __future__ import annotations
@@ -10,18 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass, field, replace
-from functools import cache
-from typing import Any
+from dataclasses import replace
 
 import pytest
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from fedtoken.core.jwk import b64url_encode, rsa_public_jwk
+from fedtoken.core.jwk import b64url_encode
 from fedtoken.core.model import (
     Expectation,
-    KeyRecord,
     KeyState,
     Reason,
     Tenant,
@@ -30,169 +24,19 @@ from fedtoken.core.model import (
 )
 from fedtoken.errors import PolicyViolation
 from fedtoken.verifier import ChainedKeyResolver, LocalKeyResolver, VerificationEngine
-
-NOW = 1_800_000_000
-ISS_A = "https://auth.example/t/acme"
-ISS_B = "https://auth.example/t/beta"
-AUDIENCE = "api://orders"
-
-_HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
-
-
-def rsa_key(name: str, bits: int = 2048) -> rsa.RSAPrivateKey:
-    """One key per name and size for the whole test run (generation is slow)."""
-    return _rsa_key(name, bits)  # positional, so the cache sees one key per pair
-
-
-@cache
-def _rsa_key(name: str, bits: int) -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
-
-
-def sign(private_key: rsa.RSAPrivateKey, alg: str, data: bytes) -> bytes:
-    digest = _HASHES[alg[2:]]()
-    if alg.startswith("PS"):
-        pad: padding.AsymmetricPadding = padding.PSS(
-            mgf=padding.MGF1(digest), salt_length=digest.digest_size
-        )
-    else:
-        pad = padding.PKCS1v15()
-    return private_key.sign(data, pad, digest)
-
-
-def segment(value: Any) -> str:
-    """base64url of compact JSON (or of raw text/bytes, for malformed tokens)."""
-    if isinstance(value, str):
-        value = value.encode()
-    elif not isinstance(value, bytes):
-        value = json.dumps(value, separators=(",", ":")).encode()
-    return b64url_encode(value)
-
-
-class FixedClock:
-    def __init__(self, now: float = NOW) -> None:
-        self.t = now
-
-    def now(self) -> float:
-        return self.t
-
-
-@dataclass
-class FakeRevocations:
-    """A RevocationView with explicit contents."""
-
-    jtis: set[tuple[str, str]] = field(default_factory=set)
-    subjects: set[tuple[str, str]] = field(default_factory=set)
-    kids: set[str] = field(default_factory=set)
-    stale: bool = False
-
-    def check(self, tenant: str, jti: str, subject: str, issued_at: int, kid: str) -> Reason | None:
-        if self.stale:
-            return Reason.REVOCATION_UNAVAILABLE
-        if kid in self.kids:
-            return Reason.KEY_REVOKED
-        if (tenant, jti) in self.jtis or (tenant, subject) in self.subjects:
-            return Reason.REVOKED
-        return None
-
-
-def record(name: str, tenant: str, state: KeyState, alg: str = "RS256", **extra: int) -> KeyRecord:
-    numbers = rsa_key(name).public_key().public_numbers()
-    jwk = rsa_public_jwk(numbers.n, numbers.e, alg=alg)
-    return KeyRecord(
-        kid=jwk["kid"],
-        tenant=tenant,
-        alg=alg,
-        key_size=2048,
-        state=state,
-        public_jwk=jwk,
-        hsm_label=name,
-        **extra,
-    )
-
-
-@dataclass
-class World:
-    """Two tenants and their keys, an engine, and token factories."""
-
-    resolver: LocalKeyResolver
-    revocations: FakeRevocations
-    clock: FixedClock
-    engine: VerificationEngine
-    kids: dict[str, str]  # key name -> kid
-    expect: Expectation = field(default_factory=lambda: Expectation(audience=AUDIENCE))
-
-    def claims(self, **overrides: Any) -> dict[str, Any]:
-        """Good claims for tenant A; an override of None removes the claim."""
-        claims: dict[str, Any] = {
-            "iss": ISS_A,
-            "sub": "alice",
-            "aud": AUDIENCE,
-            "iat": NOW - 60,
-            "nbf": NOW - 60,
-            "exp": NOW + 600,
-            "jti": "jti-1",
-            "tenant": "acme",
-        }
-        claims.update(overrides)
-        return {k: v for k, v in claims.items() if v is not None}
-
-    def header(self, key: str = "a_active", **overrides: Any) -> dict[str, Any]:
-        header: dict[str, Any] = {"alg": "RS256", "typ": "JWT", "kid": self.kids[key]}
-        header.update(overrides)
-        return {k: v for k, v in header.items() if v is not None}
-
-    def token(
-        self,
-        key: str = "a_active",
-        *,
-        header: dict[str, Any] | None = None,
-        claims: dict[str, Any] | None = None,
-        sign_with: str | None = None,
-        sign_alg: str | None = None,
-    ) -> str:
-        """A token signed with ``sign_with`` (default: the key named in the
-        header), using ``sign_alg`` (default: the header's alg)."""
-        header = self.header(key) if header is None else header
-        claims = self.claims() if claims is None else claims
-        signing_input = f"{segment(header)}.{segment(claims)}".encode()
-        signature = sign(rsa_key(sign_with or key), sign_alg or header["alg"], signing_input)
-        return f"{signing_input.decode()}.{b64url_encode(signature)}"
-
-    def verify(self, token: str | bytes, expect: Expectation | None = None) -> Verdict:
-        return self.engine.verify(token, expect or self.expect)  # type: ignore[arg-type]
-
-
-# name -> (tenant, state, alg, extra record fields)
-KEYS: dict[str, tuple[str, KeyState, str, dict[str, int]]] = {
-    "a_active": ("acme", KeyState.ACTIVE, "RS256", {}),
-    "a_pending": ("acme", KeyState.PENDING, "RS256", {}),
-    "a_retiring": ("acme", KeyState.RETIRING, "RS256", {}),
-    "a_ps256": ("acme", KeyState.ACTIVE, "PS256", {}),
-    "a_retired": ("acme", KeyState.RETIRED, "RS256", {}),
-    "a_destroyed": ("acme", KeyState.DESTROYED, "RS256", {}),
-    "a_compromised": ("acme", KeyState.COMPROMISED, "RS256", {"compromised_at": NOW - 10}),
-    "a_burnt": ("acme", KeyState.DESTROYED, "RS256", {"compromised_at": NOW - 10}),
-    "b_active": ("beta", KeyState.ACTIVE, "RS256", {}),
-}
-TENANTS = [
-    Tenant(id="acme", issuer=ISS_A, policy=TenantPolicy(allowed_algorithms=("RS256", "PS256"))),
-    Tenant(id="beta", issuer=ISS_B),
-]
-
-
-def make_world(**engine_options: Any) -> World:
-    records = [record(name, *spec[:3], **spec[3]) for name, spec in KEYS.items()]
-    resolver = LocalKeyResolver()
-    resolver.replace(TENANTS, records)
-    revocations = FakeRevocations(
-        jtis={("acme", "revoked-jti")},
-        subjects={("acme", "revoked-subject")},
-    )
-    clock = FixedClock()
-    engine = VerificationEngine(resolver, revocations, clock=clock, **engine_options)
-    kids = {name: r.kid for name, r in zip(KEYS, records, strict=True)}
-    return World(resolver, revocations, clock, engine, kids)
+from tests.unit._world import (
+    AUDIENCE,
+    ISS_A,
+    ISS_B,
+    KEYS,
+    NOW,
+    TENANTS,
+    FixedClock,
+    World,
+    make_world,
+    record,
+    segment,
+)
 
 
 @pytest.fixture(scope="module")
@@ -483,3 +327,52 @@ def test_chained_resolver_asks_in_order(world: World) -> None:
     engine = VerificationEngine(chained, world.revocations, clock=world.clock)
     assert engine.verify(world.token(), world.expect).reason is Reason.OK
     engine.close()
+
+
+# --- the header cache ---------------------------------------------------------------
+
+
+def test_cached_header_is_still_scoped_to_this_tokens_issuer() -> None:
+    w = make_world()
+    good = w.token()
+    assert w.verify(good).valid  # caches the header segment of a_active
+    # Same exact header segment (a_active's kid), payload naming tenant B's
+    # issuer, signed by a_active: the kid must be looked up under ISS_B.
+    cross = w.token(claims=w.claims(iss=ISS_B, tenant="beta"))
+    assert cross.split(".")[0] == good.split(".")[0]
+    assert w.verify(cross).reason is Reason.TENANT_MISMATCH
+    # The same header segment with a broken payload or signature segment is
+    # refused exactly as the uncached path refuses it.
+    head, payload, sig = good.split(".")
+    assert w.verify(f"{head}.{payload}.").reason is Reason.MALFORMED
+    assert w.verify(f"{head}.{payload}A.{sig}").reason is Reason.MALFORMED
+    assert w.verify(f"{head}.{segment('[1]')}.{sig}").reason is Reason.MALFORMED
+    assert w.verify(f"{head}.{payload}.{sig}x").reason is Reason.MALFORMED
+    zeros = b64url_encode(bytes(256))
+    assert w.verify(f"{head}.{payload}.{zeros}").reason is Reason.BAD_SIGNATURE
+
+
+def test_cached_and_uncached_verdicts_agree() -> None:
+    w = make_world()
+    tokens = [
+        w.token(),
+        w.token(claims=w.claims(exp=NOW - 3600)),
+        w.token(claims=w.claims(jti="revoked-jti")),
+        w.token(sign_with="b_active"),
+        w.token("a_retired"),
+        w.token("b_active", claims=w.claims(iss=ISS_B, tenant="beta")),
+    ]
+    first = [w.verify(t) for t in tokens]  # fills the cache
+    again = [w.verify(t) for t in tokens]  # served from it
+    fresh = [make_world().verify(t) for t in tokens]  # an empty cache each time
+    assert first == again == fresh
+
+
+def test_header_cache_is_bounded() -> None:
+    from fedtoken.verifier.engine import HEADER_CACHE_SIZE
+
+    w = make_world()
+    for i in range(HEADER_CACHE_SIZE + 10):
+        header = w.header(x=i)  # a distinct, valid header segment each time
+        assert w.verify(w.token(header=header)).valid
+    assert len(w.engine._headers) <= HEADER_CACHE_SIZE

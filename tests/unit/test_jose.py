@@ -10,7 +10,7 @@ from fedtoken.core import jose
 from fedtoken.core.jwk import b64url_encode
 from fedtoken.core.model import ASYMMETRIC_ALGORITHMS, Reason
 from fedtoken.errors import TokenError
-from tests.unit.test_engine import rsa_key, segment, sign
+from tests.unit._world import rsa_key, segment, sign
 
 KID = "k1"
 GOOD_HEADER = {"alg": "RS256", "typ": "JWT", "kid": KID}

@@ -11,7 +11,7 @@ import pytest
 from fedtoken.core.jwks import etag, parse_trusted_jwks, render_jwks
 from fedtoken.core.model import KeyState
 from fedtoken.errors import PolicyViolation
-from tests.unit.test_engine import record, rsa_key
+from tests.unit._world import record, rsa_key
 
 
 def test_render_published_only_sorted_and_public() -> None:

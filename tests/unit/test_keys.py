@@ -20,7 +20,7 @@ from fedtoken.core.keys import (
 )
 from fedtoken.core.model import KeyRecord, KeyState
 from fedtoken.errors import ErrorReason, FailedPrecondition, PolicyViolation
-from tests.unit.test_engine import rsa_key
+from tests.unit._world import rsa_key
 
 S = KeyState
 LEGAL = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fedtoken.core.model import Reason, Verdict
@@ -23,3 +24,28 @@ def verdict_pb(v: Verdict) -> token_service_pb2.Verdict:
         expires_at=v.expires_at,
         claims_json=v.claims_json,
     )
+
+
+def verify_batch_response(verdicts: Sequence[Verdict]) -> token_service_pb2.VerifyBatchResponse:
+    """The VerifyBatchResponse of ``verdicts``, built in place.
+
+    ``VerifyBatchResponse(verdicts=[verdict_pb(v) ...])`` builds every Verdict
+    message twice (once standalone, once copied into the repeated field);
+    ``verdicts.add`` builds each one directly inside the response.
+    """
+    response = token_service_pb2.VerifyBatchResponse()
+    add = response.verdicts.add
+    reason_pb = REASON_PB
+    for v in verdicts:
+        add(
+            valid=v.valid,
+            reason=reason_pb[v.reason],
+            tenant=v.tenant,
+            issuer=v.issuer,
+            kid=v.kid,
+            subject=v.subject,
+            jti=v.jti,
+            expires_at=v.expires_at,
+            claims_json=v.claims_json,
+        )
+    return response

@@ -16,7 +16,7 @@ from fedtoken.core.model import (
     Tenant,
     TenantPolicy,
 )
-from fedtoken.rpc.convert import REASON_PB, verdict_pb
+from fedtoken.rpc.convert import REASON_PB, verdict_pb, verify_batch_response
 from fedtoken.rpc.errors import request_id_of, rpc_boundary
 from fedtoken.store.audit import AuditRecord
 from fedtoken_client._pb.fedtoken.v1 import (
@@ -114,7 +114,7 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
         self, request: token_service_pb2.VerifyBatchRequest, context: grpc.aio.ServicerContext
     ) -> token_service_pb2.VerifyBatchResponse:
         verdicts = await self._a.verify_batch(request.tokens, _expectation(request))
-        return token_service_pb2.VerifyBatchResponse(verdicts=[verdict_pb(v) for v in verdicts])
+        return verify_batch_response(verdicts)
 
     @rpc_boundary
     async def Introspect(

@@ -19,16 +19,17 @@ import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from fedtoken.core.claims import check_claims
 from fedtoken.core.jose import (
     DEFAULT_MAX_TOKEN_SIZE,
-    ParsedJws,
     check_header,
+    loads_strict,
     parse_compact,
     verify_signature,
 )
+from fedtoken.core.jwk import b64url_decode
 from fedtoken.core.model import ASYMMETRIC_ALGORITHMS, Expectation, KeyState, Reason, Verdict
 from fedtoken.core.ports import Clock, KeyResolver, RevocationView, VerificationKey
 from fedtoken.errors import TokenError
@@ -42,7 +43,13 @@ INLINE_BATCH: Final = 32
 # batch are split into at most one slice per worker thread.
 MIN_CHUNK: Final = 64
 
+# Distinct header segments remembered with their (alg, kid). Tokens signed by
+# one key share one header segment, so in practice this holds a handful of
+# entries; the bound only stops a caller from growing it without limit.
+HEADER_CACHE_SIZE: Final = 256
+
 _MALFORMED: Final = Verdict(False, Reason.MALFORMED)
+_PARSE_ERRORS: Final = (ValueError, TypeError, RecursionError)
 
 
 def _reason_of(exc: TokenError) -> Reason:
@@ -64,7 +71,10 @@ def _log_unexpected(exc: Exception) -> None:
 class _Pending:
     """A token that passed every check possible before its signature."""
 
-    jws: ParsedJws
+    signing_input: bytes
+    signature: bytes
+    payload: dict[str, Any]
+    payload_bytes: bytes
     key: VerificationKey
     tenant: str
     issuer: str
@@ -74,10 +84,8 @@ def _check_signatures(items: Sequence[Verdict | _Pending]) -> list[bool]:
     # The only work here is RSA inside cryptography, which releases the GIL:
     # this loop is what runs on several cores at once.
     return [
-        isinstance(item, _Pending)
-        and verify_signature(
-            item.key.alg, item.key.public_key, item.jws.signing_input, item.jws.signature
-        )
+        type(item) is _Pending
+        and verify_signature(item.key.alg, item.key.public_key, item.signing_input, item.signature)
         for item in items
     ]
 
@@ -108,6 +116,10 @@ class VerificationEngine:
         self._leeway = leeway
         self._max_token_size = max_token_size
         self._threads = threads
+        # header segment -> (alg, kid), for headers that parsed and passed
+        # check_header; filled by _precheck, read without a lock (dict get
+        # and set are atomic in CPython; a lost insert only costs a reparse).
+        self._headers: dict[bytes, tuple[str, str]] = {}
         self._executor = ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="fedtoken-verify"
         )
@@ -193,16 +205,57 @@ class VerificationEngine:
                 append(_MALFORMED)
         return verdicts
 
-    def _precheck(self, token: str, expect: Expectation) -> Verdict | _Pending:
-        """Everything before the signature: the verdict, or the key to use."""
-        try:
-            jws = parse_compact(token, max_size=self._max_token_size)
-            # The issuer's own allowlist is applied below, once it is known.
-            alg, kid = check_header(jws.header, ASYMMETRIC_ALGORITHMS)
-        except TokenError as exc:
-            return Verdict(False, _reason_of(exc))
-        payload = jws.payload
+    def _precheck(self, token: str | bytes, expect: Expectation) -> Verdict | _Pending:
+        """Everything before the signature: the verdict, or the key to use.
 
+        The header of a token is almost always one already seen (every token
+        of a key shares it), so the decoded and checked (alg, kid) of an exact
+        header segment is remembered and its base64, JSON and policy work is
+        skipped. Anything else takes the full path of parse_compact and
+        check_header, so both paths give the same verdict on every input: a
+        remembered header is one that passed check_header, and the payload
+        and signature are decoded exactly as parse_compact decodes them.
+        """
+        parsed = None
+        if (
+            isinstance(token, (str, bytes))
+            and len(token) <= self._max_token_size
+            and token.isascii()
+        ):
+            raw = token.encode("ascii") if isinstance(token, str) else token
+            parts = raw.split(b".")
+            if len(parts) == 3:
+                header_b64, payload_b64, signature_b64 = parts
+                parsed = self._headers.get(header_b64)
+                if parsed is not None:
+                    if not payload_b64 or not signature_b64:
+                        return _MALFORMED
+                    try:
+                        payload_bytes = b64url_decode(payload_b64)
+                        payload = loads_strict(payload_bytes)
+                        signature = b64url_decode(signature_b64)
+                    except _PARSE_ERRORS:
+                        return _MALFORMED
+                    if type(payload) is not dict:
+                        return _MALFORMED
+                    signing_input = raw[: len(header_b64) + 1 + len(payload_b64)]
+        if parsed is None:
+            try:
+                jws = parse_compact(token, max_size=self._max_token_size)
+                # The issuer's own allowlist is applied below, once it is known.
+                parsed = check_header(jws.header, ASYMMETRIC_ALGORITHMS)
+            except TokenError as exc:
+                return Verdict(False, _reason_of(exc))
+            headers = self._headers
+            if len(headers) >= HEADER_CACHE_SIZE:
+                headers.clear()
+            headers[jws.signing_input.partition(b".")[0]] = parsed
+            payload, payload_bytes = jws.payload, jws.payload_bytes
+            signing_input, signature = jws.signing_input, jws.signature
+        alg, kid = parsed
+
+        # From here on everything is per token: the kid is looked up among
+        # the keys of the issuer that THIS token's payload names.
         iss = payload.get("iss")
         if type(iss) is not str or not iss:
             missing = "iss" not in payload
@@ -228,7 +281,7 @@ class VerificationEngine:
         # the reverse, whatever the header says (RFC 8725 section 3.1).
         if key.alg != alg:
             return Verdict(False, Reason.UNSUPPORTED_ALGORITHM, tenant, iss, kid)
-        return _Pending(jws, key, tenant, iss)
+        return _Pending(signing_input, signature, payload, payload_bytes, key, tenant, iss)
 
     def _finish(self, item: _Pending, signed: bool, audience: str | None, now: float) -> Verdict:
         """Everything after the signature check."""
@@ -236,7 +289,7 @@ class VerificationEngine:
         if not signed:
             return Verdict(False, Reason.BAD_SIGNATURE, tenant, iss, kid)
         # The payload is authentic from here on, so its claims may be reported.
-        payload = item.jws.payload
+        payload = item.payload
         sub, jti, exp = payload.get("sub"), payload.get("jti"), payload.get("exp")
         subject = sub if type(sub) is str else ""
         jti_s = jti if type(jti) is str else ""
@@ -248,16 +301,8 @@ class VerificationEngine:
         if reason is not None:
             return Verdict(False, reason, tenant, iss, kid, subject, jti_s, expires_at)
         return Verdict(
-            True,
-            Reason.OK,
-            tenant,
-            iss,
-            kid,
-            subject,
-            jti_s,
-            expires_at,
-            claims_json=item.jws.payload_bytes,
-            claims=payload,
+            True, Reason.OK, tenant, iss, kid, subject, jti_s, expires_at,
+            item.payload_bytes, payload,
         )
 
     def _missing_key_reason(self, kid: str, tenant: str, withdrawn: KeyState | None) -> Reason:
