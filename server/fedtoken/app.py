@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
+from fedtoken.audit import AuditWriter
 from fedtoken.authority import Authority
 from fedtoken.config import Settings
 from fedtoken.errors import HsmUnavailable
@@ -107,6 +108,7 @@ async def start_app(
     hsm_config: HsmConfig | None = None,
     http: bool = True,
     bootstrap: bool = True,
+    worker: int = 0,
 ) -> App:
     """Start one fedtoken process: gRPC server (and HTTP bridge) ready to serve."""
     closers: list[object] = []
@@ -123,10 +125,16 @@ async def start_app(
         closers.append(pool.close)
         await apply_migrations(pool)
         store = Store(pool)
+        # One spill directory per process identity (port and worker index), so
+        # a restarted process replays what its predecessor could not write.
+        spill = settings.state_dir.resolve() / "audit-spill" / f"{settings.grpc_port}-w{worker}"
+        audit = AuditWriter(store, spill)
+        await audit.start()
+        closers.append(audit.stop)
         hsm = Pkcs11Hsm(hsm_config)
         await asyncio.to_thread(hsm.open)
         closers.append(hsm.aclose)
-        authority = Authority(settings, store, hsm)
+        authority = Authority(settings, store, hsm, audit=audit)
         if bootstrap:
             await authority.bootstrap()
         else:

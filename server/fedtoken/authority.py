@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from fedtoken.audit import AuditMode, AuditWriter
 from fedtoken.config import Settings
 from fedtoken.core import claims as claims_mod
 from fedtoken.core import jose
@@ -45,10 +46,8 @@ from fedtoken.core.model import (
 from fedtoken.core.ports import Clock, SystemClock
 from fedtoken.errors import (
     AlreadyExists,
-    AuditUnavailable,
     ErrorReason,
     FailedPrecondition,
-    FedtokenError,
     InvalidRequest,
     NotFound,
     PolicyViolation,
@@ -145,11 +144,13 @@ class Authority:
         store: Store,
         hsm: Pkcs11Hsm,
         *,
+        audit: AuditWriter,
         clock: Clock | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.hsm = hsm
+        self.audit = audit
         self.clock: Clock = clock or SystemClock()
         self.resolver = LocalKeyResolver()
         self.revocations = InMemoryRevocationView(
@@ -289,17 +290,21 @@ class Authority:
                 request_id=caller.request_id,
                 details={"aud": audience, "exp": now + lifetime},
             ),
-            required=True,
         )
         return Issued(token, jti, key.kid, tenant.id, tenant.issuer, now, now + lifetime)
 
-    def verify(self, token: str, expect: Expectation) -> Verdict:
+    async def verify(self, token: str, expect: Expectation, caller: Caller) -> Verdict:
         _require_token(token)
         if not expect.audience:
             raise InvalidRequest("audience is required", field="audience")
-        return self.engine.verify(token, expect)
+        verdict = self.engine.verify(token, expect)
+        if not self.audit.record_verifications(expect.tenant, caller.actor, caller.request_id,
+                                               (verdict,)):
+            await self.audit.wait_for_room()
+        return verdict
 
-    async def verify_batch(self, tokens: Sequence[str], expect: Expectation) -> list[Verdict]:
+    async def verify_batch(self, tokens: Sequence[str], expect: Expectation,
+                           caller: Caller) -> list[Verdict]:
         if len(tokens) > self.settings.max_batch:
             raise InvalidRequest(
                 f"batch of {len(tokens)} exceeds the limit of {self.settings.max_batch}",
@@ -308,7 +313,12 @@ class Authority:
             )
         if not expect.audience:
             raise InvalidRequest("audience is required", field="audience")
-        return await self.engine.verify_batch(tokens, expect)
+        verdicts = await self.engine.verify_batch(tokens, expect)
+        # Off the request path: one deque append; the writer batches and COPYs.
+        if not self.audit.record_verifications(expect.tenant, caller.actor, caller.request_id,
+                                               verdicts):
+            await self.audit.wait_for_room()
+        return verdicts
 
     async def introspect(self, token: str, caller: Caller) -> Introspection:
         """Real-time check: engine verdict, then revocation straight from Postgres."""
@@ -334,6 +344,14 @@ class Authority:
                 else:
                     result = Introspection(True, Reason.OK, verdict.claims,
                                            verdict.tenant, verdict.kid)
+        event = AuditEvent(
+            event_type="token.introspected", tenant=verdict.tenant, actor=caller.actor,
+            subject=verdict.subject, jti=verdict.jti, kid=verdict.kid,
+            outcome="active" if result.active else "inactive", reason=result.reason.value,
+            request_id=caller.request_id,
+        )
+        if not self.audit.record_event(event):
+            await self.audit.wait_for_room()
         return result
 
     async def revoke(
@@ -399,13 +417,18 @@ class Authority:
             details={"kind": kind, "expires_at": expires_at,
                      **({"issued_before": not_before} if not_before is not None else {})},
         )
+        # In the same transaction when the audit trail is writing directly;
+        # while it drains a spill, through the spill so its order holds.
+        atomic = self.audit.mode is AuditMode.DIRECT
         created, revoked_at = await self.store.revoke(
             tenant.id, kind, value,
             expires_at=datetime.fromtimestamp(expires_at, UTC),
             not_before=datetime.fromtimestamp(not_before, UTC) if not_before is not None
             else None,
-            reason=reason, actor=caller.actor, audit=event,
+            reason=reason, actor=caller.actor, audit=event if atomic else None,
         )
+        if not atomic:
+            await self.audit.record_durable(event)
         # Visible here at once; other replicas learn it by notification.
         self.revocations.add(RevocationEntry(tenant.id, kind, value, expires_at,
                                              not_before or 0))
@@ -423,18 +446,21 @@ class Authority:
         # Its tokens are all expired after one maximum lifetime; the key
         # itself stays COMPROMISED for good.
         expires_at = now + tenant.policy.max_token_lifetime_seconds + self.settings.leeway_seconds
+        event = AuditEvent(
+            event_type="key.compromised", tenant=tenant.id, actor=caller.actor,
+            subject="", jti="", kid=kid, outcome="ok", reason=reason,
+            request_id=caller.request_id,
+            details={"previous_state": key.state.value, "expires_at": expires_at},
+        )
+        atomic = self.audit.mode is AuditMode.DIRECT
         async with self.store.transaction() as tx:
             await tx.set_key_state(kid, KeyState.COMPROMISED, expected=[key.state])
             created, revoked_at = await tx.revoke(
                 tenant.id, "key", kid, expires_at=datetime.fromtimestamp(expires_at, UTC),
-                reason=reason, actor=caller.actor,
-                audit=AuditEvent(
-                    event_type="key.compromised", tenant=tenant.id, actor=caller.actor,
-                    subject="", jti="", kid=kid, outcome="ok", reason=reason,
-                    request_id=caller.request_id,
-                    details={"previous_state": key.state.value, "expires_at": expires_at},
-                ),
+                reason=reason, actor=caller.actor, audit=event if atomic else None,
             )
+        if not atomic:
+            await self.audit.record_durable(event)
         self.revocations.add(RevocationEntry(tenant.id, "key", kid, expires_at))
         await self.reload_keys()
         if key.state is KeyState.ACTIVE:
@@ -583,18 +609,10 @@ class Authority:
     async def verify_audit_chain(self) -> ChainReport:
         return await self.store.verify_audit_chain()
 
-    async def _audit(self, event: AuditEvent, *, required: bool = False) -> None:
-        try:
-            await self.store.append_audit(event)
-        except FedtokenError as exc:
-            if required:
-                raise AuditUnavailable(
-                    "the audit record could not be committed, so the operation was refused",
-                    tenant=event.tenant,
-                ) from exc
-            log.error("audit record %s for tenant %s not written: %s",
-                      event.event_type, event.tenant, type(exc).__name__)
-            raise
+    async def _audit(self, event: AuditEvent) -> None:
+        """Durable before returning: committed in Postgres, or fsync'ed to the
+        spill while Postgres is away; AuditUnavailable if neither (fail closed)."""
+        await self.audit.record_durable(event)
 
 
 def _require_token(token: str) -> None:

@@ -75,7 +75,7 @@ def _worker_main(settings: Settings, dsn: str, index: int,
     )
 
     async def main() -> None:
-        app = await start_app(settings, dsn=dsn, http=False, bootstrap=False)
+        app = await start_app(settings, dsn=dsn, http=False, bootstrap=False, worker=index)
         ready.set()
         try:
             await _wait_for_signal()

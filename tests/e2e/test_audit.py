@@ -75,6 +75,43 @@ def test_events_carry_context_and_the_chain_verifies(
         "token.issued"}
 
 
+def test_verification_and_introspection_outcomes_are_audited(
+    own_server: tuple[ServerThread, str],
+) -> None:
+    import time
+
+    srv, _ = own_server
+    with FedtokenClient(srv.target, caller="gateway") as c:
+        good = c.issue("victor", "svc")
+        verdicts = c.verify_batch([good.token, "junk"], "svc")
+        assert [v.valid for v in verdicts] == [True, False]
+        assert c.verify(good.token, "svc").valid
+        c.introspect(good.token)
+        deadline = time.monotonic() + 15
+        items: list[list[object]] = []
+        introspected = []
+        while time.monotonic() < deadline:
+            rows = c.list_audit(event_type="token.verified", page_size=1000).events
+            items = [it for r in rows if r.actor.startswith("gateway@")
+                     for it in json.loads(r.details_json)["items"]]
+            introspected = [e for e in c.list_audit(event_type="token.introspected").events
+                            if e.jti == good.jti]
+            if len(items) >= 3 and introspected:
+                break
+            time.sleep(0.2)
+        fields = ("jti", "sub", "kid", "outcome", "reason")
+        recorded = [dict(zip(fields, it[:5], strict=True)) for it in items]
+        assert {"jti": good.jti, "sub": "victor", "kid": good.kid, "outcome": "valid",
+                "reason": "OK"} in recorded
+        assert sum(r["jti"] == good.jti for r in recorded) == 2  # batch + unary
+        assert any(r["outcome"] == "invalid" and r["reason"] == "MALFORMED" for r in recorded)
+        (event,) = introspected
+        assert (event.outcome, event.subject, event.actor.split("@")[0]) == (
+            "active", "victor", "gateway")
+        assert c.verify_audit_chain().ok
+
+
+# Runs last in this module: it breaks the chain of the module's database.
 def test_a_row_edited_with_sql_is_named_by_audit_verify(
     own_server: tuple[ServerThread, str],
 ) -> None:

@@ -106,14 +106,15 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
     @rpc_boundary
     async def Verify(self, request: token_service_pb2.VerifyRequest,
                      context: grpc.aio.ServicerContext) -> token_service_pb2.VerifyResponse:
-        verdict = self._a.verify(request.token, _expectation(request))
+        verdict = await self._a.verify(request.token, _expectation(request), caller_of(context))
         return token_service_pb2.VerifyResponse(verdict=verdict_pb(verdict))
 
     @rpc_boundary
     async def VerifyBatch(
         self, request: token_service_pb2.VerifyBatchRequest, context: grpc.aio.ServicerContext
     ) -> token_service_pb2.VerifyBatchResponse:
-        verdicts = await self._a.verify_batch(request.tokens, _expectation(request))
+        verdicts = await self._a.verify_batch(request.tokens, _expectation(request),
+                                              caller_of(context))
         return verify_batch_response(verdicts)
 
     @rpc_boundary

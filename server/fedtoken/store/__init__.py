@@ -9,6 +9,7 @@ from fedtoken.store.audit import AuditEvent, AuditRecord, ChainProblem, ChainRep
 from fedtoken.store.migrate import apply_migrations
 from fedtoken.store.repo import (
     EVENTS_CHANNEL,
+    AuditCommitUncertain,
     Listener,
     NotificationCallback,
     Revocation,
@@ -18,6 +19,7 @@ from fedtoken.store.repo import (
 
 __all__ = [
     "EVENTS_CHANNEL",
+    "AuditCommitUncertain",
     "AuditEvent",
     "AuditRecord",
     "ChainProblem",

@@ -11,9 +11,17 @@ depend on type codecs installed on the pool.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +60,21 @@ _UNAVAILABLE_CLASSES: Final = frozenset({"08", "53", "57", "58"})
 # Transient conflicts a retry resolves: serialization failure, deadlock,
 # lock not available.
 _RETRYABLE_STATES: Final = frozenset({"40001", "40P01", "55P03"})
+
+
+class AuditCommitUncertain(StoreUnavailable):
+    """The connection failed while committing an audit append: the rows may or may not be in.
+
+    ``seq`` is the seq the last row of the append was given inside the
+    transaction. If the commit happened, the row with that seq is that last
+    row (rows are immutable and seqs gapless); if it rolled back, the seq is
+    free or holds someone else's row. Comparing the row at ``seq`` with the
+    event settles it (see ``Store.audit_events_at``).
+    """
+
+    def __init__(self, message: str, *, seq: int) -> None:
+        super().__init__(message)
+        self.seq = seq
 
 
 # --- error translation -----------------------------------------------------------
@@ -264,6 +287,13 @@ def _audit_record(row: asyncpg.Record) -> AuditRecord:
         hash=bytes(row["hash"]),
     )
 
+
+_INSERT_AUDIT_SQL: Final = """
+    INSERT INTO audit_events (tenant_id, actor, event_type, subject, jti, kid,
+        outcome, reason, request_id, details)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::text::jsonb)
+    RETURNING seq
+"""
 
 # The hash each row should carry, recomputed by the same SQL function the chain
 # trigger uses, so the verifier and the writer cannot disagree on the encoding.
@@ -757,15 +787,7 @@ class Store:
 
     @staticmethod
     async def _insert_audit(conn: asyncpg.Connection, event: AuditEvent) -> int:
-        seq: int = await conn.fetchval(
-            """
-            INSERT INTO audit_events (tenant_id, actor, event_type, subject, jti, kid,
-                outcome, reason, request_id, details)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::text::jsonb)
-            RETURNING seq
-            """,
-            *_audit_values(event),
-        )
+        seq: int = await conn.fetchval(_INSERT_AUDIT_SQL, *_audit_values(event))
         return seq
 
     async def append_audit(self, event: AuditEvent) -> int:
@@ -789,6 +811,86 @@ class Store:
                     "audit_events", records=records, columns=list(_AUDIT_INPUT_COLUMNS)
                 )
         return int(status.split()[-1])
+
+    async def append_audit_chunk(
+        self,
+        events: Sequence[AuditEvent],
+        *,
+        before_commit: Callable[[int], Awaitable[None]] | None = None,
+    ) -> int:
+        """Append events in order in one transaction; return the seq of the last.
+
+        One event is an INSERT, more are one COPY; either way the chain trigger
+        assigns the seqs ``last - len(events) + 1 .. last`` to them, in order.
+        ``before_commit(last_seq)`` runs inside the transaction after the rows
+        are chained (the audit head stays locked meanwhile, so keep it short);
+        if it raises, nothing is appended. If the commit itself fails, whether
+        it happened is unknown: ``AuditCommitUncertain`` carries the last seq so
+        the caller can find out instead of appending the rows twice. Use it on
+        the pool-backed store (inside ``transaction()`` the commit is a
+        savepoint's).
+        """
+        if not events:
+            raise InvalidRequest("no audit events to append", field="events")
+        records = [_audit_values(e) for e in events]
+        last = 0
+        committed = False
+        with db_errors("append audit chunk"):
+            try:
+                async with self._connection() as conn:
+                    tx = conn.transaction()
+                    await tx.start()
+                    try:
+                        if len(records) == 1:
+                            last = await conn.fetchval(_INSERT_AUDIT_SQL, *records[0])
+                        else:
+                            await conn.copy_records_to_table(
+                                "audit_events",
+                                records=records,
+                                columns=list(_AUDIT_INPUT_COLUMNS),
+                            )
+                            # Our transaction holds the head's row lock: this is our last row.
+                            last = await conn.fetchval("SELECT seq FROM audit_head WHERE id = 1")
+                        if before_commit is not None:
+                            await before_commit(last)
+                    except BaseException:
+                        # A lost connection detaches the pool proxy: even is_closed() may fail.
+                        with contextlib.suppress(Exception):
+                            if not conn.is_closed():
+                                await tx.rollback()
+                        raise
+                    try:
+                        await tx.commit()
+                    except Exception as exc:
+                        raise AuditCommitUncertain(
+                            f"append audit chunk: commit outcome unknown ({type(exc).__name__})",
+                            seq=last,
+                        ) from exc
+                    committed = True
+            except asyncpg.exceptions.InternalClientError as exc:
+                if not committed:
+                    raise StoreUnavailable(
+                        f"append audit chunk: connection failed ({type(exc).__name__})"
+                    ) from exc
+            except Exception:
+                # Committed: only giving the connection back to the pool failed
+                # (e.g. the server is shutting down). The rows are in.
+                if not committed:
+                    raise
+        return last
+
+    async def audit_events_at(self, seqs: Iterable[int]) -> dict[int, AuditEvent]:
+        """The events stored at these seqs (absent seqs are left out)."""
+        wanted = sorted(set(seqs))
+        if not wanted:
+            return {}
+        with db_errors("read audit events"):
+            async with self._connection() as conn:
+                rows = await conn.fetch(
+                    f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE seq = ANY($1::bigint[])",
+                    wanted,
+                )
+        return {r["seq"]: _audit_record(r).event for r in rows}
 
     async def list_audit(
         self,
