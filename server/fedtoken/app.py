@@ -147,6 +147,9 @@ async def start_app(
         )
         await sync.start()
         closers.append(sync.stop)
+        maintenance = asyncio.create_task(
+            authority.maintain(settings.revocation_resync_seconds), name="maintenance")
+        closers.append(maintenance.cancel)
         if not await sync.wait_ready(10):
             log.warning("revocation view not confirmed fresh yet; verdicts fail closed")
 

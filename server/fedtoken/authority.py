@@ -48,6 +48,7 @@ from fedtoken.errors import (
     AlreadyExists,
     ErrorReason,
     FailedPrecondition,
+    FedtokenError,
     InvalidRequest,
     NotFound,
     PolicyViolation,
@@ -186,6 +187,24 @@ class Authority:
         """Snapshot of unexpired revocations for the in-memory view."""
         rows = await self.store.list_revocations(datetime.now(UTC))
         return [_entry(r) for r in rows]
+
+    async def purge_expired(self) -> int:
+        """Forget revocations whose tokens have expired anyway (Postgres and here)."""
+        removed = await self.store.purge_expired(datetime.now(UTC))
+        self.revocations.purge_expired()
+        return removed
+
+    async def maintain(self, every: float) -> None:
+        """Periodic housekeeping; idempotent, so every replica may run it."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                removed = await self.purge_expired()
+            except FedtokenError as exc:
+                log.warning("revocation purge skipped: %s", exc.reason.value)
+                continue
+            if removed:
+                log.info("purged %d expired revocations", removed)
 
     async def _tenant(self, tenant_id: str) -> Tenant:
         tid = tenant_id or self.settings.default_tenant

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from fedtoken_client import FedtokenClient, FedtokenRpcError, reason_name
+from tests.support import ServerThread
 
 AUD = "svc-rev"
 
@@ -81,3 +82,15 @@ def test_revoke_needs_exactly_one_target(client: FedtokenClient) -> None:
     with pytest.raises(FedtokenRpcError) as err:
         client.revoke(kid="no-such-kid")
     assert (err.value.code, err.value.reason) == (grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND")
+
+
+def test_expired_revocations_are_purged(client: FedtokenClient, server: ServerThread) -> None:
+    assert server.app is not None
+    authority = server.app.authority
+    tid = _tenant(client)
+    past = int(time.time()) - 3600
+    client.revoke(jti="long-gone", tenant=tid, expires_at=past)
+    client.revoke(jti="still-live", tenant=tid)
+    assert server.run(authority.purge_expired()) >= 1  # the expired row was there
+    assert server.run(authority.purge_expired()) == 0  # and is gone
+    assert server.run(authority.store.is_revoked(tid, "still-live", "", 0, ""))
