@@ -21,7 +21,7 @@ def verdict_pb(v: Verdict) -> token_service_pb2.Verdict:
         kid=v.kid,
         subject=v.subject,
         jti=v.jti,
-        expires_at=v.expires_at,
+        expires_at=_epoch(v.expires_at),
         claims_json=v.claims_json,
     )
 
@@ -45,7 +45,18 @@ def verify_batch_response(verdicts: Sequence[Verdict]) -> token_service_pb2.Veri
             kid=v.kid,
             subject=v.subject,
             jti=v.jti,
-            expires_at=v.expires_at,
+            expires_at=_epoch(v.expires_at),
             claims_json=v.claims_json,
         )
     return response
+
+
+def _epoch(value: object) -> int:
+    """A verdict's exp as the wire's int64: an invalid token's own claim can be
+    anything (10**30, a float), and reporting it must never fail the call."""
+    if type(value) is int and 0 <= value <= _MAX_EPOCH:
+        return value
+    return 0
+
+
+_MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z, the bound claims accept
