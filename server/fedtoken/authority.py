@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -57,7 +56,7 @@ from fedtoken.errors import (
 )
 from fedtoken.hsm import Pkcs11Hsm
 from fedtoken.revocation import InMemoryRevocationView, RevocationEntry
-from fedtoken.store import Revocation, Store
+from fedtoken.store import Store
 from fedtoken.store.audit import AuditEvent, AuditRecord, ChainReport
 from fedtoken.verifier import LocalKeyResolver, VerificationEngine
 
@@ -183,10 +182,11 @@ class Authority:
             self._tenants = {t.id: t for t in tenants}
             self._keys = by_tenant
 
-    async def load_revocations(self) -> list[RevocationEntry]:
-        """Snapshot of unexpired revocations for the in-memory view."""
-        rows = await self.store.list_revocations(datetime.now(UTC))
-        return [_entry(r) for r in rows]
+    async def load_revocations(self) -> AsyncIterator[RevocationEntry]:
+        """Unexpired revocations for the in-memory view, streamed in chunks."""
+        async for chunk in self.store.iter_revocations(datetime.now(UTC)):
+            for tenant, kind, value, expires_at, not_before in chunk:
+                yield RevocationEntry(tenant, kind, value, expires_at, not_before)
 
     async def purge_expired(self) -> int:
         """Forget revocations whose tokens have expired anyway (Postgres and here)."""
@@ -644,18 +644,6 @@ def _key_event(event_type: str, key: KeyRecord, caller: Caller) -> AuditEvent:
         event_type=event_type, tenant=key.tenant, actor=caller.actor, subject="", jti="",
         kid=key.kid, outcome="ok", reason="", request_id=caller.request_id,
         details={"state": key.state.value},
-    )
-
-
-def _entry(row: Revocation) -> RevocationEntry:
-    # Round up, as the notifications do: a token issued in the very second of
-    # a subject cut-off is revoked both here and in Postgres.
-    return RevocationEntry(
-        tenant=row.tenant,
-        kind=row.kind,
-        value=row.value,
-        expires_at=math.ceil(row.expires_at.timestamp()),
-        not_before=math.ceil(row.not_before.timestamp()) if row.not_before else 0,
     )
 
 

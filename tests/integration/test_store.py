@@ -293,6 +293,20 @@ async def test_revoke_is_idempotent_and_checked(store: Store) -> None:
     assert await store.is_revoked(t.id, "j-3", "bob", iat, "kid-b")
 
 
+async def test_revocations_stream_in_chunks_with_epochs_rounded_up(store: Store) -> None:
+    t = await _tenant(store)
+    exp = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1, microseconds=1)
+    for i in range(5):
+        await store.revoke(t.id, "jti", f"s-{i}", expires_at=exp)
+    await store.revoke(t.id, "jti", "gone", expires_at=datetime.now(UTC) - timedelta(hours=1))
+    chunks = [c async for c in store.iter_revocations(datetime.now(UTC), chunk=2)]
+    mine = [r for c in chunks for r in c if r[0] == t.id]
+    assert sorted(r[2] for r in mine) == [f"s-{i}" for i in range(5)]  # not the expired one
+    assert all(len(c) <= 2 for c in chunks) and len(chunks) >= 3
+    assert {r[3] for r in mine} == {int(exp.timestamp()) + 1}  # rounded up
+    assert {(r[1], r[4]) for r in mine} == {("jti", 0)}
+
+
 async def test_subject_revocation_cuts_by_issue_time(store: Store) -> None:
     t = await _tenant(store)
     exp = _in()

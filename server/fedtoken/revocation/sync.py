@@ -35,12 +35,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import asyncpg
 
-from fedtoken.revocation.view import InMemoryRevocationView, RevocationEntry
+from fedtoken.revocation.view import InMemoryRevocationView, RevocationEntry, SnapshotBuilder
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,12 @@ _DAY = 86400
 _MIN_HEARTBEAT_TIMEOUT = 2.0
 _SNAPSHOT_TIMEOUT = 120.0
 
-SnapshotLoader = Callable[[], Awaitable[Iterable[RevocationEntry]]]
+# A snapshot is either awaited whole, or streamed (an async iterator of
+# entries, built into the view chunk by chunk: a million revocations then
+# never exist as Python objects at once).
+SnapshotLoader = Callable[
+    [], Awaitable[Iterable[RevocationEntry]] | AsyncIterator[RevocationEntry]
+]
 KeysChanged = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -203,8 +208,15 @@ class RevocationSync:
         buffer: list[RevocationEntry] = []
         self._buffers.append(buffer)
         try:
-            entries = await asyncio.wait_for(self._load_snapshot(), _SNAPSHOT_TIMEOUT)
-            self._view.replace_all(entries)
+            async with asyncio.timeout(_SNAPSHOT_TIMEOUT):
+                snapshot = self._load_snapshot()
+                if isinstance(snapshot, AsyncIterator):
+                    builder = SnapshotBuilder()
+                    async for entry in snapshot:
+                        builder.add(entry)
+                    self._view.install(builder)
+                else:
+                    self._view.replace_all(await snapshot)
             for entry in buffer:
                 self._view.add(entry)
         finally:

@@ -268,13 +268,15 @@ class InMemoryRevocationView:
         aside and swapped in, so readers see either the old or the new one.
         """
         expected = len(entries) if isinstance(entries, list | tuple) else 0
-        jtis = DigestTable(expected)
-        subjects: dict[tuple[str, str], tuple[int, int]] = {}
-        keys: dict[str, int] = {}
+        builder = SnapshotBuilder(expected)
         for entry in entries:
-            _apply(entry, jtis, subjects, keys)
+            builder.add(entry)
+        self.install(builder)
+
+    def install(self, builder: SnapshotBuilder) -> None:
+        """Swap in a snapshot built aside (streamed loads build one chunk by chunk)."""
         with self._lock:
-            self._jtis, self._subjects, self._keys = jtis, subjects, keys
+            self._jtis, self._subjects, self._keys = builder.jtis, builder.subjects, builder.keys
 
     def purge_expired(self, now: float | None = None) -> int:
         """Forget revocations whose tokens have expired anyway."""
@@ -287,6 +289,19 @@ class InMemoryRevocationView:
             # New dicts rather than deletions: readers never see one mid-change.
             self._subjects, self._keys = subjects, keys
         return removed
+
+
+class SnapshotBuilder:
+    """A full revocation state under construction, invisible to readers
+    until ``InMemoryRevocationView.install``."""
+
+    def __init__(self, expected: int = 0) -> None:
+        self.jtis = DigestTable(expected)
+        self.subjects: dict[tuple[str, str], tuple[int, int]] = {}
+        self.keys: dict[str, int] = {}
+
+    def add(self, entry: RevocationEntry) -> None:
+        _apply(entry, self.jtis, self.subjects, self.keys)
 
 
 def _apply(

@@ -774,6 +774,30 @@ class Store:
             for r in rows
         ]
 
+    async def iter_revocations(
+        self, now: datetime, *, chunk: int = 20_000
+    ) -> AsyncIterator[list[tuple[str, str, str, int, int]]]:
+        """Revocations in force at ``now`` as compact rows (tenant, kind, value,
+        expires_at, not_before as Unix seconds rounded up), streamed in chunks
+        through a server-side cursor: a million rows never sit in memory at
+        once, and no single statement runs long enough to hit the timeout."""
+        with db_errors("stream revocations"):
+            async with self._connection() as conn, conn.transaction(readonly=True):
+                cursor = await conn.cursor(
+                    """
+                    SELECT tenant_id, kind, value,
+                           ceil(extract(epoch FROM expires_at))::bigint,
+                           coalesce(ceil(extract(epoch FROM not_before))::bigint, 0)
+                      FROM revocations WHERE expires_at > $1
+                    """,
+                    _aware(now, "now"),
+                )
+                while True:
+                    rows = await cursor.fetch(chunk)
+                    if not rows:
+                        return
+                    yield [tuple(r) for r in rows]
+
     async def purge_expired(self, now: datetime) -> int:
         """Delete revocations that expired by ``now``; return how many."""
         with db_errors("purge revocations"):
