@@ -6,6 +6,13 @@ RPC, measure the limits (openssl speed) and the peer (PyJWT), the engine in
 this process, VerifyBatch and Verify over gRPC with 2 workers, restart the
 service with 1 worker and measure again, measure an empty grpc.aio handler,
 then print the markdown table.
+
+The native fast path of the engine (fedtoken._native) is used when it is
+built; the header line says whether it ran. With it on, the VerifyBatch rows
+of 2 workers (batches >= 1000) and the in-process engine row are measured a
+second time with it off, in the same run. ``BENCH_NATIVE=off`` turns it off
+for the whole run (the service's import of it is blocked by a sitecustomize
+the bench puts on the service's PYTHONPATH; fedtoken itself has no switch).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +42,52 @@ if TYPE_CHECKING:
     from fedtoken_client._pb.fedtoken.v1.token_service_pb2 import GetKeysResponse
 
 AUDIENCE = "bench"
+NATIVE_ENV = "BENCH_NATIVE"
+
+# Put on the service's PYTHONPATH to make ``import fedtoken._native`` fail, so
+# the service runs the pure Python path (the engine falls back on ImportError).
+_BLOCK_NATIVE = """\
+import sys
+
+
+class _BlockNative:
+    def find_spec(self, name, path=None, target=None):
+        if name == "fedtoken._native":
+            raise ImportError("fedtoken._native blocked by the bench")
+        return None
+
+
+sys.meta_path.insert(0, _BlockNative())
+"""
+
+
+def native_wanted() -> bool:
+    return os.environ.get(NATIVE_ENV, "on").lower() not in ("0", "off", "no", "false")
+
+
+def native_state() -> str:
+    """What the header says about the native fast path."""
+    from fedtoken.verifier.engine import NATIVE_AVAILABLE
+
+    if not NATIVE_AVAILABLE:
+        return "off (fedtoken._native not built)"
+    return "on" if native_wanted() else f"off ({NATIVE_ENV}=off)"
+
+
+@contextmanager
+def native_blocked() -> Iterator[None]:
+    """Services started inside this block cannot import fedtoken._native."""
+    old = os.environ.get("PYTHONPATH")
+    with tempfile.TemporaryDirectory(prefix="fedtoken-bench-nonative-") as tmp:
+        Path(tmp, "sitecustomize.py").write_text(_BLOCK_NATIVE)
+        os.environ["PYTHONPATH"] = tmp + (os.pathsep + old if old else "")
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = old
 
 
 @dataclass
@@ -87,7 +141,7 @@ def table(rows: Sequence[Row]) -> str:
 
 
 def engine_rate(tokens: Sequence[str], resp: GetKeysResponse, batch: int,
-                seconds: float) -> float:
+                seconds: float, native: bool | None = None) -> float:
     """The engine alone in this process (no gRPC, no audit), default threads."""
     from fedtoken.config import Settings
     from fedtoken.core.model import Expectation, KeyRecord, KeyState, Tenant
@@ -103,7 +157,7 @@ def engine_rate(tokens: Sequence[str], resp: GetKeysResponse, batch: int,
     view = InMemoryRevocationView(staleness=3600)
     view.confirm_fresh(time.monotonic())
     engine = VerificationEngine(resolver, view, clock=SystemClock(),
-                                threads=Settings().verify_threads)
+                                threads=Settings().verify_threads, native=native)
     expect = Expectation(audience=AUDIENCE)
     chunks = [tokens[i : i + batch] for i in range(0, len(tokens), batch)]
 
@@ -171,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     text = table(rows)
     header = (f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {machine()}; "
-              f"{n_tokens} distinct tokens; {seconds:g} s per row after {warmup:g} s warm-up")
+              f"{n_tokens} distinct tokens; {seconds:g} s per row after {warmup:g} s warm-up; "
+              f"native fast path: {native_state()}")
     print(header + "\n\n" + text)
     if args.markdown:
         args.markdown.write_text(header + "\n\n" + text + "\n")
@@ -181,6 +236,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _measure(service: Service, empty: EmptyServer, n_tokens: int, seconds: float, warmup: float,
              ossl_seconds: int, batches: Sequence[int], cmdline: str,
              log: Callable[[str], None]) -> list[Row]:
+    from fedtoken.verifier.engine import NATIVE_AVAILABLE
+
+    native = NATIVE_AVAILABLE and native_wanted()
+    log(f"native fast path: {native_state()}")
+    if NATIVE_AVAILABLE and not native:
+        with native_blocked():
+            return _measure_rows(service, empty, n_tokens, seconds, warmup, ossl_seconds,
+                                 batches, cmdline, log, native)
+    return _measure_rows(service, empty, n_tokens, seconds, warmup, ossl_seconds, batches,
+                         cmdline, log, native)
+
+
+def _measure_rows(service: Service, empty: EmptyServer, n_tokens: int, seconds: float,
+                  warmup: float, ossl_seconds: int, batches: Sequence[int], cmdline: str,
+                  log: Callable[[str], None], native: bool) -> list[Row]:
     import grpc
 
     from fedtoken_client._pb.fedtoken.v1 import token_service_pb2 as pb
@@ -188,6 +258,7 @@ def _measure(service: Service, empty: EmptyServer, n_tokens: int, seconds: float
 
     rows: list[Row] = []
     cores = os.cpu_count() or 1
+    path = "native fast path" if native else "Python path"
 
     log("openssl speed rsa2048, 1 process and -multi 2")
     ossl1 = baselines.openssl_verify_rate(ossl_seconds, 1)
@@ -213,16 +284,22 @@ def _measure(service: Service, empty: EmptyServer, n_tokens: int, seconds: float
                     baseline="openssl 2 processes", baseline_value=ossl2,
                     command=f"{cmdline}  # in-process"))
     log("engine in-process")
-    eng = engine_rate(tokens, keys, 1000, seconds)
-    rows.append(Row("engine.verify_batch in-process, batch 1000 (no gRPC, no audit)", eng,
-                    baseline="openssl 2 processes", baseline_value=ossl2,
+    eng = engine_rate(tokens, keys, 1000, seconds, native=native)
+    rows.append(Row(f"engine.verify_batch in-process, batch 1000 (no gRPC, no audit), {path}",
+                    eng, baseline="openssl 2 processes", baseline_value=ossl2,
                     command=f"{cmdline}  # in-process"))
+    if native:
+        log("engine in-process, native fast path off")
+        eng_py = engine_rate(tokens, keys, 1000, seconds, native=False)
+        rows.append(Row("engine.verify_batch in-process, batch 1000, Python path (native off)",
+                        eng_py, baseline="native fast path", baseline_value=eng,
+                        command=f"{NATIVE_ENV}=off {cmdline}  # in-process"))
 
     requests = {b: batch_requests(tokens, b, AUDIENCE) for b in batches}
 
-    def grpc_rows(workers: int) -> dict[int, LoadResult]:
+    def grpc_rows(workers: int, sizes: Sequence[int] = batches) -> dict[int, LoadResult]:
         results: dict[int, LoadResult] = {}
-        for b in batches:
+        for b in sizes:
             method = "Verify" if b == 1 else "VerifyBatch"
             # Enough in flight to keep every worker busy, few enough that a
             # call's latency stays well under the measured window.
@@ -240,19 +317,28 @@ def _measure(service: Service, empty: EmptyServer, n_tokens: int, seconds: float
 
     two = grpc_rows(2)
     service.stop()
+    # The same rows with the Python path, for the ratio in this run.
+    python_two: dict[int, LoadResult] = {}
+    if native and any(b >= 1000 for b in batches):
+        log("restarting fedtoken serve --workers 2 without the native fast path")
+        with native_blocked():
+            service.start(2)
+        python_two = grpc_rows(2, [b for b in batches if b >= 1000])
+        service.stop()
     log("restarting fedtoken serve --workers 1")
     service.start(1)
     one = grpc_rows(1)
     service.stop()
 
-    log("empty grpc.aio unary handler")
-    empty.start()
-    assert empty.proc is not None
-    unary_load = Load(empty.target, "Verify", requests[1], 1, 8, 8, seconds, warmup,
-                      count_valid=False, server_pid=empty.proc.pid)
-    empty_res = run_load(unary_load)
-    empty_rate = empty_res.calls_per_s
-    empty.stop()
+    if 1 in batches:
+        log("empty grpc.aio unary handler")
+        empty.start()
+        assert empty.proc is not None
+        unary_load = Load(empty.target, "Verify", requests[1], 1, 8, 8, seconds, warmup,
+                          count_valid=False, server_pid=empty.proc.pid)
+        empty_res = run_load(unary_load)
+        empty_rate = empty_res.calls_per_s
+        empty.stop()
 
     serve_cmd = "fedtoken serve --workers {w}; " + cmdline
     for workers, results in ((2, two), (1, one)):
@@ -260,10 +346,16 @@ def _measure(service: Service, empty: EmptyServer, n_tokens: int, seconds: float
             if b == 1:
                 continue
             rows.append(Row(
-                f"VerifyBatch via gRPC, batch {b}, {workers} worker(s), default config",
+                f"VerifyBatch via gRPC, batch {b}, {workers} worker(s), default config, {path}",
                 results[b].tokens_per_s, baseline="openssl 2 processes", baseline_value=ossl2,
                 target=">= 0.75x (stretch 0.85x)" if workers == cores else "",
                 command=serve_cmd.format(w=workers)))
+    for b, res in python_two.items():
+        rows.append(Row(
+            f"VerifyBatch via gRPC, batch {b}, 2 worker(s), Python path (native off)",
+            res.tokens_per_s, baseline="same with native fast path",
+            baseline_value=two[b].tokens_per_s,
+            command=f"{NATIVE_ENV}=off " + serve_cmd.format(w=2)))
     best_b = max((b for b in batches if b > 1), key=lambda b: two[b].tokens_per_s, default=None)
     if best_b is not None:
         rows.append(Row(f"VerifyBatch batch {best_b}, 2 workers, vs PyJWT loop",

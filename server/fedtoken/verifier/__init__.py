@@ -1,6 +1,10 @@
-"""Token verification: the engine and the key resolvers it reads."""
+"""Token verification: the engine and the key resolvers it reads.
 
-from fedtoken.verifier.engine import VerificationEngine
+``NATIVE_AVAILABLE`` says whether the optional native fast path
+(fedtoken._native) was built; engines use it unless told ``native=False``.
+"""
+
+from fedtoken.verifier.engine import NATIVE_AVAILABLE, VerificationEngine
 from fedtoken.verifier.local import ChainedKeyResolver, LocalKeyResolver
 
-__all__ = ["ChainedKeyResolver", "LocalKeyResolver", "VerificationEngine"]
+__all__ = ["NATIVE_AVAILABLE", "ChainedKeyResolver", "LocalKeyResolver", "VerificationEngine"]

@@ -1,0 +1,1059 @@
+/* fedtoken._native: the optional native fast path of the verification engine.
+ *
+ * For a run of tokens, with the GIL released for the whole run: split the
+ * compact JWS, look its exact header segment up in a table the Python side
+ * prepared (header bytes -> key slot; ALL header policy stays in Python),
+ * decode payload and signature with the strict unpadded base64url contract
+ * of fedtoken.core.jwk.b64url_decode, and verify RSASSA-PKCS1-v1_5 SHA-256
+ * against the slot's pre-loaded EVP_PKEY.
+ *
+ * Per token the answer is one status byte:
+ *   0                      fallback: Python must take the whole token
+ *   1 + slot               signature valid (payload bytes returned)
+ *   0x80 | (1 + slot)      signature invalid (payload bytes returned)
+ * Anything unusual (non-str, non-ASCII, too long, not three segments, empty
+ * segment, unknown header, bad base64url, wrong signature length, library
+ * error) is a fallback: the Python path then gives the verdict, so the
+ * verdicts of both paths cannot differ on odd inputs.
+ *
+ * No Python object is touched while the GIL is released: token pointers are
+ * the data of exact, compact-ASCII str objects whose references this call
+ * holds; every output goes to memory this call allocated.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/rsa.h>
+#include <openssl/x509.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_SLOTS 127        /* status byte: 1 + slot fits in 7 bits */
+#define MAX_HEADER_LEN 4096  /* longer header segments are never tabled */
+#define MAX_SIG_BYTES 1024   /* RSA-8192; larger keys are never tabled */
+#define ST_FALLBACK 0
+#define ST_INVALID 0x80
+
+static EVP_MD *sha256_md = NULL;
+
+/* base64url alphabet value, or 0xFF */
+static uint8_t b64_value[256];
+
+static void
+init_b64(void)
+{
+    static const char alphabet[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    memset(b64_value, 0xFF, sizeof(b64_value));
+    for (int i = 0; i < 64; i++) {
+        b64_value[(unsigned char)alphabet[i]] = (uint8_t)i;
+    }
+}
+
+/* Decoded length of an unpadded base64url text of n characters, or -1 when
+ * n % 4 == 1 (never a valid length). */
+static Py_ssize_t
+b64_decoded_len(Py_ssize_t n)
+{
+    Py_ssize_t rem = n % 4;
+    if (rem == 1) {
+        return -1;
+    }
+    return (n / 4) * 3 + (rem ? rem - 1 : 0);
+}
+
+/* Strict unpadded base64url decode of in[0:n] into out (room for exactly
+ * b64_decoded_len(n) bytes, which the caller checked). 0 on success, -1 on
+ * any character outside the url alphabet or non-canonical trailing bits. */
+static int
+b64_decode(const unsigned char *in, Py_ssize_t n, unsigned char *out)
+{
+    Py_ssize_t full = n / 4, rem = n % 4, i;
+    unsigned char *o = out;
+    if (rem == 1) {
+        return -1;
+    }
+    for (i = 0; i < full; i++) {
+        const unsigned char *p = in + 4 * i;
+        uint32_t a = b64_value[p[0]], b = b64_value[p[1]];
+        uint32_t c = b64_value[p[2]], d = b64_value[p[3]];
+        if ((a | b | c | d) & 0x80) {
+            return -1;
+        }
+        uint32_t v = (a << 18) | (b << 12) | (c << 6) | d;
+        o[0] = (unsigned char)(v >> 16);
+        o[1] = (unsigned char)(v >> 8);
+        o[2] = (unsigned char)v;
+        o += 3;
+    }
+    if (rem) {
+        const unsigned char *p = in + 4 * full;
+        uint32_t a = b64_value[p[0]], b = b64_value[p[1]];
+        uint32_t c = rem == 3 ? b64_value[p[2]] : 0;
+        if ((a | b | c) & 0x80) {
+            return -1;
+        }
+        if (rem == 2) {
+            if (b & 0x0F) {
+                return -1; /* non-canonical trailing bits */
+            }
+            o[0] = (unsigned char)((a << 2) | (b >> 4));
+        }
+        else {
+            if (c & 0x03) {
+                return -1;
+            }
+            uint32_t v = (a << 18) | (b << 12) | (c << 6);
+            o[0] = (unsigned char)(v >> 16);
+            o[1] = (unsigned char)(v >> 8);
+        }
+    }
+    return 0;
+}
+
+/* --- KeyTable ------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t count;
+    Py_ssize_t max_token;
+    unsigned char **headers;  /* owned copies of the header segments */
+    Py_ssize_t *header_lens;
+    EVP_PKEY **keys;
+    Py_ssize_t *sig_lens;     /* modulus bytes of each key */
+} KeyTable;
+
+static void
+KeyTable_dealloc(KeyTable *self)
+{
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        if (self->headers) {
+            PyMem_Free(self->headers[i]);
+        }
+        if (self->keys) {
+            EVP_PKEY_free(self->keys[i]);
+        }
+    }
+    PyMem_Free(self->headers);
+    PyMem_Free(self->header_lens);
+    PyMem_Free(self->keys);
+    PyMem_Free(self->sig_lens);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+KeyTable_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"entries", "max_token_size", NULL};
+    PyObject *entries = NULL, *seq = NULL;
+    Py_ssize_t max_token = 0;
+    KeyTable *self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "On:KeyTable", kwlist, &entries,
+                                     &max_token)) {
+        return NULL;
+    }
+    if (max_token < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_token_size must be >= 0");
+        return NULL;
+    }
+    seq = PySequence_Fast(entries, "entries must be a sequence of (header, spki_der)");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > MAX_SLOTS) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "too many key slots");
+        return NULL;
+    }
+    self = (KeyTable *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    self->max_token = max_token;
+    self->count = 0;
+    Py_ssize_t alloc = n > 0 ? n : 1;
+    self->headers = PyMem_Calloc((size_t)alloc, sizeof(unsigned char *));
+    self->header_lens = PyMem_Calloc((size_t)alloc, sizeof(Py_ssize_t));
+    self->keys = PyMem_Calloc((size_t)alloc, sizeof(EVP_PKEY *));
+    self->sig_lens = PyMem_Calloc((size_t)alloc, sizeof(Py_ssize_t));
+    if (!self->headers || !self->header_lens || !self->keys || !self->sig_lens) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        const char *hdr, *der;
+        Py_ssize_t hdr_len, der_len;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(item, 0)) ||
+            !PyBytes_Check(PyTuple_GET_ITEM(item, 1))) {
+            PyErr_SetString(PyExc_TypeError, "entries must be (bytes, bytes) tuples");
+            goto fail;
+        }
+        hdr = PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 0));
+        hdr_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
+        der = PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 1));
+        der_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 1));
+        if (hdr_len <= 0 || hdr_len > MAX_HEADER_LEN || der_len <= 0 || der_len > 1 << 16) {
+            PyErr_SetString(PyExc_ValueError, "header or key of unsupported length");
+            goto fail;
+        }
+        const unsigned char *p = (const unsigned char *)der;
+        EVP_PKEY *pkey = d2i_PUBKEY(NULL, &p, (long)der_len);
+        if (pkey == NULL || p != (const unsigned char *)der + der_len ||
+            EVP_PKEY_get_base_id(pkey) != EVP_PKEY_RSA) {
+            EVP_PKEY_free(pkey);
+            ERR_clear_error();
+            PyErr_SetString(PyExc_ValueError, "key is not a DER RSA SubjectPublicKeyInfo");
+            goto fail;
+        }
+        int size = EVP_PKEY_get_size(pkey);
+        if (size <= 0 || size > MAX_SIG_BYTES) {
+            EVP_PKEY_free(pkey);
+            PyErr_SetString(PyExc_ValueError, "RSA key of unsupported size");
+            goto fail;
+        }
+        unsigned char *copy = PyMem_Malloc((size_t)hdr_len);
+        if (copy == NULL) {
+            EVP_PKEY_free(pkey);
+            PyErr_NoMemory();
+            goto fail;
+        }
+        memcpy(copy, hdr, (size_t)hdr_len);
+        self->headers[i] = copy;
+        self->header_lens[i] = hdr_len;
+        self->keys[i] = pkey;
+        self->sig_lens[i] = size;
+        self->count = i + 1;
+    }
+    Py_DECREF(seq);
+    return (PyObject *)self;
+fail:
+    Py_DECREF(seq);
+    Py_DECREF(self);
+    return NULL;
+}
+
+/* Per-call state: one verify context per slot, created when first used. */
+typedef struct {
+    EVP_PKEY_CTX *ctx[MAX_SLOTS];
+    int failed[MAX_SLOTS];
+    EVP_MD_CTX *md;
+} CallState;
+
+static EVP_PKEY_CTX *
+slot_ctx(const KeyTable *t, CallState *cs, Py_ssize_t slot)
+{
+    if (cs->ctx[slot] != NULL) {
+        return cs->ctx[slot];
+    }
+    if (cs->failed[slot]) {
+        return NULL;
+    }
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new(t->keys[slot], NULL);
+    if (ctx == NULL || EVP_PKEY_verify_init(ctx) <= 0 ||
+        EVP_PKEY_CTX_set_rsa_padding(ctx, RSA_PKCS1_PADDING) <= 0 ||
+        EVP_PKEY_CTX_set_signature_md(ctx, sha256_md) <= 0) {
+        EVP_PKEY_CTX_free(ctx);
+        ERR_clear_error();
+        cs->failed[slot] = 1;
+        return NULL;
+    }
+    cs->ctx[slot] = ctx;
+    return ctx;
+}
+
+/* One token, no GIL. Writes the decoded payload to *payload (room for
+ * b64_decoded_len of the payload segment, bounded by len) and its length. */
+static uint8_t
+verify_one(const KeyTable *t, CallState *cs, const unsigned char *tok, Py_ssize_t len,
+           unsigned char *payload, Py_ssize_t *payload_len)
+{
+    const unsigned char *dot1, *dot2;
+    Py_ssize_t h_len, p_len, s_len, slot, want;
+    unsigned char sig[MAX_SIG_BYTES];
+    unsigned char digest[EVP_MAX_MD_SIZE];
+    unsigned int digest_len = 0;
+
+    if (len <= 0 || len > t->max_token) {
+        return ST_FALLBACK;
+    }
+    dot1 = memchr(tok, '.', (size_t)len);
+    if (dot1 == NULL) {
+        return ST_FALLBACK;
+    }
+    h_len = dot1 - tok;
+    dot2 = memchr(dot1 + 1, '.', (size_t)(len - h_len - 1));
+    if (dot2 == NULL) {
+        return ST_FALLBACK;
+    }
+    p_len = dot2 - (dot1 + 1);
+    s_len = len - (dot2 - tok) - 1;
+    if (h_len == 0 || p_len == 0 || s_len == 0 ||
+        memchr(dot2 + 1, '.', (size_t)s_len) != NULL) {
+        return ST_FALLBACK;
+    }
+    for (slot = 0; slot < t->count; slot++) {
+        if (t->header_lens[slot] == h_len && memcmp(t->headers[slot], tok, (size_t)h_len) == 0) {
+            break;
+        }
+    }
+    if (slot == t->count) {
+        return ST_FALLBACK;
+    }
+    want = t->sig_lens[slot];
+    if (b64_decoded_len(s_len) != want || want > MAX_SIG_BYTES) {
+        return ST_FALLBACK;
+    }
+    if (b64_decode(dot2 + 1, s_len, sig) != 0) {
+        return ST_FALLBACK;
+    }
+    Py_ssize_t plen = b64_decoded_len(p_len);
+    if (plen < 0 || plen > len) {
+        return ST_FALLBACK;
+    }
+    if (b64_decode(dot1 + 1, p_len, payload) != 0) {
+        return ST_FALLBACK;
+    }
+    *payload_len = plen;
+
+    /* SHA-256 of the signing input, then the RSA check of the digest. */
+    if (EVP_DigestInit_ex(cs->md, sha256_md, NULL) <= 0 ||
+        EVP_DigestUpdate(cs->md, tok, (size_t)(dot2 - tok)) <= 0 ||
+        EVP_DigestFinal_ex(cs->md, digest, &digest_len) <= 0 || digest_len != 32) {
+        ERR_clear_error();
+        return ST_FALLBACK;
+    }
+    EVP_PKEY_CTX *ctx = slot_ctx(t, cs, slot);
+    if (ctx == NULL) {
+        return ST_FALLBACK;
+    }
+    int rc = EVP_PKEY_verify(ctx, sig, (size_t)want, digest, digest_len);
+    if (rc == 1) {
+        return (uint8_t)(1 + slot);
+    }
+    /* A signature that does not verify leaves errors on this thread's queue:
+     * clear them so no later OpenSSL user on this thread sees them. */
+    ERR_clear_error();
+    return rc == 0 ? (uint8_t)(ST_INVALID | (1 + slot)) : ST_FALLBACK;
+}
+
+
+/* --- flat claims scanner ---------------------------------------------------
+ *
+ * The payload of almost every token is one flat JSON object whose values are
+ * printable-ASCII strings without escapes, integers, true/false/null, or
+ * arrays of such strings (aud). For exactly that shape this builds the dict
+ * json.loads would build (same keys, values, types and order); anything else
+ * (escapes, non-ASCII, floats, exponents, long integers, nesting, duplicate
+ * names, a BOM, any syntax error) returns NULL with no exception set, and
+ * the Python side parses the payload with core.jose.loads_strict as before.
+ * NULL with an exception set is a real error (memory).
+ */
+
+#define MAX_MEMBERS 64
+#define MAX_INT_DIGITS 18
+
+typedef struct {
+    const unsigned char *p;
+    const unsigned char *end;
+} Cursor;
+
+static void
+skip_ws(Cursor *c)
+{
+    while (c->p < c->end &&
+           (*c->p == ' ' || *c->p == '\t' || *c->p == '\n' || *c->p == '\r')) {
+        c->p++;
+    }
+}
+
+/* A string of printable ASCII without escapes; c->p at the opening quote.
+ * On success *s, *len are its contents and c->p is past the closing quote. */
+static int
+scan_string(Cursor *c, const unsigned char **s, Py_ssize_t *len)
+{
+    if (c->p >= c->end || *c->p != '"') {
+        return -1;
+    }
+    const unsigned char *start = ++c->p;
+    while (c->p < c->end) {
+        unsigned char ch = *c->p;
+        if (ch == '"') {
+            *s = start;
+            *len = c->p - start;
+            c->p++;
+            return 0;
+        }
+        if (ch < 0x20 || ch > 0x7E || ch == '\\') {
+            return -1;
+        }
+        c->p++;
+    }
+    return -1;
+}
+
+static int
+is_delim(const Cursor *c)
+{
+    if (c->p >= c->end) {
+        return 1;
+    }
+    unsigned char ch = *c->p;
+    return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == ',' || ch == '}' ||
+           ch == ']';
+}
+
+static int
+literal(Cursor *c, const char *word, size_t n)
+{
+    if ((size_t)(c->end - c->p) < n || memcmp(c->p, word, n) != 0) {
+        return 0;
+    }
+    c->p += n;
+    return is_delim(c);
+}
+
+static PyObject *
+ascii_str(const unsigned char *s, Py_ssize_t len)
+{
+    return PyUnicode_DecodeASCII((const char *)s, len, NULL);
+}
+
+/* One value; a new reference, or NULL (fallback when no exception). */
+static PyObject *
+scan_value(Cursor *c, int in_array)
+{
+    if (c->p >= c->end) {
+        return NULL;
+    }
+    unsigned char ch = *c->p;
+    if (ch == '"') {
+        const unsigned char *s;
+        Py_ssize_t len;
+        if (scan_string(c, &s, &len) != 0) {
+            return NULL;
+        }
+        return ascii_str(s, len);
+    }
+    if (in_array) {
+        return NULL; /* arrays of strings only */
+    }
+    if (ch == '-' || (ch >= '0' && ch <= '9')) {
+        int neg = 0;
+        if (ch == '-') {
+            neg = 1;
+            c->p++;
+        }
+        const unsigned char *digits = c->p;
+        long long v = 0;
+        while (c->p < c->end && *c->p >= '0' && *c->p <= '9') {
+            if (c->p - digits >= MAX_INT_DIGITS) {
+                return NULL;
+            }
+            v = v * 10 + (*c->p - '0');
+            c->p++;
+        }
+        Py_ssize_t nd = c->p - digits;
+        if (nd == 0 || (nd > 1 && digits[0] == '0') || !is_delim(c)) {
+            return NULL; /* "-", "01", fractions and exponents */
+        }
+        return PyLong_FromLongLong(neg ? -v : v);
+    }
+    if (ch == 't' && literal(c, "true", 4)) {
+        return Py_NewRef(Py_True);
+    }
+    if (ch == 'f' && literal(c, "false", 5)) {
+        return Py_NewRef(Py_False);
+    }
+    if (ch == 'n' && literal(c, "null", 4)) {
+        return Py_NewRef(Py_None);
+    }
+    if (ch == '[') {
+        PyObject *list = PyList_New(0);
+        if (list == NULL) {
+            return NULL;
+        }
+        c->p++;
+        skip_ws(c);
+        if (c->p < c->end && *c->p == ']') {
+            c->p++;
+            return list;
+        }
+        for (;;) {
+            skip_ws(c);
+            PyObject *item = scan_value(c, 1);
+            if (item == NULL) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            int rc = PyList_Append(list, item);
+            Py_DECREF(item);
+            if (rc != 0) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            skip_ws(c);
+            if (c->p < c->end && *c->p == ',') {
+                c->p++;
+                continue;
+            }
+            if (c->p < c->end && *c->p == ']') {
+                c->p++;
+                return list;
+            }
+            Py_DECREF(list);
+            return NULL;
+        }
+    }
+    return NULL;
+}
+
+static PyObject *
+scan_flat(const unsigned char *data, Py_ssize_t n)
+{
+    Cursor c = {data, data + n};
+    const unsigned char *names[MAX_MEMBERS];
+    Py_ssize_t name_lens[MAX_MEMBERS];
+    int members = 0;
+    PyObject *dict;
+
+    skip_ws(&c);
+    if (c.p >= c.end || *c.p != '{') {
+        return NULL;
+    }
+    c.p++;
+    dict = PyDict_New();
+    if (dict == NULL) {
+        return NULL;
+    }
+    skip_ws(&c);
+    if (c.p < c.end && *c.p == '}') {
+        c.p++;
+        goto close;
+    }
+    for (;;) {
+        const unsigned char *name;
+        Py_ssize_t name_len;
+        skip_ws(&c);
+        if (members == MAX_MEMBERS || scan_string(&c, &name, &name_len) != 0) {
+            goto fallback;
+        }
+        for (int i = 0; i < members; i++) {
+            if (name_lens[i] == name_len && memcmp(names[i], name, (size_t)name_len) == 0) {
+                goto fallback; /* duplicate member name */
+            }
+        }
+        names[members] = name;
+        name_lens[members] = name_len;
+        members++;
+        skip_ws(&c);
+        if (c.p >= c.end || *c.p != ':') {
+            goto fallback;
+        }
+        c.p++;
+        skip_ws(&c);
+        PyObject *value = scan_value(&c, 0);
+        if (value == NULL) {
+            goto fallback;
+        }
+        PyObject *key = ascii_str(name, name_len);
+        if (key == NULL) {
+            Py_DECREF(value);
+            goto fallback;
+        }
+        int rc = PyDict_SetItem(dict, key, value);
+        Py_DECREF(key);
+        Py_DECREF(value);
+        if (rc != 0) {
+            goto fallback;
+        }
+        skip_ws(&c);
+        if (c.p < c.end && *c.p == ',') {
+            c.p++;
+            continue;
+        }
+        if (c.p < c.end && *c.p == '}') {
+            c.p++;
+            break;
+        }
+        goto fallback;
+    }
+close:
+    skip_ws(&c);
+    if (c.p != c.end) {
+        goto fallback;
+    }
+    return dict;
+fallback:
+    Py_DECREF(dict);
+    return NULL;
+}
+
+static PyObject *
+scan_claims_py(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "bytes expected");
+        return NULL;
+    }
+    PyObject *d = scan_flat((const unsigned char *)PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg));
+    if (d == NULL && !PyErr_Occurred()) {
+        Py_RETURN_NONE;
+    }
+    return d;
+}
+
+
+/* --- claims check -----------------------------------------------------------
+ *
+ * core.claims.check_claims with the default required claims, for the dicts
+ * the scanner builds (it works on any dict). Returns the index of the reason
+ * in CLAIM_REASONS below, or -1 "undecided" (the caller then runs the Python
+ * function) when now/leeway are not numbers this code compares exactly as
+ * Python does.
+ *   0 None  1 MISSING_CLAIM  2 INVALID_CLAIM  3 EXPIRED  4 NOT_YET_VALID
+ *   5 ISSUED_IN_FUTURE  6 AUDIENCE_MISMATCH
+ */
+
+#define MAX_NUMERIC_DATE 253402300799LL
+#define EXACT_BOUND 4503599627370496.0 /* 2**52: int <-> double exact, sums too */
+
+static PyObject *k_iss, *k_sub, *k_aud, *k_exp, *k_nbf, *k_iat, *k_jti;
+
+static int
+valid_time(PyObject *v, long long *out)
+{
+    int overflow = 0;
+    if (!PyLong_CheckExact(v)) {
+        return 0;
+    }
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow || x < 0 || x > MAX_NUMERIC_DATE) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = x;
+    return 1;
+}
+
+static int
+valid_string(PyObject *v)
+{
+    return PyUnicode_CheckExact(v) && PyUnicode_GET_LENGTH(v) > 0;
+}
+
+/* A Python float, or an int within 2**52, as a double (exactly); 0 for
+ * anything else (bool included). */
+static int
+exact_double(PyObject *v, double *out)
+{
+    if (PyFloat_CheckExact(v)) {
+        *out = PyFloat_AS_DOUBLE(v);
+        return 1;
+    }
+    if (PyLong_CheckExact(v)) {
+        int overflow = 0;
+        long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (overflow || (x == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return 0;
+        }
+        double dx = (double)x;
+        if (dx > EXACT_BOUND || dx < -EXACT_BOUND) {
+            return 0;
+        }
+        *out = dx;
+        return 1;
+    }
+    return 0;
+}
+
+static int
+get_member(PyObject *d, PyObject *key, PyObject **out)
+{
+    *out = PyDict_GetItemWithError(d, key); /* borrowed */
+    if (*out == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+check_claims_py(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *d, *now_o, *leeway_o, *audience;
+    PyObject *iss, *sub, *aud, *exp, *nbf, *iat, *jti;
+    long long exp_v = 0, nbf_v = 0, iat_v = 0;
+    double now, leeway;
+    int reason = 0;
+
+    if (!PyArg_ParseTuple(args, "O!OOO:check_claims", &PyDict_Type, &d, &now_o, &leeway_o,
+                          &audience)) {
+        return NULL;
+    }
+    if (!exact_double(now_o, &now) || !exact_double(leeway_o, &leeway) ||
+        (audience != Py_None && !PyUnicode_CheckExact(audience))) {
+        return PyLong_FromLong(-1);
+    }
+    if (get_member(d, k_iss, &iss) || get_member(d, k_sub, &sub) || get_member(d, k_aud, &aud) ||
+        get_member(d, k_exp, &exp) || get_member(d, k_nbf, &nbf) || get_member(d, k_iat, &iat) ||
+        get_member(d, k_jti, &jti)) {
+        return NULL;
+    }
+    /* required: iss, sub, exp, iat, jti */
+    if (!iss || !sub || !exp || !iat || !jti) {
+        reason = 1;
+        goto out;
+    }
+    if ((exp && !valid_time(exp, &exp_v)) || (nbf && !valid_time(nbf, &nbf_v)) ||
+        (iat && !valid_time(iat, &iat_v))) {
+        reason = 2;
+        goto out;
+    }
+    if ((iss && !valid_string(iss)) || (sub && !valid_string(sub)) ||
+        (jti && !valid_string(jti))) {
+        reason = 2;
+        goto out;
+    }
+    if (aud && !valid_string(aud)) {
+        if (!PyList_CheckExact(aud) || PyList_GET_SIZE(aud) == 0) {
+            reason = 2;
+            goto out;
+        }
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(aud); i++) {
+            if (!valid_string(PyList_GET_ITEM(aud, i))) {
+                reason = 2;
+                goto out;
+            }
+        }
+    }
+    /* Python: exp <= now - leeway, nbf > now + leeway, iat > now + leeway;
+     * ints here are exact doubles, and now -/+ leeway is computed as Python
+     * does (float arithmetic, or exact for ints within 2**52). */
+    if (exp && (double)exp_v <= now - leeway) {
+        reason = 3;
+        goto out;
+    }
+    if (nbf && (double)nbf_v > now + leeway) {
+        reason = 4;
+        goto out;
+    }
+    if (iat && (double)iat_v > now + leeway) {
+        reason = 5;
+        goto out;
+    }
+    if (audience == Py_None) {
+        goto out;
+    }
+    if (PyUnicode_GET_LENGTH(audience) == 0) {
+        reason = aud ? 6 : 0;
+        goto out;
+    }
+    if (aud == NULL) {
+        reason = 6;
+        goto out;
+    }
+    if (PyUnicode_CheckExact(aud)) {
+        int eq = PyUnicode_Compare(aud, audience);
+        if (eq == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        reason = eq == 0 ? 0 : 6;
+        goto out;
+    }
+    reason = 6;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(aud); i++) {
+        int eq = PyUnicode_Compare(PyList_GET_ITEM(aud, i), audience);
+        if (eq == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (eq == 0) {
+            reason = 0;
+            break;
+        }
+    }
+out:
+    return PyLong_FromLong(reason);
+}
+
+PyDoc_STRVAR(verify_doc,
+"verify(tokens, start=0, stop=len(tokens)) -> (statuses, payloads, claims)\n\n"
+"Check tokens[start:stop]. statuses (bytes): 0 (fallback: verify in Python),\n"
+"1 + slot (signature valid) or 0x80 | (1 + slot) (signature invalid);\n"
+"payloads[i]: the decoded payload bytes, or None for a fallback;\n"
+"claims[i]: the payload as json.loads builds it when it is a flat object the\n"
+"scanner fully understands (signature-valid tokens only), else None.");
+
+static PyObject *
+KeyTable_verify(KeyTable *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"tokens", "start", "stop", NULL};
+    PyObject *tokens, *seq, *result = NULL, *statuses = NULL, *payloads = NULL, *claims = NULL;
+    Py_ssize_t start = 0, stop = PY_SSIZE_T_MAX, n, i;
+    PyObject **held = NULL;
+    const unsigned char **data = NULL;
+    Py_ssize_t *lens = NULL, *offsets = NULL, *plens = NULL;
+    unsigned char *status = NULL, *scratch = NULL;
+    size_t scratch_size = 0;
+    CallState *cs = NULL;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|nn:verify", kwlist, &tokens, &start,
+                                     &stop)) {
+        return NULL;
+    }
+    seq = PySequence_Fast(tokens, "tokens must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t total = PySequence_Fast_GET_SIZE(seq);
+    if (start < 0 || start > total) {
+        start = start < 0 ? 0 : total;
+    }
+    if (stop > total) {
+        stop = total;
+    }
+    n = stop > start ? stop - start : 0;
+    size_t alloc = (size_t)(n > 0 ? n : 1);
+
+    held = PyMem_Calloc(alloc, sizeof(PyObject *));
+    data = PyMem_Calloc(alloc, sizeof(unsigned char *));
+    lens = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
+    offsets = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
+    plens = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
+    status = PyMem_Calloc(alloc, 1);
+    cs = PyMem_Calloc(1, sizeof(CallState));
+    if (!held || !data || !lens || !offsets || !plens || !status || !cs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* Hold a reference to every str whose bytes we read without the GIL:
+     * the caller's list may change meanwhile, the str objects cannot. */
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, start + i);
+        offsets[i] = (Py_ssize_t)scratch_size;
+        if (!PyUnicode_CheckExact(item)) {
+            continue;
+        }
+#if PY_VERSION_HEX < 0x030C0000
+        if (PyUnicode_READY(item) != 0) {
+            PyErr_Clear();
+            continue;
+        }
+#endif
+        if (!PyUnicode_IS_COMPACT_ASCII(item)) {
+            continue;
+        }
+        Py_ssize_t len = PyUnicode_GET_LENGTH(item);
+        if (len <= 0 || len > self->max_token) {
+            continue;
+        }
+        Py_INCREF(item);
+        held[i] = item;
+        data[i] = (const unsigned char *)PyUnicode_DATA(item);
+        lens[i] = len;
+        /* A payload decodes to at most 3/4 of the token's length. */
+        scratch_size += (size_t)len;
+    }
+    scratch = PyMem_Malloc(scratch_size > 0 ? scratch_size : 1);
+    cs->md = EVP_MD_CTX_new();
+    if (scratch == NULL || cs->md == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n; i++) {
+        if (data[i] == NULL) {
+            status[i] = ST_FALLBACK;
+            continue;
+        }
+        status[i] = verify_one(self, cs, data[i], lens[i], scratch + offsets[i], &plens[i]);
+    }
+    Py_END_ALLOW_THREADS
+
+    statuses = PyBytes_FromStringAndSize((const char *)status, n);
+    payloads = PyList_New(n);
+    claims = PyList_New(n);
+    if (statuses == NULL || payloads == NULL || claims == NULL) {
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *p, *d = NULL;
+        if (status[i] == ST_FALLBACK) {
+            p = Py_NewRef(Py_None);
+        }
+        else {
+            const unsigned char *pl = scratch + offsets[i];
+            p = PyBytes_FromStringAndSize((const char *)pl, plens[i]);
+            if (p == NULL) {
+                goto done;
+            }
+            if (!(status[i] & ST_INVALID)) {
+                d = scan_flat(pl, plens[i]);
+                if (d == NULL && PyErr_Occurred()) {
+                    Py_DECREF(p);
+                    goto done;
+                }
+            }
+        }
+        PyList_SET_ITEM(payloads, i, p);
+        PyList_SET_ITEM(claims, i, d != NULL ? d : Py_NewRef(Py_None));
+    }
+    result = PyTuple_Pack(3, statuses, payloads, claims);
+
+done:
+    Py_XDECREF(statuses);
+    Py_XDECREF(payloads);
+    Py_XDECREF(claims);
+    if (held != NULL) {
+        for (i = 0; i < n; i++) {
+            Py_XDECREF(held[i]);
+        }
+    }
+    if (cs != NULL) {
+        for (i = 0; i < MAX_SLOTS; i++) {
+            EVP_PKEY_CTX_free(cs->ctx[i]);
+        }
+        EVP_MD_CTX_free(cs->md);
+    }
+    PyMem_Free(cs);
+    PyMem_Free(scratch);
+    PyMem_Free(status);
+    PyMem_Free(plens);
+    PyMem_Free(offsets);
+    PyMem_Free(lens);
+    PyMem_Free(data);
+    PyMem_Free(held);
+    Py_DECREF(seq);
+    return result;
+}
+
+static PyObject *
+KeyTable_len(KeyTable *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromSsize_t(self->count);
+}
+
+static PyMethodDef KeyTable_methods[] = {
+    {"verify", (PyCFunction)(void (*)(void))KeyTable_verify, METH_VARARGS | METH_KEYWORDS,
+     verify_doc},
+    {"slots", (PyCFunction)KeyTable_len, METH_NOARGS, "Number of key slots."},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(KeyTable_doc,
+"KeyTable(entries, max_token_size)\n\n"
+"entries: sequence of (header_segment: bytes, rsa_spki_der: bytes); the index\n"
+"of an entry is its slot. Immutable; safe to use from several threads.");
+
+static PyTypeObject KeyTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fedtoken._native.KeyTable",
+    .tp_basicsize = sizeof(KeyTable),
+    .tp_itemsize = 0,
+    .tp_dealloc = (destructor)KeyTable_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = KeyTable_doc,
+    .tp_methods = KeyTable_methods,
+    .tp_new = KeyTable_new,
+};
+
+static PyObject *
+b64url_decode_py(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    Py_buffer view;
+    PyObject *out;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) != 0) {
+        return NULL;
+    }
+    Py_ssize_t n = b64_decoded_len(view.len);
+    if (n < 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "not unpadded base64url");
+        return NULL;
+    }
+    out = PyBytes_FromStringAndSize(NULL, n);
+    if (out == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    if (b64_decode(view.buf, view.len, (unsigned char *)PyBytes_AS_STRING(out)) != 0) {
+        PyBuffer_Release(&view);
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_ValueError, "not unpadded base64url");
+        return NULL;
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"check_claims", check_claims_py, METH_VARARGS,
+     "check_claims(payload, now, leeway, audience) -> reason index, or -1 (undecided)."},
+    {"scan_claims", scan_claims_py, METH_O,
+     "The flat-object claims scanner (for tests): a dict, or None to fall back."},
+    {"b64url_decode", b64url_decode_py, METH_O,
+     "Strict unpadded base64url decode (the decoder of the fast path; for tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "fedtoken._native",
+    .m_doc = "Native fast path of fedtoken's verification engine (optional).",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    PyObject *m;
+    init_b64();
+    if (sha256_md == NULL) {
+        sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+        if (sha256_md == NULL) {
+            ERR_clear_error();
+            PyErr_SetString(PyExc_ImportError, "OpenSSL has no SHA256");
+            return NULL;
+        }
+    }
+    if (k_iss == NULL) {
+        k_iss = PyUnicode_InternFromString("iss");
+        k_sub = PyUnicode_InternFromString("sub");
+        k_aud = PyUnicode_InternFromString("aud");
+        k_exp = PyUnicode_InternFromString("exp");
+        k_nbf = PyUnicode_InternFromString("nbf");
+        k_iat = PyUnicode_InternFromString("iat");
+        k_jti = PyUnicode_InternFromString("jti");
+        if (!k_iss || !k_sub || !k_aud || !k_exp || !k_nbf || !k_iat || !k_jti) {
+            return NULL;
+        }
+    }
+    if (PyType_Ready(&KeyTableType) < 0) {
+        return NULL;
+    }
+    m = PyModule_Create(&native_module);
+    if (m == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&KeyTableType);
+    if (PyModule_AddObject(m, "KeyTable", (PyObject *)&KeyTableType) < 0) {
+        Py_DECREF(&KeyTableType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
