@@ -91,10 +91,15 @@ class RevocationSync:
         self._broken = ""
         self.ready = asyncio.Event()
         self._tasks: set[asyncio.Future[None]] = set()
-        # Bounds for a hung connection: no statement or heartbeat may take
-        # longer than this before the session is declared broken.
-        self._hb_timeout = max(2 * heartbeat, _MIN_HEARTBEAT_TIMEOUT)
-        self._hb_overdue = max(3 * heartbeat, _MIN_HEARTBEAT_TIMEOUT)
+        # Bounds for a hung connection. They follow the staleness bound, not
+        # the heartbeat: a heartbeat delayed by load only lets freshness lapse
+        # (verdicts fail closed at exactly the bound), whereas tearing the
+        # session down forces a reconnect and a full resync, so a replica
+        # under load would stay fail-closed far longer than the delay itself.
+        # Only a feed silent for twice the bound is declared broken.
+        bound = view.staleness
+        self._hb_timeout = max(2 * heartbeat, _MIN_HEARTBEAT_TIMEOUT, bound)
+        self._hb_overdue = max(3 * heartbeat, _MIN_HEARTBEAT_TIMEOUT, 2 * bound)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="revocation-sync")

@@ -235,6 +235,11 @@ class InMemoryRevocationView:
         return None
 
     @property
+    def staleness(self) -> float:
+        """Seconds a confirmation of freshness lasts."""
+        return self._staleness
+
+    @property
     def is_fresh(self) -> bool:
         return self._monotonic() <= self._fresh_until
 
