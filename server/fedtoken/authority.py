@@ -52,7 +52,6 @@ from fedtoken.errors import (
     NotFound,
     PolicyViolation,
     StoreUnavailable,
-    TokenError,
 )
 from fedtoken.hsm import Pkcs11Hsm
 from fedtoken.revocation import InMemoryRevocationView, RevocationEntry
@@ -67,6 +66,11 @@ _MAX_SUBJECT = 255
 _MAX_AUDIENCES = 16
 _MAX_JTI = 256
 _MAX_LIFETIME_CEILING = 7 * 86400
+# Verdicts the engine gives only after the signature verified and the claims
+# are well-typed: a token with one of these reasons can be revoked by value.
+_REVOCABLE = frozenset(
+    {Reason.OK, Reason.EXPIRED, Reason.NOT_YET_VALID, Reason.ISSUED_IN_FUTURE}
+)
 _BOOTSTRAP_LOCK = 0x6665_6474_6F6B  # "fedtok": advisory lock id for first start
 
 
@@ -489,30 +493,20 @@ class Authority:
         return Revoked(tenant.id, "", int(revoked_at.timestamp()), created, "key", kid)
 
     def _authenticate_for_revocation(self, token: str) -> tuple[Tenant, str, int]:
-        """The token must be ours and genuinely signed; its exp and jti are read."""
+        """The token must be ours and genuinely signed; its exp and jti are read.
+
+        The introspection engine does the checking (one verification pipeline,
+        not a second copy): a verdict whose reason is only reached after the
+        signature verified proves the token authentic, even if it is expired
+        or not yet valid.
+        """
         _require_token(token)
-        try:
-            parsed = jose.parse_compact(token, max_size=self.settings.max_token_bytes)
-            iss = parsed.payload.get("iss")
-            keys = self.resolver.issuer_keys(iss) if isinstance(iss, str) else None
-            if keys is None or not keys.local:
-                raise InvalidRequest("token issuer is not a local tenant",
-                                     reason=ErrorReason.INVALID_TOKEN, field="token")
-            alg, kid = jose.check_header(parsed.header, keys.allowed_algorithms)
-            key = keys.keys.get(kid)
-            if key is None or key.alg != alg or not jose.verify_signature(
-                alg, key.public_key, parsed.signing_input, parsed.signature
-            ):
-                raise InvalidRequest("token signature does not verify under a published key",
-                                     reason=ErrorReason.INVALID_TOKEN, field="token")
-        except TokenError as exc:
-            raise InvalidRequest("token is not a well-formed JWS of ours",
-                                 reason=ErrorReason.INVALID_TOKEN, field="token") from exc
-        jti, exp = parsed.payload.get("jti"), parsed.payload.get("exp")
-        if not isinstance(jti, str) or not jti or type(exp) is not int:
-            raise InvalidRequest("token lacks jti or exp", reason=ErrorReason.INVALID_TOKEN,
-                                 field="token")
-        return self._tenants[keys.tenant], jti, exp
+        verdict = self._introspector.verify(token, Expectation(audience="", check_audience=False))
+        tenant = self._tenants.get(verdict.tenant)
+        if verdict.reason not in _REVOCABLE or tenant is None or not verdict.jti:
+            raise InvalidRequest("token is not a well-formed, genuinely signed token of ours",
+                                 reason=ErrorReason.INVALID_TOKEN, field="token")
+        return tenant, verdict.jti, verdict.expires_at
 
     async def get_keys(self, tenant_id: str) -> KeySet:
         tenant = await self._tenant(tenant_id)

@@ -274,3 +274,16 @@ def test_the_table_has_every_class_of_the_guide() -> None:
     assert len(CASES) >= 80
 
 
+
+
+def test_revoke_by_token_uses_the_same_verification(client: FedtokenClient, world: World) -> None:
+    from fedtoken_client import FedtokenRpcError
+
+    # Authentic but not yet valid: revocable (it may become valid later).
+    early = world.forge(nbf=now + 3600, jti=f"early-{uuid.uuid4().hex[:6]}")
+    assert client.revoke(token=early).created
+    # Authentic with an absurd exp, or forged: refused as INVALID_TOKEN.
+    for token in (world.forge(exp=10**30), foreign_rsa(world), world.genuine + "x"):
+        with pytest.raises(FedtokenRpcError) as info:
+            client.revoke(token=token)
+        assert (info.value.code.name, info.value.reason) == ("INVALID_ARGUMENT", "INVALID_TOKEN")
