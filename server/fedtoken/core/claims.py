@@ -35,7 +35,7 @@ _TIME_CLAIMS: Final = ("exp", "nbf", "iat")
 _STRING_CLAIMS: Final = ("iss", "sub", "jti")
 
 
-def _valid_time(value: object) -> bool:
+def is_numeric_date(value: object) -> bool:
     # type() rather than isinstance(): bool is a subclass of int.
     return type(value) is int and 0 <= value <= MAX_NUMERIC_DATE
 
@@ -67,7 +67,7 @@ def check_claims(
         if name not in payload:
             return Reason.MISSING_CLAIM
     for name in _TIME_CLAIMS:
-        if name in payload and not _valid_time(payload[name]):
+        if name in payload and not is_numeric_date(payload[name]):
             return Reason.INVALID_CLAIM
     for name in _STRING_CLAIMS:
         if name in payload and not _valid_string(payload[name]):
@@ -171,7 +171,7 @@ def build_claims(
         raise InvalidRequest("subject must be a non-empty string", field="subject")
     if type(lifetime) is not int or lifetime <= 0:
         raise InvalidRequest("lifetime must be a positive number of seconds", field="lifetime")
-    if not _valid_time(issued_at) or not _valid_time(issued_at + lifetime):
+    if not is_numeric_date(issued_at) or not is_numeric_date(issued_at + lifetime):
         raise InvalidRequest("issued_at or expiry out of range", field="issued_at")
     _refuse_reserved(extra)
     claims: dict[str, Any] = dict(extra)

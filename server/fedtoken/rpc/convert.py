@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fedtoken.core.claims import is_numeric_date
 from fedtoken.core.model import Reason, Verdict
 from fedtoken_client._pb.fedtoken.v1 import common_pb2, token_service_pb2
 
@@ -13,17 +14,7 @@ REASON_PB: dict[Reason, Any] = {r: common_pb2.Reason.Value(r.value) for r in Rea
 
 
 def verdict_pb(v: Verdict) -> token_service_pb2.Verdict:
-    return token_service_pb2.Verdict(
-        valid=v.valid,
-        reason=REASON_PB[v.reason],
-        tenant=v.tenant,
-        issuer=v.issuer,
-        kid=v.kid,
-        subject=v.subject,
-        jti=v.jti,
-        expires_at=_epoch(v.expires_at),
-        claims_json=v.claims_json,
-    )
+    return token_service_pb2.Verdict(**_verdict_fields(v))
 
 
 def verify_batch_response(verdicts: Sequence[Verdict]) -> token_service_pb2.VerifyBatchResponse:
@@ -35,28 +26,22 @@ def verify_batch_response(verdicts: Sequence[Verdict]) -> token_service_pb2.Veri
     """
     response = token_service_pb2.VerifyBatchResponse()
     add = response.verdicts.add
-    reason_pb = REASON_PB
     for v in verdicts:
-        add(
-            valid=v.valid,
-            reason=reason_pb[v.reason],
-            tenant=v.tenant,
-            issuer=v.issuer,
-            kid=v.kid,
-            subject=v.subject,
-            jti=v.jti,
-            expires_at=_epoch(v.expires_at),
-            claims_json=v.claims_json,
-        )
+        add(**_verdict_fields(v))
     return response
 
 
-def _epoch(value: object) -> int:
-    """A verdict's exp as the wire's int64: an invalid token's own claim can be
-    anything (10**30, a float), and reporting it must never fail the call."""
-    if type(value) is int and 0 <= value <= _MAX_EPOCH:
-        return value
-    return 0
-
-
-_MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z, the bound claims accept
+def _verdict_fields(v: Verdict) -> dict[str, Any]:
+    return {
+        "valid": v.valid,
+        "reason": REASON_PB[v.reason],
+        "tenant": v.tenant,
+        "issuer": v.issuer,
+        "kid": v.kid,
+        "subject": v.subject,
+        "jti": v.jti,
+        # An invalid token's own exp can be anything (10**30): reporting it
+        # must never fail the call, so out-of-range values go out as 0.
+        "expires_at": v.expires_at if is_numeric_date(v.expires_at) else 0,
+        "claims_json": v.claims_json,
+    }
