@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,10 @@ GRPC_OPTIONS = [
 ]
 
 
+# Releases one resource; may return an awaitable.
+Closer = Callable[[], object]
+
+
 @dataclass
 class App:
     """A running fedtoken process and everything it owns."""
@@ -49,7 +55,7 @@ class App:
     grpc_port: int
     http_port: int = 0
     dsn: str = ""
-    _closers: list[object] = field(default_factory=list)
+    _closers: list[Closer] = field(default_factory=list)
 
     @property
     def grpc_target(self) -> str:
@@ -58,11 +64,16 @@ class App:
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful stop: refuse new calls, let running ones finish."""
         await self.server.stop(grace)
-        for closer in reversed(self._closers):
-            with contextlib.suppress(Exception):
-                result = closer()  # type: ignore[operator]
-                if asyncio.iscoroutine(result):
-                    await result
+        await _close_all(self._closers)
+
+
+async def _close_all(closers: list[Closer]) -> None:
+    """Run closers newest first; one failing never keeps the others from running."""
+    for closer in reversed(closers):
+        with contextlib.suppress(Exception):
+            result = closer()
+            if inspect.isawaitable(result):
+                await result
 
 
 def prepare_hsm(settings: Settings) -> HsmConfig:
@@ -111,7 +122,7 @@ async def start_app(
     worker: int = 0,
 ) -> App:
     """Start one fedtoken process: gRPC server (and HTTP bridge) ready to serve."""
-    closers: list[object] = []
+    closers: list[Closer] = []
     try:
         if dsn is None:
             dsn, pg = await asyncio.to_thread(prepare_database, settings)
@@ -163,8 +174,7 @@ async def start_app(
             raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
         await server.start()
         app = App(settings, authority, server, port, dsn=dsn, _closers=closers)
-        closers.append(authority.engine.close)
-        closers.append(authority._introspector.close)
+        closers.append(authority.close)
         if http and settings.http_port >= 0:
             target = settings.bridge_grpc_target or f"{settings.grpc_host}:{port}"
             source = GrpcKeySource(target)
@@ -178,9 +188,5 @@ async def start_app(
             app.http_port = sockets[0].getsockname()[1] if sockets else settings.http_port
         return app
     except BaseException:
-        for closer in reversed(closers):
-            with contextlib.suppress(Exception):
-                result = closer()  # type: ignore[operator]
-                if asyncio.iscoroutine(result):
-                    await result
+        await _close_all(closers)
         raise

@@ -172,6 +172,11 @@ class Authority:
         self._keys: dict[str, list[KeyRecord]] = {}
         self._reload_lock = asyncio.Lock()
 
+    def close(self) -> None:
+        """Stop the verification engines' worker threads."""
+        self.engine.close()
+        self._introspector.close()
+
     # -- state kept in memory ------------------------------------------------
 
     async def reload_keys(self, _event: object = None) -> None:
