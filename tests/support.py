@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -74,3 +81,76 @@ class ServerThread:
             self.run(self.app.stop(1.0))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+
+class ServeProcess:
+    """A real ``fedtoken serve`` subprocess on free ports.
+
+    It sees none of the test process's FEDTOKEN_* settings or SOFTHSM2_CONF:
+    its state dir (dev SoftHSM token included) and DSN are its own.
+    """
+
+    def __init__(self, state: Path, dsn: str, *, name: str = "serve", workers: int = 1) -> None:
+        self.name, self.state, self.dsn, self.workers = name, state, dsn, workers
+        self.grpc_port, self.http_port = free_port(), free_port()
+        self.log = state / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("FEDTOKEN_") and k != "SOFTHSM2_CONF"}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "clients/python")])
+        return env
+
+    def start(self, timeout: float = 120) -> ServeProcess:
+        cmd = [sys.executable, "-m", "fedtoken.cli.main", "serve", "--state-dir", str(self.state),
+               "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
+               "--dsn", self.dsn, "--workers", str(self.workers)]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env())
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start:\n{self.log.read_text()}")
+            time.sleep(0.3)
+        return self
+
+    def ready(self) -> bool:
+        """The service answers GetKeys (subclasses may ask for more)."""
+        from fedtoken_client import FedtokenClient, FedtokenRpcError
+
+        with FedtokenClient(self.target) as c:
+            try:
+                c.get_keys()
+            except FedtokenRpcError:
+                return False
+        return True
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait for a graceful exit (kill after 30 s); the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fedtoken.cli.main", "--target", self.target,
+                               *args], capture_output=True, text=True, env=self.env(), timeout=60)
+
+    def http_json(self, path: str) -> Any:
+        with urllib.request.urlopen(self.http_base + path, timeout=10) as resp:
+            return json.loads(resp.read())

@@ -16,22 +16,16 @@ measures that).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 
-from fedtoken_client import FedtokenClient, FedtokenRpcError, reason_name
+from fedtoken_client import FedtokenClient, reason_name
 from tests._pg_fixture import create_database, drop_database
-from tests.support import ROOT, free_port
+from tests.support import ServeProcess
 
 pytestmark = pytest.mark.integration
 
@@ -39,66 +33,13 @@ DEADLINE = 30.0  # seconds; a shared 2-core box can be slow, a broken feed never
 T = TypeVar("T")
 
 
-class Replica:
-    """One ``fedtoken serve`` process."""
-
-    def __init__(self, name: str, state: Path, dsn: str) -> None:
-        self.name, self.state, self.dsn = name, state, dsn
-        self.grpc_port, self.http_port = free_port(), free_port()
-        self.log = state / f"serve-{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_base(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def start(self) -> Replica:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("FEDTOKEN_") and k != "SOFTHSM2_CONF"}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "clients/python")])
-        cmd = [sys.executable, "-m", "fedtoken.cli.main", "serve", "--state-dir", str(self.state),
-               "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-               "--dsn", self.dsn, "--workers", "1"]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 120
-        with FedtokenClient(self.target) as c:
-            while True:
-                try:
-                    c.get_keys()
-                    return self
-                except FedtokenRpcError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"replica {self.name} did not start:\n{self.log.read_text()}"
-                        ) from None
-                    time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def http_json(self, path: str) -> Any:
-        with urllib.request.urlopen(self.http_base + path, timeout=10) as resp:
-            return json.loads(resp.read())
-
-
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory,
-             pg_dsn: str) -> Iterator[tuple[Replica, Replica]]:
+             pg_dsn: str) -> Iterator[tuple[ServeProcess, ServeProcess]]:
     name = f"replicas_{uuid.uuid4().hex[:10]}"
     dsn = create_database(pg_dsn, name)
     state = tmp_path_factory.mktemp("replicas")
-    a, b = Replica("a", state, dsn), Replica("b", state, dsn)
+    a, b = ServeProcess(state, dsn, name="a"), ServeProcess(state, dsn, name="b")
     try:
         a.start()
         b.start()
@@ -110,7 +51,9 @@ def replicas(tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture(scope="module")
-def clients(replicas: tuple[Replica, Replica]) -> Iterator[tuple[FedtokenClient, FedtokenClient]]:
+def clients(
+    replicas: tuple[ServeProcess, ServeProcess],
+) -> Iterator[tuple[FedtokenClient, FedtokenClient]]:
     a, b = replicas
     with FedtokenClient(a.target, caller="replica-test") as ca, \
             FedtokenClient(b.target, caller="replica-test") as cb:
@@ -176,7 +119,7 @@ def test_subject_revocation_through_a_applies_on_b_before_the_cut_only(
 
 
 def test_key_revocation_through_a_rejects_its_tokens_and_unpublishes_it_on_b(
-        replicas: tuple[Replica, Replica],
+        replicas: tuple[ServeProcess, ServeProcess],
         clients: tuple[FedtokenClient, FedtokenClient]) -> None:
     ra, rb = replicas
     a, b = clients

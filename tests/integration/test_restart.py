@@ -4,67 +4,17 @@ token) and a fresh database."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fedtoken_client import FedtokenClient, FedtokenRpcError, reason_name
+from fedtoken_client import FedtokenClient, reason_name
 from tests._pg_fixture import create_database, drop_database
-from tests.support import ROOT, free_port
+from tests.support import ServeProcess
 
 pytestmark = pytest.mark.integration
-
-
-class ServeProcess:
-    def __init__(self, state: Path, dsn: str) -> None:
-        self.state, self.dsn = state, dsn
-        self.grpc_port, self.http_port = free_port(), free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = state / "serve.log"
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("FEDTOKEN_") and k != "SOFTHSM2_CONF"}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "clients/python")])
-        return env
-
-    def start(self) -> ServeProcess:
-        cmd = [sys.executable, "-m", "fedtoken.cli.main", "serve", "--state-dir", str(self.state),
-               "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-               "--dsn", self.dsn, "--workers", "1"]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env())
-        deadline = time.monotonic() + 90
-        with FedtokenClient(self.target) as c:
-            while True:
-                try:
-                    c.get_keys()
-                    return self
-                except FedtokenRpcError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"serve did not start:\n{self.log.read_text()}") from None
-                    time.sleep(0.3)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "fedtoken.cli.main", "--target", self.target,
-                               *args], capture_output=True, text=True, env=self.env(), timeout=60)
 
 
 @pytest.fixture()
@@ -73,9 +23,7 @@ def serve(tmp_path: Path, pg_dsn: str) -> Iterator[ServeProcess]:
     name = f"serve_{uuid.uuid4().hex[:10]}"
     sp = ServeProcess(tmp_path, create_database(pg_dsn, name))
     yield sp
-    if sp.proc is not None and sp.proc.poll() is None:
-        sp.proc.kill()
-        sp.proc.wait()
+    sp.stop()
     drop_database(pg_dsn, name)
 
 

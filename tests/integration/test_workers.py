@@ -4,10 +4,7 @@ work through any of them. Behaviour only, never timings."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,50 +14,24 @@ import grpc
 import psutil
 import pytest
 
-from fedtoken_client import FedtokenClient, FedtokenRpcError, reason_name
+from fedtoken_client import FedtokenClient, reason_name
 from fedtoken_client._pb.fedtoken.v1 import token_service_pb2, token_service_pb2_grpc
 from tests._pg_fixture import create_database, drop_database
-from tests.support import ROOT, free_port
+from tests.support import ServeProcess
 
 pytestmark = pytest.mark.integration
 
 WORKERS = 2
 
 
-class MultiWorkerServe:
+class MultiWorkerServe(ServeProcess):
+    """``fedtoken serve --workers 2``; ready once every worker listens."""
+
     def __init__(self, state: Path, dsn: str) -> None:
-        self.state, self.dsn = state, dsn
-        self.grpc_port, self.http_port = free_port(), free_port()
-        self.log = state / "serve.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(state, dsn, workers=WORKERS)
 
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def start(self) -> MultiWorkerServe:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("FEDTOKEN_") and k != "SOFTHSM2_CONF"}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "clients/python")])
-        cmd = [sys.executable, "-m", "fedtoken.cli.main", "serve", "--state-dir", str(self.state),
-               "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-               "--dsn", self.dsn, "--workers", str(WORKERS)]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 120
-        while len(self.listening_workers()) < WORKERS:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"workers did not start:\n{self.log.read_text()}")
-            time.sleep(0.3)
-        with FedtokenClient(self.target) as c:
-            while True:
-                try:
-                    c.get_keys()
-                    return self
-                except FedtokenRpcError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.3)
+    def ready(self) -> bool:
+        return len(self.listening_workers()) >= WORKERS and super().ready()
 
     def listening_workers(self) -> dict[int, psutil.Process]:
         """Worker pid -> process, for workers holding a listening socket on our port."""
@@ -92,13 +63,7 @@ def serve(tmp_path: Path, pg_dsn: str) -> Iterator[MultiWorkerServe]:
     name = f"workers_{uuid.uuid4().hex[:10]}"
     sp = MultiWorkerServe(tmp_path, create_database(pg_dsn, name))
     yield sp
-    if sp.proc is not None and sp.proc.poll() is None:
-        sp.proc.send_signal(signal.SIGTERM)
-        try:
-            sp.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            sp.proc.kill()
-            sp.proc.wait()
+    sp.stop()
     drop_database(pg_dsn, name)
 
 
