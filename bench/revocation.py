@@ -30,37 +30,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.service import Service, child_env, create_database
+
 ROOT = Path(__file__).resolve().parent.parent
 AUDIENCE = "bench"
 Row = dict[str, Any]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("FEDTOKEN_") and k != "SOFTHSM2_CONF"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "clients/python"),
-                                         str(ROOT)])
-    return env
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -132,53 +115,12 @@ def measure_memory(n: int, mode: str) -> dict[str, float]:
     code = ("import json, sys; from bench.revocation import _memory_child; "
             f"print(json.dumps(_memory_child({n}, {mode!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=_env(), cwd=ROOT, timeout=600, check=True)
+                          env=child_env(), cwd=ROOT, timeout=600, check=True)
     result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 
 
 # -- propagation -------------------------------------------------------------------
-
-
-class _Replica:
-    def __init__(self, name: str, state: Path, dsn: str) -> None:
-        self.name, self.state, self.dsn = name, state, dsn
-        self.grpc_port, self.http_port = _free_port(), _free_port()
-        self.log = state / f"serve-{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def start(self) -> _Replica:
-        from fedtoken_client import FedtokenClient, FedtokenRpcError
-
-        cmd = [sys.executable, "-m", "fedtoken.cli.main", "serve", "--state-dir", str(self.state),
-               "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-               "--dsn", self.dsn, "--workers", "1", "--log-level", "WARNING"]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
-        deadline = time.monotonic() + 120
-        with FedtokenClient(self.target) as c:
-            while True:
-                try:
-                    c.get_keys()
-                    return self
-                except FedtokenRpcError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"serve {self.name} did not start; see {self.log}") from None
-                    time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def _admin_dsn(workdir: Path) -> tuple[str, Any]:
@@ -191,26 +133,6 @@ def _admin_dsn(workdir: Path) -> tuple[str, Any]:
     return pg.start(), pg
 
 
-def _create_database(admin_dsn: str) -> str:
-    import asyncio
-
-    import asyncpg
-
-    name = f"bench_rev_{uuid.uuid4().hex[:8]}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    from urllib.parse import urlsplit, urlunsplit
-
-    return urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
-
-
 def measure_propagation(n: int) -> dict[str, float]:
     """Revoke through A, poll Verify on B; seconds per revocation."""
     from fedtoken_client import FedtokenClient, reason_name
@@ -218,14 +140,14 @@ def measure_propagation(n: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="fedtoken-bench-rev-") as tmp:
         workdir = Path(tmp)
         admin, pg = _admin_dsn(workdir)
-        replicas: list[_Replica] = []
+        replicas: list[Service] = []
         try:
-            dsn = _create_database(admin)
+            dsn = create_database(admin)
             state = workdir / "state"
             state.mkdir()
-            a = _Replica("a", state, dsn).start()  # creates the HSM token and the schema
+            a = Service(state, dsn, name="serve-a").start(1)  # creates the HSM token and the schema
             replicas.append(a)
-            b = _Replica("b", state, dsn).start()
+            b = Service(state, dsn, name="serve-b").start(1)
             replicas.append(b)
             with FedtokenClient(a.target) as ca, FedtokenClient(b.target) as cb:
                 tokens = [ca.issue(f"bench-{i}", AUDIENCE).token for i in range(n + 10)]

@@ -77,9 +77,10 @@ class Service:
     """``fedtoken serve --workers N`` on a fixed port; restartable with
     another N over the same state dir (HSM token) and database."""
 
-    def __init__(self, state: Path, dsn: str) -> None:
+    def __init__(self, state: Path, dsn: str, *, name: str = "serve") -> None:
         self.state, self.dsn = state, dsn
         self.grpc_port, self.http_port = free_port(), free_port()
+        self.log = state / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.workers = 0
 
@@ -94,11 +95,10 @@ class Service:
                 "--workers", str(workers), "--log-level", "warning"]
 
     def start(self, workers: int) -> Service:
-        log = self.state / "serve.log"
-        with log.open("ab") as out:
+        with self.log.open("ab") as out:
             self.proc = subprocess.Popen(self.command(workers), stdout=out,
                                          stderr=subprocess.STDOUT, env=child_env())
-        wait_ready(self.target, self.proc, log)
+        wait_ready(self.target, self.proc, self.log)
         if workers > 1:
             # Every worker must be listening before the load starts, or the
             # kernel spreads the first connections over fewer of them.
