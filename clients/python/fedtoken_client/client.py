@@ -34,6 +34,17 @@ def reason_name(value: int) -> str:
     return common_pb2.Reason.Name(value)
 
 
+def _issue_request(subject: str, audience: str | Sequence[str], tenant: str,
+                   lifetime_seconds: int, claims: dict[str, Any] | None, scope: str,
+                   client_id: str) -> token_service_pb2.IssueRequest:
+    return token_service_pb2.IssueRequest(
+        tenant=tenant, subject=subject,
+        audience=[audience] if isinstance(audience, str) else list(audience),
+        lifetime_seconds=lifetime_seconds, extra_claims_json=json.dumps(claims) if claims else "",
+        scope=scope, client_id=client_id,
+    )
+
+
 def _revoke_request(token: str, jti: str, subject: str, issued_before: int, kid: str,
                     tenant: str, expires_at: int, reason: str) -> token_service_pb2.RevokeRequest:
     req = token_service_pb2.RevokeRequest(tenant=tenant, expires_at=expires_at, reason=reason)
@@ -81,12 +92,8 @@ class FedtokenClient:
     def issue(self, subject: str, audience: str | Sequence[str], *, tenant: str = "",
               lifetime_seconds: int = 0, claims: dict[str, Any] | None = None,
               scope: str = "", client_id: str = "") -> token_service_pb2.IssueResponse:
-        aud = [audience] if isinstance(audience, str) else list(audience)
-        return self._call(self.tokens.Issue, token_service_pb2.IssueRequest(
-            tenant=tenant, subject=subject, audience=aud, lifetime_seconds=lifetime_seconds,
-            extra_claims_json=json.dumps(claims) if claims else "", scope=scope,
-            client_id=client_id,
-        ))
+        return self._call(self.tokens.Issue, _issue_request(
+            subject, audience, tenant, lifetime_seconds, claims, scope, client_id))
 
     def verify(self, token: str, audience: str, *, issuer: str = "",
                tenant: str = "") -> Verdict:
@@ -173,11 +180,9 @@ class AsyncFedtokenClient:
 
     async def issue(self, subject: str, audience: str | Sequence[str], *, tenant: str = "",
                     lifetime_seconds: int = 0, claims: dict[str, Any] | None = None,
-                    ) -> token_service_pb2.IssueResponse:
-        aud = [audience] if isinstance(audience, str) else list(audience)
-        return await self._call(self.tokens.Issue, token_service_pb2.IssueRequest(
-            tenant=tenant, subject=subject, audience=aud, lifetime_seconds=lifetime_seconds,
-            extra_claims_json=json.dumps(claims) if claims else ""))
+                    scope: str = "", client_id: str = "") -> token_service_pb2.IssueResponse:
+        return await self._call(self.tokens.Issue, _issue_request(
+            subject, audience, tenant, lifetime_seconds, claims, scope, client_id))
 
     async def verify(self, token: str, audience: str, *, issuer: str = "",
                      tenant: str = "") -> Verdict:
