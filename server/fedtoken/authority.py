@@ -218,8 +218,10 @@ class Authority:
     async def _tenant(self, tenant_id: str) -> Tenant:
         tid = tenant_id or self.settings.default_tenant
         tenant = self._tenants.get(tid)
-        if tenant is None:
-            # Another replica may have created it a moment ago.
+        # Another replica may have created it a moment ago (tenant inserts are
+        # not notified). Names reach here from unauthenticated HTTP paths, so a
+        # miss costs at most one key lookup; only a real new tenant reloads.
+        if tenant is None and _TENANT_ID.match(tid) and await self.store.get_tenant(tid):
             await self.reload_keys()
             tenant = self._tenants.get(tid)
         if tenant is None:
