@@ -102,11 +102,6 @@ _MALFORMED: Final = Verdict(False, Reason.MALFORMED)
 _PARSE_ERRORS: Final = (ValueError, TypeError, RecursionError)
 
 
-def _reason_of(exc: TokenError) -> Reason:
-    reason = exc.verdict_reason
-    return reason if isinstance(reason, Reason) else Reason.MALFORMED
-
-
 def _log_unexpected(exc: Exception) -> None:
     # The exception's message may quote the token, so only its type and the
     # stack are logged.
@@ -508,7 +503,7 @@ class VerificationEngine:
                 # The issuer's own allowlist is applied below, once it is known.
                 parsed = check_header(jws.header, ASYMMETRIC_ALGORITHMS)
             except TokenError as exc:
-                return Verdict(False, _reason_of(exc))
+                return Verdict(False, exc.verdict_reason)
             headers = self._headers
             if len(headers) >= HEADER_CACHE_SIZE:
                 headers.clear()
