@@ -22,7 +22,7 @@ from aiohttp import web
 from fedtoken.audit import AuditWriter
 from fedtoken.authority import Authority
 from fedtoken.config import Settings
-from fedtoken.errors import HsmUnavailable
+from fedtoken.core.errors import HsmUnavailable
 from fedtoken.hsm import HsmConfig, Pkcs11Hsm
 from fedtoken.hsm.devtoken import ensure_dev_token, find_softhsm_module
 from fedtoken.http.bridge import GrpcKeySource, create_http_app

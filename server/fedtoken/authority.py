@@ -1,7 +1,7 @@
 """The token authority's use cases, independent of gRPC and HTTP.
 
 The gRPC servicers and the HTTP bridge translate requests into calls on
-``Authority`` and its results back; errors are ``fedtoken.errors`` types and
+``Authority`` and its results back; errors are ``fedtoken.core.errors`` types and
 are mapped to statuses at the RPC boundary.
 
 Promises kept here:
@@ -43,7 +43,7 @@ from fedtoken.core.model import (
     Verdict,
 )
 from fedtoken.core.ports import Clock, SystemClock
-from fedtoken.errors import (
+from fedtoken.core.errors import (
     AlreadyExists,
     ErrorReason,
     FailedPrecondition,
@@ -56,7 +56,7 @@ from fedtoken.errors import (
 from fedtoken.hsm import Pkcs11Hsm
 from fedtoken.revocation import InMemoryRevocationView, RevocationEntry
 from fedtoken.store import Store
-from fedtoken.store.audit import AuditEvent, AuditRecord, ChainReport
+from fedtoken.core.audit import AuditEvent, AuditRecord, ChainReport
 from fedtoken.verifier import LocalKeyResolver, VerificationEngine
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedtoken.errors import InvalidRequest
+from fedtoken.core.errors import InvalidRequest
 
 
 @dataclass(frozen=True)

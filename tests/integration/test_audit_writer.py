@@ -27,7 +27,7 @@ from fedtoken.audit import (
     encode_record,
 )
 from fedtoken.core.model import Reason, Verdict
-from fedtoken.errors import AuditUnavailable, ErrorReason
+from fedtoken.core.errors import AuditUnavailable, ErrorReason
 from fedtoken.store import AuditEvent, AuditRecord, ChainProblem, Store, apply_migrations
 from fedtoken.store import create_pool as store_pool
 from fedtoken.store.embedded import EmbeddedPostgres

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
 from cryptography.hazmat.primitives.hashes import SHA256
 
-from fedtoken.errors import ErrorReason, HsmUnavailable, InvalidRequest, PolicyViolation
+from fedtoken.core.errors import ErrorReason, HsmUnavailable, InvalidRequest, PolicyViolation
 from fedtoken.hsm import LABEL_PREFIX, GeneratedKey, HsmConfig, Pkcs11Hsm
 from fedtoken.hsm.devtoken import DevToken, ensure_dev_token
 from tests._hsm_fixture import hsm_devtoken  # noqa: F401
@@ -151,7 +151,7 @@ def test_a_wrong_pin_is_unavailable_and_never_shown(hsm_devtoken: DevToken) -> N
         """
         import os, traceback
         from fedtoken.hsm import HsmConfig, Pkcs11Hsm
-        from fedtoken.errors import HsmUnavailable
+        from fedtoken.core.errors import HsmUnavailable
         config = HsmConfig(os.environ["MODULE"], os.environ["LABEL"], os.environ["PIN"])
         try:
             Pkcs11Hsm(config).open()

@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from fedtoken.core.model import KeyRecord, KeyState, Tenant, TenantPolicy
-from fedtoken.errors import (
+from fedtoken.core.errors import (
     AlreadyExists,
     ErrorReason,
     FailedPrecondition,
@@ -31,7 +31,7 @@ from fedtoken.store import (
     apply_migrations,
     create_pool,
 )
-from fedtoken.store.audit import GENESIS_HASH
+from fedtoken.core.audit import GENESIS_HASH
 from fedtoken.store.embedded import EmbeddedPostgres
 from tests._pg_fixture import create_database, drop_database
 

@@ -15,7 +15,7 @@ from fedtoken.core.claims import (
     validate_extra_claims,
 )
 from fedtoken.core.model import Reason
-from fedtoken.errors import ErrorReason, InvalidRequest
+from fedtoken.core.errors import ErrorReason, InvalidRequest
 
 NOW = 1_800_000_000
 AUD = "api://orders"

@@ -22,7 +22,7 @@ from fedtoken.core.model import (
     TenantPolicy,
     Verdict,
 )
-from fedtoken.errors import PolicyViolation
+from fedtoken.core.errors import PolicyViolation
 from fedtoken.verifier import ChainedKeyResolver, LocalKeyResolver, VerificationEngine
 from tests.unit._world import (
     AUDIENCE,

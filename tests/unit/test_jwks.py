@@ -10,7 +10,7 @@ import pytest
 
 from fedtoken.core.jwks import etag, parse_trusted_jwks, render_jwks
 from fedtoken.core.model import KeyState
-from fedtoken.errors import PolicyViolation
+from fedtoken.core.errors import PolicyViolation
 from tests.unit._world import record, rsa_key
 
 

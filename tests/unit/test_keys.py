@@ -19,7 +19,7 @@ from fedtoken.core.keys import (
     next_actions,
 )
 from fedtoken.core.model import KeyRecord, KeyState
-from fedtoken.errors import ErrorReason, FailedPrecondition, PolicyViolation
+from fedtoken.core.errors import ErrorReason, FailedPrecondition, PolicyViolation
 from tests.unit._world import rsa_key
 
 S = KeyState

@@ -16,7 +16,7 @@ from fedtoken.core import jose
 from fedtoken.core.claims import check_claims
 from fedtoken.core.jwk import b64url_decode, b64url_encode
 from fedtoken.core.model import Reason
-from fedtoken.errors import TokenError
+from fedtoken.core.errors import TokenError
 from tests.unit._world import NOW, World, make_world
 
 SETTINGS = settings(

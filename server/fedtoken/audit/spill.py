@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
-from fedtoken.store.audit import AuditEvent
+from fedtoken.core.audit import AuditEvent
 
 log = logging.getLogger(__name__)
 

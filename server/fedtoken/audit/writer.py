@@ -77,8 +77,8 @@ from fedtoken.audit.spill import (
     SpillRecord,
     encode_record,
 )
-from fedtoken.errors import AuditUnavailable, FedtokenError, StoreUnavailable
-from fedtoken.store.audit import AuditEvent
+from fedtoken.core.errors import AuditUnavailable, FedtokenError, StoreUnavailable
+from fedtoken.core.audit import AuditEvent
 from fedtoken.store.repo import AuditCommitUncertain, Store
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from fedtoken.errors import FedtokenError
+from fedtoken.core.errors import FedtokenError
 from fedtoken_client import FedtokenClient, FedtokenRpcError
 
 DEFAULT_TARGET = "127.0.0.1:50051"

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from fedtoken.core.jose import loads_strict
 from fedtoken.core.model import Reason
-from fedtoken.errors import ErrorReason, InvalidRequest
+from fedtoken.core.errors import ErrorReason, InvalidRequest
 
 DEFAULT_REQUIRED: Final = ("iss", "sub", "exp", "iat", "jti")
 # 9999-12-31T23:59:59Z: the largest instant most platforms can represent;

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from fedtoken.core.jwk import b64url_decode, b64url_encode
 from fedtoken.core.model import ASYMMETRIC_ALGORITHMS, Reason
-from fedtoken.errors import TokenError
+from fedtoken.core.errors import TokenError
 
 DEFAULT_MAX_TOKEN_SIZE: Final = 16384
 MAX_KID_LENGTH: Final = 256

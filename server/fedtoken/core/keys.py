@@ -17,8 +17,14 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
 
 from fedtoken.core.jose import b64url_decode_strict
-from fedtoken.core.model import ASYMMETRIC_ALGORITHMS, MIN_RSA_BITS, KeyRecord, KeyState
-from fedtoken.errors import ErrorReason, FailedPrecondition, PolicyViolation
+from fedtoken.core.model import (
+    ASYMMETRIC_ALGORITHMS,
+    MAX_RSA_BITS,
+    MIN_RSA_BITS,
+    KeyRecord,
+    KeyState,
+)
+from fedtoken.core.errors import InvalidKeyTransition, PolicyViolation
 
 _S = KeyState
 ALLOWED_TRANSITIONS: Final[Mapping[KeyState, frozenset[KeyState]]] = {
@@ -36,10 +42,9 @@ ALLOWED_TRANSITIONS: Final[Mapping[KeyState, frozenset[KeyState]]] = {
 def check_transition(current: KeyState, target: KeyState) -> None:
     """Raise FailedPrecondition unless ``current -> target`` is allowed."""
     if target not in ALLOWED_TRANSITIONS[current]:
-        raise FailedPrecondition(
+        raise InvalidKeyTransition(
             f"a {current.value} key cannot become {target.value}; "
-            "list the key's state and follow pending -> active -> retiring -> retired",
-            reason=ErrorReason.INVALID_KEY_TRANSITION,
+            "list the key's state and follow pending -> active -> retiring -> retired"
         )
 
 
@@ -153,7 +158,6 @@ PRIVATE_RSA_MEMBERS: Final = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth"})
 # federated key of 64k bits or a 4096-bit exponent would turn each verify
 # into milliseconds. FIPS 186-5 bounds e below 2**256; 8192-bit moduli cover
 # every RSA key in real use.
-MAX_RSA_BITS: Final = 8192
 MAX_RSA_EXPONENT_BITS: Final = 256
 
 

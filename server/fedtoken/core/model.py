@@ -61,7 +61,9 @@ ASYMMETRIC_ALGORITHMS: frozenset[str] = frozenset(
 )
 # Algorithms the HSM adapter signs with.
 SIGNING_ALGORITHMS: frozenset[str] = frozenset({"RS256"})
+# RSA modulus bounds, for keys we generate and keys we trust (one copy).
 MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 8192
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,22 +1,35 @@
-"""Seams between the core and the adapters, as Protocols.
+"""Seams between the service layer and the adapters, as Protocols.
 
-The verification engine depends on these only; adapters implement them
-(local tenants from Postgres, later federated issuers; the in-memory
-revocation view; the audit writer; the PKCS#11 signer).
+The service layer (``fedtoken.service``) and the verification engine depend
+on these only. Adapters implement them: the PKCS#11 signer (``hsm``), the
+Postgres repositories (``store``), the audit writer (``audit``), the local key
+resolver and the in-memory revocation view (``verifier``, ``revocation``).
+Unit tests implement them in memory (``tests/unit/fakes.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from fedtoken.core.model import KeyState, Reason
+from fedtoken.core.audit import AuditEvent, AuditRecord, ChainReport
+from fedtoken.core.model import KeyRecord, KeyState, Reason, Tenant, Verdict
+
+T = TypeVar("T")
+
+
+# --- time -------------------------------------------------------------------------
 
 
 class Clock(Protocol):
+    """The one source of "now" for every rule (never the database's now())."""
+
     def now(self) -> float:
         """Seconds since the epoch."""
         ...
@@ -24,9 +37,80 @@ class Clock(Protocol):
 
 class SystemClock:
     def now(self) -> float:
-        import time
-
         return time.time()
+
+
+# --- who is calling ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, as the transport established it.
+
+    ``identity`` is set only by an authenticating boundary (the mTLS
+    interceptor fills it with a SPIFFE ID); until then it is empty and the
+    caller is only known by its peer address. ``declared`` is whatever name
+    the caller typed into metadata: recorded, never trusted.
+    """
+
+    identity: str = ""
+    peer: str = ""
+    declared: str = ""
+
+    @property
+    def actor(self) -> str:
+        """The audit actor: the verified identity when there is one."""
+        if self.identity:
+            return self.identity
+        return f"{self.declared}@{self.peer}" if self.declared else self.peer
+
+
+SYSTEM = Principal(identity="fedtoken:system")
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """One service call: who asks, and the request id to correlate logs and audit."""
+
+    principal: Principal = SYSTEM
+    request_id: str = ""
+
+    @property
+    def actor(self) -> str:
+        return self.principal.actor
+
+
+# --- signing ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedKey:
+    """A key pair just created in the HSM; only public material leaves it."""
+
+    kid: str
+    hsm_label: str
+    public_jwk: dict[str, Any]
+    key_size: int
+    alg: str = "RS256"
+
+
+class Signer(Protocol):
+    """Signs with private keys that never leave the HSM."""
+
+    async def sign(self, hsm_label: str, kid: str, inputs: Sequence[bytes]) -> list[bytes]:
+        """RS256 (RSASSA-PKCS1-v1_5 with SHA-256) signatures, one per input."""
+        ...
+
+    async def generate(self, tenant: str, bits: int) -> GeneratedKey:
+        """A new sign-only, non-extractable RSA key pair for ``tenant``."""
+        ...
+
+    async def destroy(self, hsm_label: str) -> None:
+        """Destroy the key pair (C_DestroyObject); idempotent."""
+        ...
+
+
+# --- verification -----------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +156,13 @@ class KeyResolver(Protocol):
         ...
 
 
+class KeyTable(Protocol):
+    """Where the catalog installs each new snapshot of tenants and keys
+    (the local key resolver)."""
+
+    def replace(self, tenants: Iterable[Tenant], keys: Iterable[KeyRecord]) -> None: ...
+
+
 class RevocationView(Protocol):
     """In-memory revocation state with a freshness watermark."""
 
@@ -83,9 +174,146 @@ class RevocationView(Protocol):
         ...
 
 
-class Signer(Protocol):
-    """Signs JWS signing inputs with a private key that never leaves the HSM."""
+@dataclass(frozen=True, slots=True)
+class RevocationEntry:
+    """One revocation as the in-memory view holds it (times in Unix seconds)."""
 
-    def sign_many(self, hsm_label: str, kid: str, inputs: Sequence[bytes]) -> list[bytes]:
-        """RS256 (RSASSA-PKCS1-v1_5 with SHA-256) signatures, one per input."""
+    tenant: str
+    kind: str  # "jti" | "subject" | "key"
+    value: str
+    expires_at: int
+    not_before: int = 0  # subjects: tokens issued before this are revoked
+
+
+class LocalRevocations(Protocol):
+    """The part of the in-memory view the service writes: a revocation made
+    here is enforced here at once, before any notification comes back."""
+
+    def add(self, entry: RevocationEntry) -> None: ...
+
+    def purge_expired(self) -> int: ...
+
+
+class Verifier(Protocol):
+    """The verification engine as the service uses it."""
+
+    def verify(self, token: str, expect: Any) -> Verdict: ...
+
+    async def verify_batch(self, tokens: Sequence[str], expect: Any) -> list[Verdict]: ...
+
+
+# --- audit ------------------------------------------------------------------------
+
+
+class AuditSink(Protocol):
+    """Where audit events go. Durable means committed in Postgres or fsync'ed
+    to the spill before the call returns; AuditUnavailable otherwise."""
+
+    async def record(self, event: AuditEvent) -> None:
+        """Make ``event`` durable before returning."""
         ...
+
+    async def record_with(
+        self, event: AuditEvent, write: Callable[[AuditEvent | None], Awaitable[T]]
+    ) -> T:
+        """Run ``write`` and make ``event`` durable with it: ``write`` receives
+        the event when it should append it in its own transaction (atomic with
+        the change), or None when the sink records it itself afterwards."""
+        ...
+
+    async def record_soon(self, event: AuditEvent) -> None:
+        """Queue ``event`` off the request path (waits only for queue room)."""
+        ...
+
+    async def record_verifications(
+        self, tenant: str, actor: str, request_id: str, verdicts: Sequence[Verdict]
+    ) -> None:
+        """Queue compact verification entries (waits only for queue room)."""
+        ...
+
+
+# --- persistence ------------------------------------------------------------------
+
+
+class TenantRepository(Protocol):
+    async def create(self, tenant: Tenant, *, now: datetime) -> Tenant: ...
+
+    async def get(self, tenant_id: str) -> Tenant | None: ...
+
+    async def list(self) -> list[Tenant]: ...
+
+
+class KeyRepository(Protocol):
+    async def insert(self, key: KeyRecord) -> KeyRecord: ...
+
+    async def list(self, tenant_id: str | None = None) -> list[KeyRecord]: ...
+
+    async def get(self, kid: str) -> KeyRecord | None: ...
+
+    async def set_state(
+        self, kid: str, state: KeyState, *, expected: Iterable[KeyState], now: datetime
+    ) -> KeyRecord: ...
+
+    async def activate(self, tenant_id: str, kid: str, *, now: datetime) -> KeyRecord: ...
+
+
+class RevocationRepository(Protocol):
+    async def revoke(
+        self,
+        tenant_id: str,
+        kind: str,
+        value: str,
+        *,
+        expires_at: datetime,
+        now: datetime,
+        not_before: datetime | None = None,
+        reason: str = "",
+        actor: str = "",
+        audit: AuditEvent | None = None,
+    ) -> tuple[bool, datetime]: ...
+
+    async def is_revoked(
+        self, tenant_id: str, jti: str, subject: str, issued_at: int, kid: str, *, now: datetime
+    ) -> bool: ...
+
+    def iter_active(
+        self, now: datetime, *, chunk: int = 20_000
+    ) -> AsyncIterator[list[tuple[str, str, str, int, int]]]: ...
+
+    async def purge_expired(self, now: datetime) -> int: ...
+
+
+class AuditLog(Protocol):
+    async def list(
+        self,
+        *,
+        tenant: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        event_type: str | None = None,
+        subject: str | None = None,
+        after_seq: int = 0,
+        limit: int = 100,
+    ) -> list[AuditRecord]: ...
+
+    async def verify_chain(self) -> ChainReport: ...
+
+
+class Store(Protocol):
+    """The repositories, over a pool or (inside ``transaction()``) one connection."""
+
+    @property
+    def tenants(self) -> TenantRepository: ...
+
+    @property
+    def keys(self) -> KeyRepository: ...
+
+    @property
+    def revocations(self) -> RevocationRepository: ...
+
+    @property
+    def audit(self) -> AuditLog: ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Store]: ...
+
+    def advisory_lock(self, key: int) -> AbstractAsyncContextManager[None]: ...

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtoken.errors import FedtokenError, HsmUnavailable, InvalidRequest
+from fedtoken.core.errors import FedtokenError, HsmUnavailable, InvalidRequest
 
 if TYPE_CHECKING:
     from fedtoken.hsm.pkcs11 import HsmConfig

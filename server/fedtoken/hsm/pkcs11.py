@@ -64,7 +64,7 @@ from pkcs11.exceptions import (
 
 from fedtoken.core.jwk import rsa_public_jwk, rsa_thumbprint
 from fedtoken.core.model import MIN_RSA_BITS
-from fedtoken.errors import HsmUnavailable, InvalidRequest, PolicyViolation
+from fedtoken.core.errors import HsmUnavailable, InvalidRequest, PolicyViolation
 
 __all__ = ["LABEL_PREFIX", "GeneratedKey", "HsmConfig", "Pkcs11Hsm"]
 

@@ -24,9 +24,9 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from fedtoken.core.model import Reason
+from fedtoken.core.ports import RevocationEntry
 
 _BUCKET_SECONDS = 60
 _TOP = 1 << 63  # set in every stored digest, so a stored value is never EMPTY or TOMBSTONE
@@ -36,17 +36,6 @@ _MAX_FILL = 0.6  # live + tombstones, as a fraction of the slots, before a rebui
 _TARGET_FILL = 0.4  # live entries after a rebuild
 _MIN_SLOTS = 1024
 _U32_MAX = 0xFFFF_FFFF
-
-
-@dataclass(frozen=True, slots=True)
-class RevocationEntry:
-    """One revocation as the store lists it and notifications carry it."""
-
-    tenant: str
-    kind: str  # "jti", "subject" or "key"
-    value: str
-    expires_at: int  # unix seconds; the entry may be forgotten after it
-    not_before: int = 0  # subject: tokens issued before this are revoked
 
 
 def jti_digest(tenant: str, jti: str) -> int:

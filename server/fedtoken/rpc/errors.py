@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from fedtoken.errors import ErrorReason, FedtokenError, StatusClass
+from fedtoken.core.errors import ErrorReason, FedtokenError, StatusClass
 from fedtoken_client._pb.fedtoken.v1 import common_pb2
 
 log = logging.getLogger("fedtoken.rpc")

@@ -18,7 +18,7 @@ from fedtoken.core.model import (
 )
 from fedtoken.rpc.convert import REASON_PB, verdict_pb, verify_batch_response
 from fedtoken.rpc.errors import request_id_of, rpc_boundary
-from fedtoken.store.audit import AuditRecord
+from fedtoken.core.audit import AuditRecord
 from fedtoken_client._pb.fedtoken.v1 import (
     common_pb2,
     key_admin_pb2,

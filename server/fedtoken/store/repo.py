@@ -30,7 +30,7 @@ from typing import Any, Final
 import asyncpg
 
 from fedtoken.core.model import KeyRecord, KeyState, Tenant, TenantPolicy
-from fedtoken.errors import (
+from fedtoken.core.errors import (
     AlreadyExists,
     ErrorReason,
     FailedPrecondition,
@@ -39,7 +39,7 @@ from fedtoken.errors import (
     NotFound,
     StoreUnavailable,
 )
-from fedtoken.store.audit import (
+from fedtoken.core.audit import (
     GENESIS_HASH,
     AuditEvent,
     AuditRecord,

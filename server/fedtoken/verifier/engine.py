@@ -47,7 +47,7 @@ from fedtoken.core.jose import (
 from fedtoken.core.jwk import b64url_decode
 from fedtoken.core.model import ASYMMETRIC_ALGORITHMS, Expectation, KeyState, Reason, Verdict
 from fedtoken.core.ports import Clock, KeyResolver, RevocationView, VerificationKey
-from fedtoken.errors import TokenError
+from fedtoken.core.errors import TokenError
 
 log = logging.getLogger(__name__)
 

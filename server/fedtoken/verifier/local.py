@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from fedtoken.core.keys import load_rsa_public_key
 from fedtoken.core.model import ASYMMETRIC_ALGORITHMS, KeyRecord, KeyState, Tenant
 from fedtoken.core.ports import IssuerKeys, KeyResolver, VerificationKey
-from fedtoken.errors import PolicyViolation
+from fedtoken.core.errors import PolicyViolation
 
 log = logging.getLogger(__name__)
 

@@ -48,6 +48,11 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALID_TOKEN: _ClassVar[ErrorReason]
     INTERNAL_ERROR: _ClassVar[ErrorReason]
     POLICY_VIOLATION: _ClassVar[ErrorReason]
+    NOT_FOUND: _ClassVar[ErrorReason]
+    ALREADY_EXISTS: _ClassVar[ErrorReason]
+    FAILED_PRECONDITION: _ClassVar[ErrorReason]
+    UNAVAILABLE: _ClassVar[ErrorReason]
+    UNAUTHENTICATED: _ClassVar[ErrorReason]
 
 class KeyState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -96,6 +101,11 @@ PERMISSION_DENIED: ErrorReason
 INVALID_TOKEN: ErrorReason
 INTERNAL_ERROR: ErrorReason
 POLICY_VIOLATION: ErrorReason
+NOT_FOUND: ErrorReason
+ALREADY_EXISTS: ErrorReason
+FAILED_PRECONDITION: ErrorReason
+UNAVAILABLE: ErrorReason
+UNAUTHENTICATED: ErrorReason
 KEY_STATE_UNSPECIFIED: KeyState
 PENDING: KeyState
 ACTIVE: KeyState

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a sibling in core: no upward import
     from fedtoken.core.model import Reason
 
 
@@ -53,6 +53,13 @@ class ErrorReason(enum.Enum):
     INVALID_TOKEN = "INVALID_TOKEN"  # noqa: S105 - a reason code
     INTERNAL_ERROR = "INTERNAL_ERROR"
     POLICY_VIOLATION = "POLICY_VIOLATION"
+    # Generic reasons of the generic classes; raise sites name a specific one
+    # whenever they know it.
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
 
 
 class FedtokenError(Exception):
@@ -96,23 +103,47 @@ class PolicyViolation(InvalidRequest):
 
 
 class NotFound(FedtokenError):
-    """A named tenant or key does not exist."""
+    """A named thing does not exist."""
 
     status = StatusClass.NOT_FOUND
+    reason = ErrorReason.NOT_FOUND
+
+
+class TenantNotFound(NotFound):
+    """The named tenant does not exist."""
+
     reason = ErrorReason.TENANT_NOT_FOUND
+
+
+class KeyNotFound(NotFound):
+    """The named key does not exist (for that tenant)."""
+
+    reason = ErrorReason.KEY_NOT_FOUND
 
 
 class AlreadyExists(FedtokenError):
     """The thing to create exists already."""
 
     status = StatusClass.ALREADY_EXISTS
+    reason = ErrorReason.ALREADY_EXISTS
+
+
+class TenantExists(AlreadyExists):
+    """A tenant with this id or issuer exists already."""
+
     reason = ErrorReason.TENANT_EXISTS
 
 
 class FailedPrecondition(FedtokenError):
-    """The system's state does not allow the operation (e.g. key transition)."""
+    """The system's state does not allow the operation."""
 
     status = StatusClass.FAILED_PRECONDITION
+    reason = ErrorReason.FAILED_PRECONDITION
+
+
+class InvalidKeyTransition(FailedPrecondition):
+    """The key's state does not allow the requested transition."""
+
     reason = ErrorReason.INVALID_KEY_TRANSITION
 
 
@@ -127,7 +158,7 @@ class Unauthenticated(FedtokenError):
     """The caller did not prove who it is."""
 
     status = StatusClass.UNAUTHENTICATED
-    reason = ErrorReason.PERMISSION_DENIED
+    reason = ErrorReason.UNAUTHENTICATED
 
 
 # --- a dependency failed (the operation did not happen) -----------------------
@@ -137,7 +168,7 @@ class Unavailable(FedtokenError):
     """A dependency is down; nothing was changed, retrying may succeed."""
 
     status = StatusClass.UNAVAILABLE
-    reason = ErrorReason.STORE_UNAVAILABLE
+    reason = ErrorReason.UNAVAILABLE
 
 
 class HsmUnavailable(Unavailable):
