@@ -1,6 +1,6 @@
 """Peak memory of a full revocation resync: N active jti revocations in a
 private embedded Postgres, streamed into a fresh InMemoryRevocationView the
-way a replica resyncs (``Store.iter_revocations`` + ``SnapshotBuilder``).
+way a replica resyncs (``PgStore.revocations.iter_active`` + ``SnapshotBuilder``).
 
     python -m bench.resync_memory [N]      (default 1,000,000)
 
@@ -50,7 +50,7 @@ async def _fill(dsn: str, n: int) -> None:
 
 async def _measure(dsn: str) -> str:
     from fedtoken.revocation.view import InMemoryRevocationView, RevocationEntry, SnapshotBuilder
-    from fedtoken.store import Store, create_pool
+    from fedtoken.store import PgStore, create_pool
 
     pool = await create_pool(dsn)
     try:
@@ -58,7 +58,7 @@ async def _measure(dsn: str) -> str:
         started = time.perf_counter()
         view = InMemoryRevocationView(staleness=5)
         builder = SnapshotBuilder()
-        async for chunk in Store(pool).iter_revocations(datetime.now(UTC)):
+        async for chunk in PgStore(pool).revocations.iter_active(datetime.now(UTC)):
             for row in chunk:
                 builder.add(RevocationEntry(*row))
         view.install(builder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -15,23 +16,26 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from fedtoken.core.model import KeyRecord, KeyState, Tenant, TenantPolicy
+from fedtoken.core.audit import GENESIS_HASH
 from fedtoken.core.errors import (
     AlreadyExists,
     ErrorReason,
-    FailedPrecondition,
+    InvalidKeyTransition,
     InvalidRequest,
-    NotFound,
+    KeyNotFound,
     StoreUnavailable,
+    TenantExists,
+    TenantNotFound,
 )
+from fedtoken.core.model import KeyRecord, KeyState, Tenant, TenantPolicy
 from fedtoken.store import (
+    EVENTS_CHANNEL,
     AuditEvent,
     ChainProblem,
-    Store,
+    PgStore,
     apply_migrations,
     create_pool,
 )
-from fedtoken.core.audit import GENESIS_HASH
 from fedtoken.store.embedded import EmbeddedPostgres
 from tests._pg_fixture import create_database, drop_database
 
@@ -44,14 +48,14 @@ pytestmark = pytest.mark.integration
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def pool(fresh_dsn: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await create_pool(fresh_dsn, min_size=1, max_size=10)
-    assert await apply_migrations(pool) == [1]
+    assert await apply_migrations(pool) == [1, 2]
     yield pool
     await pool.close()
 
 
 @pytest.fixture
-def store(pool: asyncpg.Pool) -> Store:
-    return Store(pool)
+def store(pool: asyncpg.Pool) -> PgStore:
+    return PgStore(pool)
 
 
 @pytest.fixture
@@ -75,13 +79,26 @@ def _slug() -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
 
 
-async def _tenant(store: Store) -> Tenant:
+def _now() -> datetime:
+    """The caller's clock: every rule of the store takes its "now" from here."""
+    return datetime.now(UTC)
+
+
+def _epoch(ts: datetime) -> int:
+    return int(ts.timestamp())
+
+
+async def _tenant(store: PgStore) -> Tenant:
     tid = _slug()
-    return await store.create_tenant(Tenant(id=tid, issuer=f"https://{tid}.example"))
+    return await store.tenants.create(Tenant(id=tid, issuer=f"https://{tid}.example"), now=_now())
 
 
-def _key(tenant: str, state: KeyState = KeyState.PENDING, created_at: int = 0) -> KeyRecord:
+def _key(
+    tenant: str, state: KeyState = KeyState.PENDING, created_at: int | None = None
+) -> KeyRecord:
     kid = uuid.uuid4().hex
+    if created_at is None:
+        created_at = _epoch(_now())
     return KeyRecord(
         kid=kid,
         tenant=tenant,
@@ -111,10 +128,10 @@ def _in(days: float = 1) -> datetime:
 async def test_migrations_apply_once_and_are_idempotent(own_db: str) -> None:
     conn = await asyncpg.connect(own_db)
     try:
-        assert await apply_migrations(conn) == [1]
+        assert await apply_migrations(conn) == [1, 2]
         assert await apply_migrations(conn) == []
-        rows = await conn.fetch("SELECT version, name FROM schema_migrations")
-        assert [(r["version"], r["name"]) for r in rows] == [(1, "init")]
+        rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        assert [(r["version"], r["name"]) for r in rows] == [(1, "init"), (2, "tenant_notify")]
         head = await conn.fetchrow("SELECT seq, hash FROM audit_head")
         assert (head["seq"], bytes(head["hash"])) == (0, GENESIS_HASH)
     finally:
@@ -125,8 +142,8 @@ async def test_migrations_race_between_replicas(own_db: str) -> None:
     conns = [await asyncpg.connect(own_db) for _ in range(3)]
     try:
         results = await asyncio.gather(*(apply_migrations(c) for c in conns))
-        assert sorted(results) == [[], [], [1]]
-        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 1
+        assert sorted(results) == [[], [], [1, 2]]
+        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 2
     finally:
         for c in conns:
             await c.close()
@@ -135,7 +152,7 @@ async def test_migrations_race_between_replicas(own_db: str) -> None:
 # --- tenants --------------------------------------------------------------------
 
 
-async def test_tenant_crud(store: Store) -> None:
+async def test_tenant_crud(store: PgStore) -> None:
     tid = _slug()
     policy = TenantPolicy(
         max_token_lifetime_seconds=7200,
@@ -143,163 +160,212 @@ async def test_tenant_crud(store: Store) -> None:
         allowed_algorithms=("RS256", "PS256"),
         key_size=3072,
     )
-    created = await store.create_tenant(Tenant(id=tid, issuer=f"https://{tid}.x", policy=policy))
+    now = _now() - timedelta(days=3)  # the caller's clock, not the database's
+    created = await store.tenants.create(
+        Tenant(id=tid, issuer=f"https://{tid}.x", policy=policy), now=now
+    )
     assert created.policy == policy
-    assert abs(created.created_at - datetime.now(UTC).timestamp()) < 60
-    assert await store.get_tenant(tid) == created
-    assert await store.get_tenant_by_issuer(f"https://{tid}.x") == created
-    assert await store.get_tenant("nope") is None
-    assert await store.get_tenant_by_issuer("https://nope") is None
-    listed = await store.list_tenants()
+    assert created.created_at == _epoch(now)
+    assert await store.tenants.get(tid) == created
+    assert await store.tenants.get("nope") is None
+    listed = await store.tenants.list()
     assert created in listed
+    assert [t for t in listed if t.issuer == f"https://{tid}.x"] == [created]
     assert [t.id for t in listed] == sorted(t.id for t in listed)
 
 
-async def test_tenant_exists(store: Store) -> None:
+async def test_tenant_exists(store: PgStore) -> None:
     t = await _tenant(store)
-    with pytest.raises(AlreadyExists) as same_id:
-        await store.create_tenant(Tenant(id=t.id, issuer="https://other.example"))
+    with pytest.raises(TenantExists) as same_id:
+        await store.tenants.create(Tenant(id=t.id, issuer="https://other.example"), now=_now())
     assert same_id.value.reason is ErrorReason.TENANT_EXISTS
     assert same_id.value.field == "id"
-    with pytest.raises(AlreadyExists) as same_issuer:
-        await store.create_tenant(Tenant(id=_slug(), issuer=t.issuer))
+    with pytest.raises(TenantExists) as same_issuer:
+        await store.tenants.create(Tenant(id=_slug(), issuer=t.issuer), now=_now())
     assert same_issuer.value.reason is ErrorReason.TENANT_EXISTS
     assert same_issuer.value.field == "issuer"
 
 
-async def test_tenant_id_must_be_a_slug(store: Store) -> None:
+async def test_tenant_id_must_be_a_slug(store: PgStore) -> None:
     with pytest.raises(InvalidRequest):
-        await store.create_tenant(Tenant(id="Not_A_Slug", issuer="https://slug.example"))
+        await store.tenants.create(Tenant(id="Not_A_Slug", issuer="https://slug.example"),
+                                   now=_now())
+    with pytest.raises(InvalidRequest) as naive:
+        await store.tenants.create(Tenant(id=_slug(), issuer="https://naive.example"),
+                                   now=datetime.now())  # naive: refused
+    assert naive.value.field == "now"
 
 
 # --- keys -----------------------------------------------------------------------
 
 
-async def test_keys_insert_list_get(store: Store) -> None:
+async def test_keys_insert_list_get(store: PgStore) -> None:
     t = await _tenant(store)
     other = await _tenant(store)
-    now = int(datetime.now(UTC).timestamp())
-    old = await store.insert_key(_key(t.id, created_at=now - 100))
-    new = await store.insert_key(_key(t.id))
-    foreign = await store.insert_key(_key(other.id))
+    now = _epoch(_now())
+    old = await store.keys.insert(_key(t.id, created_at=now - 100))
+    new = await store.keys.insert(_key(t.id, created_at=now))
+    foreign = await store.keys.insert(_key(other.id))
     assert old.created_at == now - 100 and old.state is KeyState.PENDING
+    assert new.created_at == now
     assert new.public_jwk["kid"] == new.kid
-    assert await store.list_keys(t.id) == [new, old]
-    everything = await store.list_keys()
+    assert await store.keys.list(t.id) == [new, old]
+    everything = await store.keys.list()
     assert all(k in everything for k in (old, new, foreign))
     assert everything == sorted(everything, key=lambda k: k.created_at, reverse=True)
-    assert await store.get_key(new.kid) == new
-    assert await store.get_key("missing") is None
-    with pytest.raises(AlreadyExists):
-        await store.insert_key(new)
-    with pytest.raises(NotFound) as no_tenant:
-        await store.insert_key(_key("no-such-tenant"))
+    assert await store.keys.get(new.kid) == new
+    assert await store.keys.get("missing") is None
+    with pytest.raises(AlreadyExists) as same_kid:
+        await store.keys.insert(new)
+    assert same_kid.value.reason is ErrorReason.INVALID_FIELD
+    with pytest.raises(TenantNotFound) as no_tenant:
+        await store.keys.insert(_key("no-such-tenant"))
     assert no_tenant.value.reason is ErrorReason.TENANT_NOT_FOUND
 
 
-async def test_at_most_one_active_key_per_tenant(store: Store, pool: asyncpg.Pool) -> None:
+async def test_at_most_one_active_key_per_tenant(store: PgStore, pool: asyncpg.Pool) -> None:
     t = await _tenant(store)
-    active = await store.insert_key(_key(t.id, KeyState.ACTIVE))
-    with pytest.raises(FailedPrecondition) as second:
-        await store.insert_key(_key(t.id, KeyState.ACTIVE))
+    active = await store.keys.insert(_key(t.id, KeyState.ACTIVE))
+    with pytest.raises(InvalidKeyTransition) as second:
+        await store.keys.insert(_key(t.id, KeyState.ACTIVE))
     assert second.value.reason is ErrorReason.INVALID_KEY_TRANSITION
-    pending = await store.insert_key(_key(t.id))
-    with pytest.raises(FailedPrecondition):
-        await store.set_key_state(pending.kid, KeyState.ACTIVE, expected=[KeyState.PENDING])
+    pending = await store.keys.insert(_key(t.id))
+    with pytest.raises(InvalidKeyTransition) as by_state:
+        await store.keys.set_state(pending.kid, KeyState.ACTIVE, expected=[KeyState.PENDING],
+                                   now=_now())
+    assert by_state.value.reason is ErrorReason.INVALID_KEY_TRANSITION
     # The database enforces it whatever the application does.
     with pytest.raises(asyncpg.UniqueViolationError):
         await pool.execute("UPDATE keys SET state = 'ACTIVE' WHERE kid = $1", pending.kid)
     # Another tenant has its own active key.
     other = await _tenant(store)
-    await store.insert_key(_key(other.id, KeyState.ACTIVE))
-    assert (await store.get_key(active.kid)).state is KeyState.ACTIVE  # type: ignore[union-attr]
+    await store.keys.insert(_key(other.id, KeyState.ACTIVE))
+    assert (await store.keys.get(active.kid)).state is KeyState.ACTIVE  # type: ignore[union-attr]
 
 
-async def test_activate_key_rotates(store: Store) -> None:
+async def test_activate_key_rotates(store: PgStore) -> None:
     t = await _tenant(store)
-    first = await store.insert_key(_key(t.id))
-    activated = await store.activate_key(t.id, first.kid)
-    assert activated.state is KeyState.ACTIVE and activated.activated_at > 0
-    second = await store.insert_key(_key(t.id))
-    now_active = await store.activate_key(t.id, second.kid)
-    assert now_active.state is KeyState.ACTIVE
-    retiring = await store.get_key(first.kid)
+    first = await store.keys.insert(_key(t.id))
+    at_first = _now() - timedelta(hours=2)  # the caller's clock stamps the states
+    activated = await store.keys.activate(t.id, first.kid, now=at_first)
+    assert activated.state is KeyState.ACTIVE and activated.activated_at == _epoch(at_first)
+    second = await store.keys.insert(_key(t.id))
+    at_second = _now() - timedelta(hours=1)
+    now_active = await store.keys.activate(t.id, second.kid, now=at_second)
+    assert now_active.state is KeyState.ACTIVE and now_active.activated_at == _epoch(at_second)
+    retiring = await store.keys.get(first.kid)
     assert retiring is not None
-    assert retiring.state is KeyState.RETIRING and retiring.retiring_at > 0
+    assert retiring.state is KeyState.RETIRING and retiring.retiring_at == _epoch(at_second)
 
-    with pytest.raises(FailedPrecondition) as not_pending:
-        await store.activate_key(t.id, first.kid)
+    with pytest.raises(InvalidKeyTransition) as not_pending:
+        await store.keys.activate(t.id, first.kid, now=_now())
     assert not_pending.value.reason is ErrorReason.INVALID_KEY_TRANSITION
-    with pytest.raises(NotFound) as unknown:
-        await store.activate_key(t.id, "no-such-kid")
+    with pytest.raises(KeyNotFound) as unknown:
+        await store.keys.activate(t.id, "no-such-kid", now=_now())
     assert unknown.value.reason is ErrorReason.KEY_NOT_FOUND
     other = await _tenant(store)
-    with pytest.raises(NotFound) as wrong_tenant:
-        await store.activate_key(other.id, (await store.insert_key(_key(t.id))).kid)
+    with pytest.raises(KeyNotFound) as wrong_tenant:
+        await store.keys.activate(other.id, (await store.keys.insert(_key(t.id))).kid, now=_now())
     assert wrong_tenant.value.reason is ErrorReason.KEY_NOT_FOUND
-    with pytest.raises(NotFound) as no_tenant:
-        await store.activate_key("no-such-tenant", second.kid)
+    with pytest.raises(TenantNotFound) as no_tenant:
+        await store.keys.activate("no-such-tenant", second.kid, now=_now())
     assert no_tenant.value.reason is ErrorReason.TENANT_NOT_FOUND
 
 
-async def test_concurrent_activations_leave_one_active(store: Store) -> None:
+async def test_concurrent_activations_leave_one_active(store: PgStore) -> None:
     t = await _tenant(store)
-    keys = [await store.insert_key(_key(t.id)) for _ in range(4)]
-    await asyncio.gather(*(store.activate_key(t.id, k.kid) for k in keys))
-    states = sorted(k.state.value for k in await store.list_keys(t.id))
+    keys = [await store.keys.insert(_key(t.id)) for _ in range(4)]
+    await asyncio.gather(*(store.keys.activate(t.id, k.kid, now=_now()) for k in keys))
+    states = sorted(k.state.value for k in await store.keys.list(t.id))
     assert states == ["ACTIVE", "RETIRING", "RETIRING", "RETIRING"]
 
 
-async def test_key_state_transitions(store: Store, pool: asyncpg.Pool) -> None:
+async def test_key_state_transitions(store: PgStore, pool: asyncpg.Pool) -> None:
     t = await _tenant(store)
-    k = await store.insert_key(_key(t.id))
-    with pytest.raises(FailedPrecondition) as bad:
-        await store.set_key_state(k.kid, KeyState.RETIRED, expected=[KeyState.RETIRING])
+    k = await store.keys.insert(_key(t.id))
+    with pytest.raises(InvalidKeyTransition) as bad:
+        await store.keys.set_state(k.kid, KeyState.RETIRED, expected=[KeyState.RETIRING],
+                                   now=_now())
     assert bad.value.reason is ErrorReason.INVALID_KEY_TRANSITION
-    assert (await store.get_key(k.kid)).state is KeyState.PENDING  # type: ignore[union-attr]
-    with pytest.raises(NotFound) as missing:
-        await store.set_key_state("no-such-kid", KeyState.RETIRED, expected=[KeyState.PENDING])
+    assert (await store.keys.get(k.kid)).state is KeyState.PENDING  # type: ignore[union-attr]
+    with pytest.raises(KeyNotFound) as missing:
+        await store.keys.set_state("no-such-kid", KeyState.RETIRED, expected=[KeyState.PENDING],
+                                   now=_now())
     assert missing.value.reason is ErrorReason.KEY_NOT_FOUND
 
-    k = await store.activate_key(t.id, k.kid)
-    k = await store.set_key_state(k.kid, KeyState.RETIRING, expected=[KeyState.ACTIVE])
-    k = await store.set_key_state(k.kid, KeyState.RETIRED, expected=[KeyState.RETIRING])
-    assert k.state is KeyState.RETIRED and k.retired_at > 0
-    k = await store.set_key_state(
-        k.kid, KeyState.COMPROMISED, expected=[s for s in KeyState if s is not KeyState.DESTROYED]
+    times = [_now() - timedelta(minutes=m) for m in (50, 40, 30, 20, 10)]
+    k = await store.keys.activate(t.id, k.kid, now=times[0])
+    k = await store.keys.set_state(k.kid, KeyState.RETIRING, expected=[KeyState.ACTIVE],
+                                   now=times[1])
+    assert k.retiring_at == _epoch(times[1])
+    k = await store.keys.set_state(k.kid, KeyState.RETIRED, expected=[KeyState.RETIRING],
+                                   now=times[2])
+    assert k.state is KeyState.RETIRED and k.retired_at == _epoch(times[2])
+    k = await store.keys.set_state(
+        k.kid, KeyState.COMPROMISED, expected=[s for s in KeyState if s is not KeyState.DESTROYED],
+        now=times[3],
     )
-    assert k.state is KeyState.COMPROMISED and k.compromised_at > 0
-    k = await store.set_key_state(k.kid, KeyState.DESTROYED, expected=[KeyState.COMPROMISED])
+    assert k.state is KeyState.COMPROMISED and k.compromised_at == _epoch(times[3])
+    k = await store.keys.set_state(k.kid, KeyState.DESTROYED, expected=[KeyState.COMPROMISED],
+                                   now=times[4])
     assert k.state is KeyState.DESTROYED
-    assert await pool.fetchval("SELECT destroyed_at FROM keys WHERE kid = $1", k.kid) is not None
+    assert await pool.fetchval("SELECT destroyed_at FROM keys WHERE kid = $1", k.kid) == times[4]
+    assert k.activated_at == _epoch(times[0])
 
 
 # --- revocations ----------------------------------------------------------------
 
 
-async def test_revoke_is_idempotent_and_checked(store: Store) -> None:
+async def _active(
+    store: PgStore, tenant: str, now: datetime
+) -> list[tuple[str, str, str, int, int]]:
+    """The tenant's revocations in force at ``now``, as the in-memory view loads them."""
+    return [r async for chunk in store.revocations.iter_active(now) for r in chunk
+            if r[0] == tenant]
+
+
+async def test_revoke_is_idempotent_and_checked(store: PgStore) -> None:
     t = await _tenant(store)
-    created, at = await store.revoke(t.id, "jti", "j-1", expires_at=_in(), reason="lost")
-    assert created and abs((at - datetime.now(UTC)).total_seconds()) < 60
-    again, at_again = await store.revoke(t.id, "jti", "j-1", expires_at=_in(0.5))
+    now = _now() - timedelta(minutes=5)  # the caller's clock, not the database's
+    created, at = await store.revocations.revoke(
+        t.id, "jti", "j-1", expires_at=_in(), now=now, reason="lost"
+    )
+    assert created and at == now
+    again, at_again = await store.revocations.revoke(
+        t.id, "jti", "j-1", expires_at=_in(0.5), now=_now()
+    )
     assert (again, at_again) == (False, at)
-    iat = int(datetime.now(UTC).timestamp())
-    assert await store.is_revoked(t.id, "j-1", "alice", iat, "kid-a")
-    assert not await store.is_revoked(t.id, "j-2", "alice", iat, "kid-a")
+    iat = _epoch(_now())
+    assert await store.revocations.is_revoked(t.id, "j-1", "alice", iat, "kid-a", now=_now())
+    assert not await store.revocations.is_revoked(t.id, "j-2", "alice", iat, "kid-a", now=_now())
     other = await _tenant(store)
-    assert not await store.is_revoked(other.id, "j-1", "alice", iat, "kid-a")
+    assert not await store.revocations.is_revoked(other.id, "j-1", "alice", iat, "kid-a",
+                                                  now=_now())
 
-    await store.revoke(t.id, "key", "kid-b", expires_at=_in())
-    assert await store.is_revoked(t.id, "j-3", "bob", iat, "kid-b")
+    await store.revocations.revoke(t.id, "key", "kid-b", expires_at=_in(), now=_now())
+    assert await store.revocations.is_revoked(t.id, "j-3", "bob", iat, "kid-b", now=_now())
 
 
-async def test_revocations_stream_in_chunks_with_epochs_rounded_up(store: Store) -> None:
+async def test_revocation_expiry_follows_the_callers_clock(store: PgStore) -> None:
     t = await _tenant(store)
-    exp = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1, microseconds=1)
+    expires = _in(1)
+    await store.revocations.revoke(t.id, "jti", "j-c", expires_at=expires, now=_now())
+    before, after = expires - timedelta(seconds=1), expires + timedelta(seconds=1)
+    assert await store.revocations.is_revoked(t.id, "j-c", "", 0, "", now=before)
+    assert not await store.revocations.is_revoked(t.id, "j-c", "", 0, "", now=after)
+    assert [r[2] for r in await _active(store, t.id, before)] == ["j-c"]
+    assert await _active(store, t.id, after) == []
+
+
+async def test_revocations_stream_in_chunks_with_epochs_rounded_up(store: PgStore) -> None:
+    t = await _tenant(store)
+    exp = _now().replace(microsecond=0) + timedelta(hours=1, microseconds=1)
     for i in range(5):
-        await store.revoke(t.id, "jti", f"s-{i}", expires_at=exp)
-    await store.revoke(t.id, "jti", "gone", expires_at=datetime.now(UTC) - timedelta(hours=1))
-    chunks = [c async for c in store.iter_revocations(datetime.now(UTC), chunk=2)]
+        await store.revocations.revoke(t.id, "jti", f"s-{i}", expires_at=exp, now=_now())
+    await store.revocations.revoke(
+        t.id, "jti", "gone", expires_at=_now() - timedelta(hours=1), now=_now()
+    )
+    chunks = [c async for c in store.revocations.iter_active(_now(), chunk=2)]
     mine = [r for c in chunks for r in c if r[0] == t.id]
     assert sorted(r[2] for r in mine) == [f"s-{i}" for i in range(5)]  # not the expired one
     assert all(len(c) <= 2 for c in chunks) and len(chunks) >= 3
@@ -307,86 +373,116 @@ async def test_revocations_stream_in_chunks_with_epochs_rounded_up(store: Store)
     assert {(r[1], r[4]) for r in mine} == {("jti", 0)}
 
 
-async def test_subject_revocation_cuts_by_issue_time(store: Store) -> None:
+async def test_subject_revocation_cuts_by_issue_time(store: PgStore) -> None:
     t = await _tenant(store)
+    revs = store.revocations
     exp = _in()
-    cut = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=100)
-    created, _ = await store.revoke(t.id, "subject", "carol", expires_at=exp, not_before=cut)
+    cut = _now().replace(microsecond=0) - timedelta(seconds=100)
+    created, _ = await revs.revoke(t.id, "subject", "carol", expires_at=exp, not_before=cut,
+                                   now=_now())
     assert created
-    before, after = int(cut.timestamp()) - 1, int(cut.timestamp()) + 1
-    assert await store.is_revoked(t.id, "j", "carol", before, "k")
-    assert not await store.is_revoked(t.id, "j", "carol", after, "k")
-    # Revoking again later (default cut: now) also catches the tokens issued
-    # between the two calls.
-    widened, _ = await store.revoke(t.id, "subject", "carol", expires_at=exp)
+    before, after = _epoch(cut) - 1, _epoch(cut) + 1
+    assert await revs.is_revoked(t.id, "j", "carol", before, "k", now=_now())
+    assert not await revs.is_revoked(t.id, "j", "carol", after, "k", now=_now())
+    # Revoking again later (default cut: the caller's now) also catches the
+    # tokens issued between the two calls.
+    later = _now()
+    widened, _ = await revs.revoke(t.id, "subject", "carol", expires_at=exp, now=later)
     assert widened
-    assert await store.is_revoked(t.id, "j", "carol", after, "k")
+    assert await revs.is_revoked(t.id, "j", "carol", after, "k", now=_now())
+    [row] = await _active(store, t.id, _now())
+    assert row[4] == _epoch(later) + (later.microsecond > 0)  # not_before = now, rounded up
     # An earlier cut or expiry does not narrow it.
-    narrower, _ = await store.revoke(
-        t.id, "subject", "carol", expires_at=exp - timedelta(hours=1), not_before=cut
+    narrower, _ = await revs.revoke(
+        t.id, "subject", "carol", expires_at=exp - timedelta(hours=1), not_before=cut, now=_now()
     )
     assert not narrower
-    assert await store.is_revoked(t.id, "j", "carol", after, "k")
+    assert await revs.is_revoked(t.id, "j", "carol", after, "k", now=_now())
     # A later expiry extends it.
-    longer, _ = await store.revoke(t.id, "subject", "carol", expires_at=exp + timedelta(hours=1))
+    longer, _ = await revs.revoke(t.id, "subject", "carol", expires_at=exp + timedelta(hours=1),
+                                  now=_now())
     assert longer
 
 
-async def test_revoke_rejects_bad_input(store: Store) -> None:
+async def test_revoke_rejects_bad_input(store: PgStore) -> None:
     t = await _tenant(store)
+    revs = store.revocations
     with pytest.raises(InvalidRequest):
-        await store.revoke(t.id, "email", "x", expires_at=_in())
+        await revs.revoke(t.id, "email", "x", expires_at=_in(), now=_now())
     with pytest.raises(InvalidRequest):
-        await store.revoke(t.id, "jti", "x", expires_at=_in(), not_before=_in(0))
+        await revs.revoke(t.id, "jti", "x", expires_at=_in(), not_before=_in(0), now=_now())
     with pytest.raises(InvalidRequest):
-        await store.revoke(t.id, "jti", "x", expires_at=datetime.now() + timedelta(days=1))
-    with pytest.raises(NotFound) as unknown:
-        await store.revoke("no-such-tenant", "jti", "x", expires_at=_in())
+        await revs.revoke(t.id, "jti", "x", expires_at=datetime.now() + timedelta(days=1),
+                          now=_now())
+    with pytest.raises(InvalidRequest) as naive_now:
+        await revs.revoke(t.id, "jti", "x", expires_at=_in(), now=datetime.now())
+    assert naive_now.value.field == "now"
+    with pytest.raises(TenantNotFound) as unknown:
+        await revs.revoke("no-such-tenant", "jti", "x", expires_at=_in(), now=_now())
     assert unknown.value.reason is ErrorReason.TENANT_NOT_FOUND
 
 
 async def test_revoke_audits_in_the_same_transaction(own_pool: asyncpg.Pool) -> None:
-    store = Store(own_pool)
+    store = PgStore(own_pool)
     t = await _tenant(store)
     event = AuditEvent("token.revoked", tenant=t.id, actor="ops", jti="j-9", outcome="ok")
-    await store.revoke(t.id, "jti", "j-9", expires_at=_in(), audit=event)
-    [record] = await store.list_audit(tenant=t.id)
+    await store.revocations.revoke(t.id, "jti", "j-9", expires_at=_in(), now=_now(), audit=event)
+    [record] = await store.audit.list(tenant=t.id)
     assert record.event == event
     # A failed revocation leaves no audit record behind.
-    with pytest.raises(NotFound):
-        await store.revoke("no-such-tenant", "jti", "j-9", expires_at=_in(), audit=event)
-    assert len(await store.list_audit()) == 1
+    with pytest.raises(TenantNotFound):
+        await store.revocations.revoke("no-such-tenant", "jti", "j-9", expires_at=_in(),
+                                       now=_now(), audit=event)
+    assert len(await store.audit.list()) == 1
 
 
-async def test_purge_removes_only_expired(store: Store) -> None:
+async def test_purge_removes_only_expired(store: PgStore) -> None:
     t = await _tenant(store)
-    past = datetime.now(UTC) - timedelta(minutes=5)
-    await store.revoke(t.id, "jti", "old", expires_at=past)
-    await store.revoke(t.id, "jti", "live", expires_at=_in())
-    now = datetime.now(UTC)
-    assert not await store.is_revoked(t.id, "old", "", 0, "")
-    mine = [r for r in await store.list_revocations(now) if r.tenant == t.id]
-    assert [r.value for r in mine] == ["live"]
-    assert await store.purge_expired(now) >= 1
-    assert await store.purge_expired(now) == 0
-    assert await store.is_revoked(t.id, "live", "", 0, "")
+    past = _now() - timedelta(minutes=5)
+    await store.revocations.revoke(t.id, "jti", "old", expires_at=past, now=_now())
+    await store.revocations.revoke(t.id, "jti", "live", expires_at=_in(), now=_now())
+    now = _now()
+    assert not await store.revocations.is_revoked(t.id, "old", "", 0, "", now=now)
+    assert [r[2] for r in await _active(store, t.id, now)] == ["live"]
+    assert await store.revocations.purge_expired(now) >= 1
+    assert await store.revocations.purge_expired(now) == 0
+    assert await store.revocations.is_revoked(t.id, "live", "", 0, "", now=now)
+    # Expired by the caller's clock: purged, although the database's clock disagrees.
+    assert await store.revocations.purge_expired(_in(2)) >= 1
+    assert await _active(store, t.id, now) == []
 
 
 # --- notifications --------------------------------------------------------------
 
 
-async def test_listener_receives_changes_and_learns_of_loss(
-    store: Store, pool: asyncpg.Pool
-) -> None:
+async def test_changes_are_notified_on_commit(store: PgStore, fresh_dsn: str) -> None:
+    """The triggers' payloads, as any LISTENing replica receives them."""
     received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    lost = asyncio.Event()
-    listener = await store.listen(received.put_nowait, on_lost=lost.set)
+    conn = await asyncpg.connect(fresh_dsn)
+
+    def on_notify(_conn: object, _pid: int, channel: str, payload: str) -> None:
+        assert channel == EVENTS_CHANNEL
+        received.put_nowait(json.loads(payload))
+
+    await conn.add_listener(EVENTS_CHANNEL, on_notify)
+
+    async def next_message() -> dict[str, Any]:
+        return await asyncio.wait_for(received.get(), 5)
+
     try:
-        t = await _tenant(store)
+        tid = _slug()
+        t = await store.tenants.create(Tenant(id=tid, issuer=f"https://{tid}.example"),
+                                       now=_now())
+        assert await next_message() == {"type": "tenant", "tenant": t.id}
+        # An update of the row (e.g. by an operator with psql) too.
+        await store.revocations.revoke(t.id, "jti", "j-n0", expires_at=_in(), now=_now())
+        await conn.execute("UPDATE tenants SET default_token_lifetime_s = 60 WHERE id = $1", t.id)
+        assert (await next_message())["type"] == "revocation"
+        assert await next_message() == {"type": "tenant", "tenant": t.id}
+
         expires = _in()
-        await store.revoke(t.id, "jti", "j-n", expires_at=expires)
-        message = await asyncio.wait_for(received.get(), 5)
-        assert message == {
+        await store.revocations.revoke(t.id, "jti", "j-n", expires_at=expires, now=_now())
+        assert await next_message() == {
             "type": "revocation",
             "tenant": t.id,
             "kind": "jti",
@@ -394,103 +490,136 @@ async def test_listener_receives_changes_and_learns_of_loss(
             "expires_at": int(expires.timestamp()) + (expires.microsecond > 0),
             "not_before": None,
         }
-        key = await store.insert_key(_key(t.id))
-        message = await asyncio.wait_for(received.get(), 5)
-        assert message == {"type": "keys", "tenant": t.id, "kid": key.kid, "state": "PENDING"}
-        await store.activate_key(t.id, key.kid)
-        message = await asyncio.wait_for(received.get(), 5)
-        assert message["state"] == "ACTIVE"
+        key = await store.keys.insert(_key(t.id))
+        assert await next_message() == {
+            "type": "keys", "tenant": t.id, "kid": key.kid, "state": "PENDING"
+        }
+        await store.keys.activate(t.id, key.kid, now=_now())
+        assert (await next_message())["state"] == "ACTIVE"
         # Nothing is notified for a rolled back change.
         with pytest.raises(RuntimeError):
             async with store.transaction() as tx:
-                await tx.revoke(t.id, "jti", "never", expires_at=_in())
+                await tx.revocations.revoke(t.id, "jti", "never", expires_at=_in(), now=_now())
+                rid = _slug()
+                await tx.tenants.create(Tenant(id=rid, issuer=f"https://{rid}.example"),
+                                        now=_now())
                 raise RuntimeError("abort")
-        await pool.execute("SELECT pg_notify('fedtoken_events', 'not json')")
-        await pool.execute("""SELECT pg_notify('fedtoken_events', '{"type": "ping"}')""")
-        assert (await asyncio.wait_for(received.get(), 5)) == {"type": "ping"}
-
-        assert listener.alive
-        await pool.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE query LIKE 'LISTEN%' AND datname = current_database()"
-        )
-        await asyncio.wait_for(lost.wait(), 5)
-        assert not listener.alive
+        await conn.execute("""SELECT pg_notify('fedtoken_events', '{"type": "ping"}')""")
+        assert await next_message() == {"type": "ping"}
     finally:
-        await listener.close()
+        await conn.close()
 
 
 # --- transactions ---------------------------------------------------------------
 
 
 async def test_transaction_commits_or_rolls_back_together(own_pool: asyncpg.Pool) -> None:
-    store = Store(own_pool)
+    store = PgStore(own_pool)
     async with store.transaction() as tx:
         t = await _tenant(tx)
-        await tx.append_audit(AuditEvent("tenant.created", tenant=t.id))
+        await tx.audit.append_chunk([AuditEvent("tenant.created", tenant=t.id)])
     with pytest.raises(RuntimeError):
         async with store.transaction() as tx:
-            await tx.create_tenant(Tenant(id="rolled-back", issuer="https://rb.example"))
-            await tx.append_audit(AuditEvent("tenant.created", tenant="rolled-back"))
+            await tx.tenants.create(Tenant(id="rolled-back", issuer="https://rb.example"),
+                                    now=_now())
+            await tx.audit.append_chunk([AuditEvent("tenant.created", tenant="rolled-back")])
             raise RuntimeError("abort")
-    assert await store.get_tenant(t.id) is not None
-    assert await store.get_tenant("rolled-back") is None
-    assert [r.event.tenant for r in await store.list_audit()] == [t.id]
-    assert (await store.verify_audit_chain()).ok
+    assert await store.tenants.get(t.id) is not None
+    assert await store.tenants.get("rolled-back") is None
+    assert [r.event.tenant for r in await store.audit.list()] == [t.id]
+    assert (await store.audit.verify_chain()).ok
+
+
+async def test_key_compromise_and_its_revocation_commit_together(
+    own_pool: asyncpg.Pool,
+) -> None:
+    store = PgStore(own_pool)
+    t = await _tenant(store)
+    key = await store.keys.activate(t.id, (await store.keys.insert(_key(t.id))).kid, now=_now())
+    event = AuditEvent("key.compromised", tenant=t.id, kid=key.kid)
+
+    async def compromise(tx: PgStore) -> None:
+        now = _now()
+        await tx.keys.set_state(key.kid, KeyState.COMPROMISED, expected=[KeyState.ACTIVE],
+                                now=now)
+        await tx.revocations.revoke(t.id, "key", key.kid, expires_at=_in(), now=now,
+                                    audit=event)
+
+    # The revocation fails (here: a database refusal): the state change is undone too.
+    with pytest.raises(InvalidRequest):
+        async with store.transaction() as tx:
+            await compromise(tx)
+            await tx.revocations.revoke(t.id, "jti", "x" * 2000, expires_at=_in(), now=_now())
+    assert (await store.keys.get(key.kid)).state is KeyState.ACTIVE  # type: ignore[union-attr]
+    assert not await store.revocations.is_revoked(t.id, "", "", 0, key.kid, now=_now())
+    assert await store.audit.list() == []
+
+    async with store.transaction() as tx:
+        await compromise(tx)
+    assert (await store.keys.get(key.kid)).state is KeyState.COMPROMISED  # type: ignore[union-attr]
+    assert await store.revocations.is_revoked(t.id, "", "", 0, key.kid, now=_now())
+    assert [r.event for r in await store.audit.list()] == [event]
 
 
 # --- audit chain ----------------------------------------------------------------
 
 
-async def _fifty_events(store: Store) -> None:
+async def _fifty_events(store: PgStore) -> None:
     """10 single inserts, a COPY batch of 20, then 20 from 4 concurrent writers."""
     for i in range(10):
-        await store.append_audit(
+        await store.audit.append_chunk([
             AuditEvent(
                 "token.issued", tenant="acme", subject=f"s{i}", jti=f"j{i}", details={"i": i}
             )
-        )
+        ])
     batch = [AuditEvent("token.verified", tenant="beta", subject=f"b{i}") for i in range(20)]
-    assert await store.append_audit_many(batch) == 20
+    assert await store.audit.append_chunk(batch) == 30  # the seq of the last row
 
     async def writer(w: int) -> None:
         for _ in range(5):
-            await store.append_audit(
+            await store.audit.append_chunk([
                 AuditEvent("key.rotated", actor=f"w{w}", reason='multi\nline "quoted" ✓')
-            )
+            ])
 
     await asyncio.gather(*(writer(w) for w in range(4)))
 
 
 async def test_audit_chain_appends_and_verifies(own_pool: asyncpg.Pool) -> None:
-    store = Store(own_pool)
+    store = PgStore(own_pool)
     await _fifty_events(store)
-    report = await store.verify_audit_chain(page_size=7)
+    report = await store.audit.verify_chain(page_size=7)
     assert report.ok and report.problem is None and report.first_bad_seq is None
     assert (report.rows_checked, report.head_seq) == (50, 50)
 
-    records = await store.list_audit(limit=100)
+    records = await store.audit.list(limit=100)
     assert [r.seq for r in records] == list(range(1, 51))
     assert records[0].prev_hash == GENESIS_HASH
     assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(records))
     assert all(a.ts <= b.ts for a, b in itertools.pairwise(records))
     assert report.head_hash == records[-1].hash
     # The COPY batch went through the trigger, in the order given.
-    copied = await store.list_audit(event_type="token.verified")
+    copied = await store.audit.list(event_type="token.verified")
     assert [r.event.subject for r in copied] == [f"b{i}" for i in range(20)]
     assert [r.seq for r in copied] == list(range(11, 31))
+    assert await store.audit.events_at([12, 999, 11]) == {
+        11: copied[0].event, 12: copied[1].event
+    }
 
     assert records[3].event.details == {"i": 3}
-    assert [r.seq for r in await store.list_audit(tenant="acme", after_seq=5, limit=3)] == [6, 7, 8]
-    assert [r.event.subject for r in await store.list_audit(subject="s4")] == ["s4"]
-    assert len(await store.list_audit(since=records[10].ts, until=records[20].ts)) >= 10
+    assert [r.seq for r in await store.audit.list(tenant="acme", after_seq=5, limit=3)] == [
+        6, 7, 8
+    ]
+    assert [r.event.subject for r in await store.audit.list(subject="s4")] == ["s4"]
+    assert len(await store.audit.list(since=records[10].ts, until=records[20].ts)) >= 10
     with pytest.raises(InvalidRequest):
-        await store.list_audit(limit=0)
+        await store.audit.list(limit=0)
+    with pytest.raises(InvalidRequest):
+        await store.audit.append_chunk([])
 
 
 async def test_audit_trail_is_append_only(own_pool: asyncpg.Pool) -> None:
-    store = Store(own_pool)
-    await store.append_audit(AuditEvent("token.issued", subject="x"))
+    store = PgStore(own_pool)
+    await store.audit.append_chunk([AuditEvent("token.issued", subject="x")])
     for sql in (
         "UPDATE audit_events SET subject = 'y' WHERE seq = 1",
         "DELETE FROM audit_events WHERE seq = 1",
@@ -500,18 +629,18 @@ async def test_audit_trail_is_append_only(own_pool: asyncpg.Pool) -> None:
     ):
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await own_pool.execute(sql)
-    assert (await store.verify_audit_chain()).ok
+    assert (await store.audit.verify_chain()).ok
 
 
 async def test_audit_chain_exposes_tampering(own_pool: asyncpg.Pool) -> None:
-    store = Store(own_pool)
+    store = PgStore(own_pool)
     await _fifty_events(store)
     # A superuser can switch the protection off; the chain still tells.
     await own_pool.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
 
     original = await own_pool.fetchrow("SELECT subject, hash FROM audit_events WHERE seq = 17")
     await own_pool.execute("UPDATE audit_events SET subject = 'mallory' WHERE seq = 17")
-    report = await store.verify_audit_chain()
+    report = await store.audit.verify_chain()
     assert (report.ok, report.first_bad_seq, report.problem) == (False, 17, ChainProblem.ALTERED)
     assert report.rows_checked == 16
 
@@ -524,7 +653,7 @@ async def test_audit_chain_exposes_tampering(own_pool: asyncpg.Pool) -> None:
          WHERE seq = 17
         """
     )
-    report = await store.verify_audit_chain()
+    report = await store.audit.verify_chain()
     assert (report.first_bad_seq, report.problem) == (18, ChainProblem.BROKEN_LINK)
 
     await own_pool.execute(
@@ -532,14 +661,14 @@ async def test_audit_chain_exposes_tampering(own_pool: asyncpg.Pool) -> None:
         original["subject"],
         original["hash"],
     )
-    assert (await store.verify_audit_chain()).ok
+    assert (await store.audit.verify_chain()).ok
 
     await own_pool.execute("DELETE FROM audit_events WHERE seq = 30")
-    report = await store.verify_audit_chain(page_size=10)
+    report = await store.audit.verify_chain(page_size=10)
     assert (report.first_bad_seq, report.problem) == (30, ChainProblem.GAP)
 
     await own_pool.execute("DELETE FROM audit_events WHERE seq >= 30")
-    report = await store.verify_audit_chain()
+    report = await store.audit.verify_chain()
     assert (report.first_bad_seq, report.problem) == (30, ChainProblem.GAP)
 
 
@@ -557,9 +686,9 @@ async def test_unreachable_database_is_store_unavailable() -> None:
 
     pool = await create_pool(dsn, min_size=0, connect_timeout=2)
     try:
-        store = Store(pool)
+        store = PgStore(pool)
         with pytest.raises(StoreUnavailable) as later:
-            await store.get_tenant("acme")
+            await store.tenants.get("acme")
         assert later.value.reason is ErrorReason.STORE_UNAVAILABLE
         with pytest.raises(StoreUnavailable):
             await apply_migrations(pool)
@@ -600,7 +729,7 @@ async def test_embedded_postgres_restart_keeps_data(tmp_path: Path) -> None:
             await asyncio.to_thread(pg.stop)
             assert not pg.is_running()
             with pytest.raises(StoreUnavailable):
-                await Store(pool).list_tenants()
+                await PgStore(pool).tenants.list()
         finally:
             await pool.close()
 

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from fedtoken.store.repo import db_errors
+from fedtoken.store.pool import db_errors
 
 MIGRATIONS_DIR: Final = Path(__file__).parent / "migrations"
 # Advisory lock key: the ASCII bytes of "fedtoken" as a bigint, shared by

@@ -1,0 +1,349 @@
+"""The hash-chained audit trail (``audit_events``, ``audit_head``).
+
+The chain itself is computed by the database (migrations/0001_init.sql):
+the chain trigger assigns seq, prev_hash and hash, and ``ts``. ``ts`` is the
+one timestamp taken from the database's clock on purpose: it is the time the
+row joined the chain (so it never decreases along seq), a record of when,
+not an input of any rule. Rules take their "now" from the caller.
+
+JSON columns are sent and read as text (``::text``), so the store does not
+depend on type codecs installed on the pool.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any, Final
+
+import asyncpg
+
+from fedtoken.core.audit import (
+    GENESIS_HASH,
+    AuditEvent,
+    AuditRecord,
+    ChainProblem,
+    ChainReport,
+)
+from fedtoken.core.errors import InvalidRequest, StoreUnavailable
+from fedtoken.store.pool import ConnectionSource, db_errors
+
+MAX_AUDIT_PAGE: Final = 10_000
+
+_COLUMNS: Final = (
+    "seq, ts, tenant_id, actor, event_type, subject, jti, kid, outcome, reason, "
+    "request_id, details::text AS details, prev_hash, hash"
+)
+# Columns a writer supplies; seq, ts and the hashes come from the chain trigger.
+_INPUT_COLUMNS: Final = (
+    "tenant_id",
+    "actor",
+    "event_type",
+    "subject",
+    "jti",
+    "kid",
+    "outcome",
+    "reason",
+    "request_id",
+    "details",
+)
+_INSERT_SQL: Final = """
+    INSERT INTO audit_events (tenant_id, actor, event_type, subject, jti, kid,
+        outcome, reason, request_id, details)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::text::jsonb)
+    RETURNING seq
+"""
+# The hash each row should carry, recomputed by the same SQL function the chain
+# trigger uses, so the verifier and the writer cannot disagree on the encoding.
+_VERIFY_PAGE_SQL: Final = """
+    SELECT seq, prev_hash, hash,
+           sha256(prev_hash || convert_to(audit_canonical(
+               seq, ts, tenant_id, actor, event_type, subject, jti, kid,
+               outcome, reason, request_id, details), 'UTF8')) AS expected
+      FROM audit_events
+     WHERE seq > $1
+     ORDER BY seq
+     LIMIT $2
+"""
+
+
+class AuditCommitUncertain(StoreUnavailable):
+    """The connection failed while committing an audit append: the rows may or may not be in.
+
+    ``seq`` is the seq the last row of the append was given inside the
+    transaction. If the commit happened, the row with that seq is that last
+    row (rows are immutable and seqs gapless); if it rolled back, the seq is
+    free or holds someone else's row. Comparing the row at ``seq`` with the
+    event settles it (see ``PgAuditLog.events_at``).
+    """
+
+    def __init__(self, message: str, *, seq: int) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+# --- row mapping -------------------------------------------------------------------
+
+
+def _null(value: str) -> str | None:
+    return value or None
+
+
+def _values(event: AuditEvent) -> tuple[Any, ...]:
+    if not event.event_type:
+        raise InvalidRequest("audit event without event_type", field="event_type")
+    details = None if event.details is None else json.dumps(event.details, sort_keys=True)
+    return (
+        _null(event.tenant),
+        _null(event.actor),
+        event.event_type,
+        _null(event.subject),
+        _null(event.jti),
+        _null(event.kid),
+        _null(event.outcome),
+        _null(event.reason),
+        _null(event.request_id),
+        details,
+    )
+
+
+def _record(row: asyncpg.Record) -> AuditRecord:
+    return AuditRecord(
+        seq=row["seq"],
+        ts=row["ts"],
+        event=AuditEvent(
+            event_type=row["event_type"],
+            tenant=row["tenant_id"] or "",
+            actor=row["actor"] or "",
+            subject=row["subject"] or "",
+            jti=row["jti"] or "",
+            kid=row["kid"] or "",
+            outcome=row["outcome"] or "",
+            reason=row["reason"] or "",
+            request_id=row["request_id"] or "",
+            details=None if row["details"] is None else json.loads(row["details"]),
+        ),
+        prev_hash=bytes(row["prev_hash"]),
+        hash=bytes(row["hash"]),
+    )
+
+
+async def insert_event(conn: asyncpg.Connection, event: AuditEvent) -> int:
+    """Append one event on ``conn`` (in the caller's transaction); return its seq."""
+    seq: int = await conn.fetchval(_INSERT_SQL, *_values(event))
+    return seq
+
+
+async def _insert_rows(conn: asyncpg.Connection, records: Sequence[tuple[Any, ...]]) -> int:
+    """One INSERT, or one COPY for several; the seq of the last row."""
+    if len(records) == 1:
+        seq: int = await conn.fetchval(_INSERT_SQL, *records[0])
+        return seq
+    # COPY fires the BEFORE INSERT row trigger: the rows are chained in order.
+    await conn.copy_records_to_table(
+        "audit_events", records=records, columns=builtins.list(_INPUT_COLUMNS)
+    )
+    # Our transaction holds the head's row lock: this is our last row.
+    last: int = await conn.fetchval("SELECT seq FROM audit_head WHERE id = 1")
+    return last
+
+
+# --- the repository ------------------------------------------------------------------
+
+
+class PgAuditLog:
+    """Reads, verifies and appends to the audit chain (``AuditLog``)."""
+
+    def __init__(self, source: ConnectionSource) -> None:
+        self._source = source
+
+    async def append_chunk(
+        self,
+        events: Sequence[AuditEvent],
+        *,
+        before_commit: Callable[[int], Awaitable[None]] | None = None,
+    ) -> int:
+        """Append events in order in one transaction; return the seq of the last.
+
+        One event is an INSERT, more are one COPY; either way the chain trigger
+        assigns the seqs ``last - len(events) + 1 .. last`` to them, in order.
+        ``before_commit(last_seq)`` runs inside the transaction after the rows
+        are chained (the audit head stays locked meanwhile, so keep it short);
+        if it raises, nothing is appended. If the commit itself fails, whether
+        it happened is unknown: ``AuditCommitUncertain`` carries the last seq so
+        the caller can find out instead of appending the rows twice.
+
+        Inside ``PgStore.transaction()`` the rows go into that transaction (a
+        savepoint) and commit or roll back with it.
+        """
+        if not events:
+            raise InvalidRequest("no audit events to append", field="events")
+        records = [_values(e) for e in events]
+        if self._source.in_transaction:
+            with db_errors("append audit chunk"):
+                async with self._source.transaction() as conn:
+                    last = await _insert_rows(conn, records)
+                    if before_commit is not None:
+                        await before_commit(last)
+            return last
+        return await self._append_and_commit(records, before_commit)
+
+    async def _append_and_commit(
+        self,
+        records: builtins.list[tuple[Any, ...]],
+        before_commit: Callable[[int], Awaitable[None]] | None,
+    ) -> int:
+        last = 0
+        committed = False
+        with db_errors("append audit chunk"):
+            try:
+                async with self._source.connection() as conn:
+                    tx = conn.transaction()
+                    await tx.start()
+                    try:
+                        last = await _insert_rows(conn, records)
+                        if before_commit is not None:
+                            await before_commit(last)
+                    except BaseException:
+                        # A lost connection detaches the pool proxy: even is_closed() may fail.
+                        with contextlib.suppress(Exception):
+                            if not conn.is_closed():
+                                await tx.rollback()
+                        raise
+                    try:
+                        await tx.commit()
+                    except Exception as exc:
+                        raise AuditCommitUncertain(
+                            f"append audit chunk: commit outcome unknown ({type(exc).__name__})",
+                            seq=last,
+                        ) from exc
+                    committed = True
+            except asyncpg.exceptions.InternalClientError as exc:
+                if not committed:
+                    raise StoreUnavailable(
+                        f"append audit chunk: connection failed ({type(exc).__name__})"
+                    ) from exc
+            except Exception:
+                # Committed: only giving the connection back to the pool failed
+                # (e.g. the server is shutting down). The rows are in.
+                if not committed:
+                    raise
+        return last
+
+    async def events_at(self, seqs: Iterable[int]) -> dict[int, AuditEvent]:
+        """The events stored at these seqs (absent seqs are left out)."""
+        wanted = sorted(set(seqs))
+        if not wanted:
+            return {}
+        with db_errors("read audit events"):
+            async with self._source.connection() as conn:
+                rows = await conn.fetch(
+                    f"SELECT {_COLUMNS} FROM audit_events WHERE seq = ANY($1::bigint[])", wanted
+                )
+        return {r["seq"]: _record(r).event for r in rows}
+
+    async def verify_chain(self, *, page_size: int = 5000) -> ChainReport:
+        """Walk the whole chain in seq order and recompute every hash.
+
+        Runs in one REPEATABLE READ snapshot so concurrent appends do not
+        disturb the walk. Stops at the first problem, which is reported with
+        the seq where the chain first breaks.
+        """
+        with db_errors("verify audit chain"):
+            async with self._source.connection() as conn:
+                if self._source.in_transaction:
+                    tx = conn.transaction()
+                else:
+                    tx = conn.transaction(isolation="repeatable_read", readonly=True)
+                async with tx:
+                    return await _walk_chain(conn, page_size)
+
+    async def list(
+        self,
+        *,
+        tenant: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        event_type: str | None = None,
+        subject: str | None = None,
+        after_seq: int = 0,
+        limit: int = 100,
+    ) -> builtins.list[AuditRecord]:
+        """Events in seq order, filtered; page with ``after_seq`` = last seq seen.
+
+        ``since`` is inclusive, ``until`` exclusive.
+        """
+        if not 1 <= limit <= MAX_AUDIT_PAGE:
+            raise InvalidRequest(f"limit must be 1..{MAX_AUDIT_PAGE}", field="limit")
+        # Only fixed SQL fragments are concatenated; every value is a parameter.
+        clauses = ["seq > $1"]
+        args: builtins.list[Any] = [after_seq]
+        for column, op, value in (
+            ("tenant_id", "=", tenant),
+            ("ts", ">=", since),
+            ("ts", "<", until),
+            ("event_type", "=", event_type),
+            ("subject", "=", subject),
+        ):
+            if value is not None:
+                args.append(value)
+                clauses.append(f"{column} {op} ${len(args)}")
+        args.append(limit)
+        sql = (
+            f"SELECT {_COLUMNS} FROM audit_events WHERE {' AND '.join(clauses)} "
+            f"ORDER BY seq LIMIT ${len(args)}"
+        )
+        with db_errors("list audit"):
+            async with self._source.connection() as conn:
+                rows = await conn.fetch(sql, *args)
+        return [_record(r) for r in rows]
+
+
+async def _walk_chain(conn: asyncpg.Connection, page_size: int) -> ChainReport:
+    head = await conn.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1")
+    if head is None:  # only a superuser bypassing the guard trigger can do this
+        return ChainReport(
+            ok=False,
+            rows_checked=0,
+            head_seq=0,
+            head_hash=b"",
+            first_bad_seq=0,
+            problem=ChainProblem.HEAD_MISMATCH,
+        )
+    head_seq: int = head["seq"]
+    head_hash = bytes(head["hash"])
+
+    def report(bad_seq: int | None, problem: ChainProblem | None, checked: int) -> ChainReport:
+        return ChainReport(
+            ok=problem is None,
+            rows_checked=checked,
+            head_seq=head_seq,
+            head_hash=head_hash,
+            first_bad_seq=bad_seq,
+            problem=problem,
+        )
+
+    prev_hash, next_seq, checked = GENESIS_HASH, 1, 0
+    while True:
+        rows = await conn.fetch(_VERIFY_PAGE_SQL, next_seq - 1, page_size)
+        for row in rows:
+            if row["seq"] != next_seq:
+                return report(next_seq, ChainProblem.GAP, checked)
+            if bytes(row["hash"]) != bytes(row["expected"]):
+                return report(next_seq, ChainProblem.ALTERED, checked)
+            if bytes(row["prev_hash"]) != prev_hash:
+                return report(next_seq, ChainProblem.BROKEN_LINK, checked)
+            prev_hash = bytes(row["hash"])
+            next_seq += 1
+            checked += 1
+        if len(rows) < page_size:
+            break
+    last_seq = next_seq - 1
+    if head_seq > last_seq:  # the newest rows were deleted
+        return report(last_seq + 1, ChainProblem.GAP, checked)
+    if head_seq != last_seq or head_hash != prev_hash:
+        return report(last_seq, ChainProblem.HEAD_MISMATCH, checked)
+    return report(None, None, checked)
