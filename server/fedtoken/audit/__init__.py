@@ -1,9 +1,18 @@
 """The audit trail writer: durable records, batched verdicts, a local spill for outages.
 
-See ``fedtoken.audit.writer`` for the design (grouping, order, exactly-once
-replay, queue bound) and ``fedtoken.audit.spill`` for the spill's format.
+See ``fedtoken.audit.writer`` for the design (modes, order, exactly-once,
+queue bound), ``fedtoken.audit.rows`` for the grouping of verdicts,
+``fedtoken.audit.replay`` for the replay and ``fedtoken.audit.spill`` for
+the spill's format.
 """
 
+from fedtoken.audit.rows import (
+    MAX_ITEM_CHARS,
+    VERIFIED_EVENT,
+    VERIFIED_FIELDS,
+    VerdictLike,
+    clean_event,
+)
 from fedtoken.audit.spill import (
     SPILL_FORMAT_VERSION,
     SPILLED_AT_KEY,
@@ -13,16 +22,9 @@ from fedtoken.audit.spill import (
     SpillRecord,
     decode_record,
     encode_record,
+    spill_dir_for,
 )
-from fedtoken.audit.writer import (
-    MAX_ITEM_CHARS,
-    VERIFIED_EVENT,
-    VERIFIED_FIELDS,
-    AuditMode,
-    AuditWriter,
-    VerdictLike,
-    clean_event,
-)
+from fedtoken.audit.writer import AuditMode, AuditWriter
 
 __all__ = [
     "MAX_ITEM_CHARS",
@@ -40,4 +42,5 @@ __all__ = [
     "clean_event",
     "decode_record",
     "encode_record",
+    "spill_dir_for",
 ]

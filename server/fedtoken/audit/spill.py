@@ -440,6 +440,12 @@ class SpillLog:
         return self.directory / f"seg-{number:012d}.jsonl"
 
 
+def spill_dir_for(state_dir: Path, grpc_port: int, worker: int) -> Path:
+    """The spill directory of one process identity (gRPC port and worker index),
+    so that a restarted process replays what its predecessor could not write."""
+    return state_dir / "audit-spill" / f"{grpc_port}-w{worker}"
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -477,4 +483,5 @@ __all__ = [
     "SpillRecord",
     "decode_record",
     "encode_record",
+    "spill_dir_for",
 ]

@@ -1,28 +1,22 @@
 """The audit writer: durable records for changes, batched records for verdicts.
 
-Two paths into the hash-chained trail (``audit_events``):
+``AuditWriter`` is the ``AuditSink`` of ``fedtoken.core.ports``. Two paths
+into the hash-chained trail (``audit_events``):
 
-- ``record_durable(event)`` (issuance, revocation, key and tenant events)
-  returns only once the event is durable: committed in Postgres, or, while
+- ``record(event)`` (issuance, revocation, key and tenant events) returns
+  only once the event is durable: committed in Postgres, or, while
   Postgres is away, appended to the local spill and fsync'ed. If neither is
   possible it raises ``AuditUnavailable`` and the caller refuses the
-  operation (fail closed).
-- ``record_verifications(...)`` and ``record_event(event)`` (verdicts,
-  introspection) are synchronous and cheap on the request path: one append
-  to an in-memory queue per call, whatever the number of tokens. The writer
-  task empties the queue every ``flush_interval`` and COPYs the rows.
-
-**Grouping.** One row per token would cost the verify path more than the
-verification itself, so one ``token.verified`` row covers every verdict of
-one flush window for one (tenant, actor), at most ``max_items_per_row`` of
-them. Its ``details`` hold ``fields`` (the names below), ``items`` (one
-compact entry per token: jti, subject, kid, "valid"/"invalid", reason,
-request id, unix time in ms precision), and the counts ``count``, ``valid``,
-``invalid``; ``outcome`` is "valid", "invalid" or "mixed", and
-``request_id`` is set when all items share one. Every token's context is
-in the row and so covered by the chain hash. Strings from tokens are
-sanitised (NUL and lone surrogates become U+FFFD, which Postgres would
-refuse) and capped at ``MAX_ITEM_CHARS``.
+  operation (fail closed). ``record_with(event, write)`` does the same for
+  a change the caller writes itself: in direct mode ``write`` appends the
+  event in the change's own transaction (atomic), in spill mode the event
+  follows the change through the spill (so the trail's order holds).
+- ``record_verifications(...)`` and ``record_soon(event)`` (verdicts,
+  introspection) are cheap on the request path: one append to an in-memory
+  queue per call, whatever the number of tokens, and no await while the
+  queue has room. The writer task empties the queue every
+  ``flush_interval`` and COPYs the rows, one ``token.verified`` row per
+  (tenant, actor) and window (see ``fedtoken.audit.rows``).
 
 **Modes and order.** In *direct* mode events go to Postgres. The first
 ``StoreUnavailable`` switches to *spill* mode: from then on every event,
@@ -31,7 +25,8 @@ produced, until the replay task has drained the spill into Postgres (COPY,
 ``max_rows_per_copy`` rows per transaction, oldest first). The switch back
 happens only when the spill is empty; to guarantee that it eventually is
 under steady load, the last small remainder is replayed with new appends
-held at a gate for that moment. So the order of the trail is the order of
+held at a gate for that moment. The replay itself is
+``fedtoken.audit.replay``. So the order of the trail is the order of
 production, across outages. (Order between a durable event and verdicts
 queued around the same time is the queue's: verdict rows reach the trail
 within a flush window; each item carries its own time.)
@@ -43,13 +38,13 @@ records, before each COMMIT, the seq its last row will have, so a crash
 at any point is settled the same way (see ``fedtoken.audit.spill``).
 
 **Queue bound (backpressure).** ``queued`` counts items (tokens, events) not
-yet durable. Over ``max_queue`` the record_* calls still enqueue (nothing
-is dropped) but return False and count ``blocked``: the caller then awaits
-``wait_for_room()`` before answering, so callers slow down to the writer's
-pace instead of the process growing without bound. Over twice
-``max_queue`` (the writer can write neither to Postgres nor to the spill)
-the calls raise ``AuditUnavailable`` and count ``refused``: the verdict is
-then not returned at all rather than returned unaudited.
+yet durable. Over ``max_queue`` the queueing calls still enqueue (nothing
+is dropped) but count ``blocked`` and wait until the queue is back under
+its bound before returning, so callers slow down to the writer's pace
+instead of the process growing without bound. Over twice ``max_queue``
+(the writer can write neither to Postgres nor to the spill) they raise
+``AuditUnavailable`` and count ``refused``: the verdict is then not
+returned at all rather than returned unaudited.
 
 A spilled event's replayed row gains ``details["spilled_at"]`` (unix
 seconds): its ``ts`` is the time of the replay.
@@ -60,53 +55,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import logging
-import re
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, TypeVar
 
+from fedtoken.audit.replay import (
+    ReplayStopped,
+    SpillReplay,
+    append_in_chunks,
+    not_yet_stored,
+)
+from fedtoken.audit.rows import Row, VerdictLike, VerifyEntry, build_rows, clean_event
 from fedtoken.audit.spill import (
     DEFAULT_MAX_SEGMENT_BYTES,
-    SegmentContents,
     SpillLog,
     SpillRecord,
     encode_record,
 )
-from fedtoken.core.errors import AuditUnavailable, FedtokenError, StoreUnavailable
 from fedtoken.core.audit import AuditEvent
-from fedtoken.store.repo import AuditCommitUncertain, Store
+from fedtoken.core.errors import AuditUnavailable, FedtokenError, StoreUnavailable
+from fedtoken.store import AuditCommitUncertain, PgStore
+
+if TYPE_CHECKING:
+    from fedtoken.core.ports import AuditSink
 
 log = logging.getLogger(__name__)
 
-VERIFIED_EVENT: Final = "token.verified"
-VERIFIED_FIELDS: Final = ("jti", "sub", "kid", "outcome", "reason", "request_id", "time")
-"""Meaning of the positions of each entry of a ``token.verified`` row's ``items``."""
-MAX_ITEM_CHARS: Final = 1024
-
-_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
-_BAD_JSON = re.compile(r"[\ud800-\udfff]|\\u0000")
-
-
-class VerdictLike(Protocol):
-    """What the writer reads of a verdict (``fedtoken.core.model.Verdict`` is one)."""
-
-    @property
-    def valid(self) -> bool: ...
-    @property
-    def reason(self) -> enum.Enum | str: ...
-    @property
-    def tenant(self) -> str: ...
-    @property
-    def subject(self) -> str: ...
-    @property
-    def jti(self) -> str: ...
-    @property
-    def kid(self) -> str: ...
+T = TypeVar("T")
 
 
 class AuditMode(enum.Enum):
@@ -114,51 +92,6 @@ class AuditMode(enum.Enum):
     """Events go to Postgres."""
     SPILL = "spill"
     """Events go to the local spill until the replay has drained it."""
-
-
-_VerifyEntry = tuple[str, str, str, float, Sequence[VerdictLike]]
-
-
-@dataclass(slots=True)
-class _Row:
-    """A row built by the writer task, not yet durable."""
-
-    event: AuditEvent
-    items: int
-    maybe_seq: int = 0
-
-
-@dataclass(slots=True)
-class _Group:
-    tenant: str
-    actor: str
-    entries: list[list[Any]] = field(default_factory=list)
-
-    def row(self) -> _Row:
-        entries = self.entries
-        count = len(entries)
-        valid = sum(1 for e in entries if e[3] == "valid")
-        first_request = entries[0][5]
-        same_request = all(e[5] == first_request for e in entries)
-        event = AuditEvent(
-            event_type=VERIFIED_EVENT,
-            tenant=self.tenant,
-            actor=self.actor,
-            outcome="valid" if valid == count else "invalid" if valid == 0 else "mixed",
-            request_id=first_request if same_request else "",
-            details={
-                "fields": list(VERIFIED_FIELDS),
-                "items": entries,
-                "count": count,
-                "valid": valid,
-                "invalid": count - valid,
-            },
-        )
-        return _Row(event, count)
-
-
-class _Stopped(Exception):
-    """The writer is stopping: leave the replay between two transactions."""
 
 
 class AuditWriter:
@@ -170,13 +103,13 @@ class AuditWriter:
     Postgres; ``failed`` events that could not be made durable (durable
     calls refused with AuditUnavailable, or rows given up at stop);
     ``rejected`` rows Postgres refused outright (kept in the spill
-    directory's rejected.jsonl); ``blocked`` and ``refused`` record_* calls
+    directory's rejected.jsonl); ``blocked`` and ``refused`` queueing calls
     over the queue bounds; ``corrupt_lines`` spill lines set aside.
     """
 
     def __init__(
         self,
-        store: Store,
+        store: PgStore,
         spill_dir: Path,
         *,
         max_queue: int = 200_000,
@@ -190,8 +123,10 @@ class AuditWriter:
     ) -> None:
         if max_queue < 1 or max_rows_per_copy < 1 or max_items_per_row < 1:
             raise ValueError("max_queue, max_rows_per_copy and max_items_per_row must be >= 1")
-        self._store = store
+        self._audit = store.audit
         self._spill = SpillLog(Path(spill_dir), max_segment_bytes)
+        self._replay = SpillReplay(self._spill, self._audit, max_rows=max_rows_per_copy,
+                                   reject=self._reject, stopping=lambda: self._stopping)
         self._max_queue = max_queue
         self._flush_interval = flush_interval
         self._max_rows = max_rows_per_copy
@@ -200,8 +135,8 @@ class AuditWriter:
         self._max_retry_interval = max_retry_interval
         self._clock = clock
 
-        self._queue: deque[_VerifyEntry | AuditEvent] = deque()
-        self._backlog: list[_Row] = []
+        self._queue: deque[VerifyEntry | AuditEvent] = deque()
+        self._backlog: list[Row] = []
         self._mode = AuditMode.DIRECT
         self._running = False
         self._stopping = False
@@ -217,17 +152,14 @@ class AuditWriter:
         self._submissions: list[tuple[list[bytes], asyncio.Future[None]]] = []
         self._spill_busy = False
         self._flusher: asyncio.Task[None] | None = None
-        self._corrupt_seen: set[Path] = set()
 
         self.queued = 0
         self.written = 0
         self.spilled = 0
-        self.replayed = 0
         self.failed = 0
         self.rejected = 0
         self.blocked = 0
         self.refused = 0
-        self.corrupt_lines = 0
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -238,6 +170,14 @@ class AuditWriter:
     @property
     def spill_dir(self) -> Path:
         return self._spill.directory
+
+    @property
+    def replayed(self) -> int:
+        return self._replay.replayed
+
+    @property
+    def corrupt_lines(self) -> int:
+        return self._replay.corrupt_lines
 
     @property
     def spill_pending(self) -> bool:
@@ -313,34 +253,37 @@ class AuditWriter:
             self._wake.set()
             await cycle.wait()
 
-    # --- the request path -----------------------------------------------------------
+    # --- the request path (AuditSink) -----------------------------------------------
 
-    def record_verifications(
+    async def record_verifications(
         self, tenant: str, actor: str, request_id: str, verdicts: Sequence[VerdictLike]
-    ) -> bool:
-        """Queue the verdicts of one Verify or VerifyBatch call; never blocks.
+    ) -> None:
+        """Queue the verdicts of one Verify or VerifyBatch call.
 
         ``tenant`` is the tenant the caller asked for; a verdict that names
         the token's tenant is filed under that one. The sequence is kept as
-        is until the writer reads it (do not mutate it). Returns False when
-        the queue is over its bound: await ``wait_for_room()`` before
-        answering. Raises AuditUnavailable when the writer is not running or
-        the queue is over twice its bound.
+        is until the writer reads it (do not mutate it). Returns without
+        awaiting anything while the queue has room; over its bound, once
+        there is room again. Raises AuditUnavailable when the writer is not
+        running or the queue is over twice its bound.
         """
         count = len(verdicts)
         if count == 0:
-            return True
+            return
         self._admit(count)
         self._queue.append((tenant, actor, request_id, self._clock(), verdicts))
-        return self._enqueued(count)
+        if not self._enqueued(count):
+            await self._wait_for_room()
 
-    def record_event(self, event: AuditEvent) -> bool:
-        """Queue one event (e.g. an introspection) to be written as its own row."""
+    async def record_soon(self, event: AuditEvent) -> None:
+        """Queue one event (e.g. an introspection) to be written as its own row;
+        waits only as ``record_verifications`` does."""
         self._admit(1)
         self._queue.append(event)
-        return self._enqueued(1)
+        if not self._enqueued(1):
+            await self._wait_for_room()
 
-    async def wait_for_room(self) -> None:
+    async def _wait_for_room(self) -> None:
         """Return once the queue is back under its bound (at once if it is)."""
         while self.queued >= self._max_queue and self._running:
             self._room.clear()
@@ -354,6 +297,7 @@ class AuditWriter:
             raise AuditUnavailable("the audit queue is full: the audit trail cannot keep up")
 
     def _enqueued(self, count: int) -> bool:
+        """Count queued items; False when the queue reached its bound."""
         self.queued += count
         if self.queued < self._max_queue:
             return True
@@ -362,7 +306,30 @@ class AuditWriter:
         self._wake.set()
         return False
 
-    async def record_durable(self, event: AuditEvent) -> None:
+    async def record_with(
+        self, event: AuditEvent, write: Callable[[AuditEvent | None], Awaitable[T]]
+    ) -> T:
+        """Run ``write`` and make ``event`` durable with it; return what ``write`` returns.
+
+        In direct mode ``write(event)`` must append the event in the same
+        transaction as its change, so both commit or neither does. While the
+        spill is in use, ``write(None)`` makes the change and the event then
+        goes through ``record``, after the events spilled before it.
+        """
+        if not self._running:
+            raise AuditUnavailable("the audit writer is not running", tenant=event.tenant)
+        event = clean_event(event)
+        if not self._gate.is_set():
+            await self._gate.wait()
+        if self._mode is AuditMode.DIRECT:
+            result = await write(event)
+            self.written += 1
+            return result
+        result = await write(None)
+        await self.record(event)
+        return result
+
+    async def record(self, event: AuditEvent) -> None:
         """Return once ``event`` is committed in Postgres or fsync'ed in the spill.
 
         AuditUnavailable (AUDIT_UNAVAILABLE) when it is neither: the caller
@@ -376,7 +343,7 @@ class AuditWriter:
         maybe_seq = 0
         if self._mode is AuditMode.DIRECT:
             try:
-                await self._store.append_audit_chunk([event])
+                await self._audit.append_chunk([event])
             except AuditCommitUncertain as exc:
                 maybe_seq = exc.seq
                 self._enter_spill(exc)
@@ -388,7 +355,7 @@ class AuditWriter:
                     f"the audit record was refused by the database ({type(exc).__name__})",
                     tenant=event.tenant,
                 ) from exc
-            except Exception as exc:  # not committed (see append_audit_chunk): spill it
+            except Exception as exc:  # not committed (see PgAuditLog.append_chunk): spill it
                 log.exception("audit writer: unexpected error appending an audit record")
                 self._enter_spill(exc)
             else:
@@ -491,7 +458,7 @@ class AuditWriter:
         """Write the backlog and the queue; True unless nothing could be written."""
         if self._queue:
             entries, self._queue = self._queue, deque()
-            self._backlog.extend(self._build_rows(entries))
+            self._backlog.extend(build_rows(entries, self._max_items))
         rows = self._backlog
         if not rows:
             return True
@@ -502,105 +469,58 @@ class AuditWriter:
             self._room.set()
         return done > 0
 
-    def _build_rows(self, entries: deque[_VerifyEntry | AuditEvent]) -> list[_Row]:
-        out: list[_Row | _Group] = []
-        groups: dict[tuple[str, str], _Group] = {}
-        max_items = self._max_items
-        for entry in entries:
-            if isinstance(entry, AuditEvent):
-                out.append(_Row(clean_event(entry), 1))
-                continue
-            tenant, actor, request_id, at, verdicts = entry
-            added = 0
-            try:
-                request_id = _clean(request_id)
-                at = round(at, 3)
-                for v in verdicts:
-                    key = (v.tenant or tenant, actor)
-                    group = groups.get(key)
-                    if group is None or len(group.entries) >= max_items:
-                        group = groups[key] = _Group(_clean(key[0]), _clean(actor))
-                        out.append(group)
-                    reason = v.reason
-                    group.entries.append([
-                        _clean(v.jti),
-                        _clean(v.subject),
-                        _clean(v.kid),
-                        "valid" if v.valid else "invalid",
-                        reason if isinstance(reason, str) else str(reason.value),
-                        request_id,
-                        at,
-                    ])
-                    added += 1
-            except Exception as exc:  # a bad verdict must not stop the writer
-                # Not silent: the trail says how many verdicts of which call it
-                # could not describe.
-                log.exception("audit writer: unreadable verdicts")
-                missing = len(verdicts) - added
-                out.append(_Row(clean_event(AuditEvent(
-                    event_type="audit.unrecordable", tenant=tenant, actor=actor,
-                    request_id=request_id, outcome="error",
-                    details={"error": type(exc).__name__, "lost_items": missing},
-                )), missing))
-        return [g.row() if isinstance(g, _Group) else g for g in out]
-
-    async def _write_rows(self, rows: list[_Row]) -> int:
+    async def _write_rows(self, rows: list[Row]) -> int:
         """Write rows in order; return how many (from the front) are durable now."""
-        i = 0
-        single_until = 0  # after a refused chunk: one row at a time, to isolate the bad one
-        while i < len(rows):
-            if not self._gate.is_set():
-                await self._gate.wait()
-            if self._mode is AuditMode.SPILL:
-                chunk = rows[i:]
-                now = self._clock()
-                lines = [encode_record(SpillRecord(r.event, now, r.maybe_seq)) for r in chunk]
-                try:
-                    await self._spill_lines(lines)
-                except OSError as exc:
-                    log.error("audit writer: %d rows could not be spilled (%s); retrying",
-                              len(chunk), exc)
-                    return i
-                self.spilled += len(chunk)
-                return len(rows)
-            chunk = rows[i : i + (1 if i < single_until else self._max_rows)]
-            try:
-                todo = await self._not_yet_stored(chunk)
-                if todo:
-                    await self._store.append_audit_chunk([r.event for r in todo])
-            except AuditCommitUncertain as exc:
-                first = exc.seq - len(todo) + 1
-                for k, row in enumerate(todo):
-                    row.maybe_seq = first + k
-                self._enter_spill(exc)
-                continue
-            except StoreUnavailable as exc:
-                self._enter_spill(exc)
-                continue
-            except FedtokenError as exc:
-                if len(chunk) > 1:
-                    single_until = i + len(chunk)
-                    continue
-                await self._reject([SpillRecord(chunk[0].event, self._clock())], exc)
-                i += 1
-                continue
-            except Exception as exc:  # not committed (see append_audit_chunk): spill them
-                log.exception("audit writer: unexpected error appending audit rows")
-                self._enter_spill(exc)
-                continue
-            self.written += len(todo)
-            i += len(chunk)
-        return i
+        done = await append_in_chunks(rows, self._max_rows, self._append_direct,
+                                      self._reject_row)
+        if done == len(rows):
+            return done
+        # Spill mode now: the rest follows the events spilled before it.
+        rest = rows[done:]
+        now = self._clock()
+        lines = [encode_record(SpillRecord(r.event, now, r.maybe_seq)) for r in rest]
+        try:
+            await self._spill_lines(lines)
+        except OSError as exc:
+            log.error("audit writer: %d rows could not be spilled (%s); retrying", len(rest), exc)
+            return done
+        self.spilled += len(rest)
+        return len(rows)
 
-    async def _not_yet_stored(self, rows: list[_Row]) -> list[_Row]:
-        """Leave out rows an uncertain commit turned out to have stored."""
-        maybe = [r.maybe_seq for r in rows if r.maybe_seq]
-        if not maybe:
-            return rows
-        stored = await self._store.audit_events_at(maybe)
-        return [r for r in rows if not (r.maybe_seq and stored.get(r.maybe_seq) == r.event)]
+    async def _append_direct(self, chunk: Sequence[Row]) -> bool:
+        """Append a chunk to Postgres; False (not appended) once in spill mode."""
+        if not self._gate.is_set():
+            await self._gate.wait()
+        if self._mode is AuditMode.SPILL:
+            return False
+        todo: list[Row] = []
+        try:
+            todo = await not_yet_stored(self._audit, list(chunk))
+            if todo:
+                await self._audit.append_chunk([r.event for r in todo])
+        except AuditCommitUncertain as exc:
+            first = exc.seq - len(todo) + 1
+            for k, row in enumerate(todo):
+                row.maybe_seq = first + k
+            self._enter_spill(exc)
+            return False
+        except StoreUnavailable as exc:
+            self._enter_spill(exc)
+            return False
+        except FedtokenError:
+            raise  # refused outright: append_in_chunks isolates the bad row
+        except Exception as exc:  # not committed (see PgAuditLog.append_chunk): spill them
+            log.exception("audit writer: unexpected error appending audit rows")
+            self._enter_spill(exc)
+            return False
+        self.written += len(todo)
+        return True
+
+    async def _reject_row(self, row: Row, exc: FedtokenError) -> None:
+        await self._reject([SpillRecord(row.event, self._clock())], exc)
 
     async def _reject(self, records: list[SpillRecord], exc: Exception) -> None:
+        """Keep events Postgres refused outright in the spill's rejected.jsonl."""
         self.rejected += len(records)
         try:
             await asyncio.to_thread(self._spill.reject, records, type(exc).__name__)
@@ -610,7 +530,7 @@ class AuditWriter:
                 log.critical("audit event lost (refused by Postgres, not storable): %r",
                              record.event)
 
-    # --- the replay task -------------------------------------------------------------
+    # --- the replay task (the replay itself: fedtoken.audit.replay) ----------------------
 
     async def _run_replay(self) -> None:
         delay = self._retry_interval
@@ -621,8 +541,8 @@ class AuditWriter:
             if self._stopping or self._mode is AuditMode.DIRECT:
                 continue
             try:
-                await self._replay()
-            except _Stopped:
+                await self._drain_spill()
+            except ReplayStopped:
                 return
             except (StoreUnavailable, OSError) as exc:
                 log.info("audit spill replay paused: %s", exc)
@@ -634,12 +554,12 @@ class AuditWriter:
                 continue
             delay = self._retry_interval
 
-    async def _replay(self) -> None:
-        """Drain the spill into Postgres, then switch back to direct mode."""
+    async def _drain_spill(self) -> None:
+        """Replay the spill into Postgres, then switch back to direct mode."""
         for _ in range(3):
-            await self._replay_backlog()  # fails fast while Postgres is still away
+            await self._replay.replay_backlog()  # fails fast while Postgres is still away
             await self._rotate()
-            await self._replay_backlog()
+            await self._replay.replay_backlog()
             if self._spill_idle():
                 self._switch_to_direct()
                 return
@@ -649,7 +569,7 @@ class AuditWriter:
         try:
             while not self._spill_idle():
                 await self._rotate()
-                await self._replay_backlog()
+                await self._replay.replay_backlog()
             self._switch_to_direct()
         finally:
             self._gate.set()
@@ -665,131 +585,11 @@ class AuditWriter:
             await self._drain_submissions()
             await asyncio.to_thread(self._spill.rotate)
 
-    async def _replay_backlog(self) -> None:
-        for segment in self._spill.backlog():
-            if self._stopping:
-                raise _Stopped
-            await self._replay_segment(segment)
 
-    async def _replay_segment(self, segment: Path) -> None:
-        spill = self._spill
-        try:
-            contents = await asyncio.to_thread(spill.read_segment, segment)
-        except FileNotFoundError:
-            await asyncio.to_thread(spill.remove_segment, segment)
-            return
-        if segment not in self._corrupt_seen:
-            self._corrupt_seen.add(segment)
-            self.corrupt_lines += contents.bad_lines
-        ack = await asyncio.to_thread(spill.read_ack, segment)
-        done = ack.done
-        if ack.pending is not None:
-            done = await self._settle(contents, ack.pending.start, ack.pending.end,
-                                      ack.pending.seq, ack.pending.line)
-            await asyncio.to_thread(spill.mark_done, segment, done)
-        todo = [(n, r) for n, r in contents.records if n >= done]
-        i = 0
-        single_until = 0
-        while i < len(todo):
-            if self._stopping:
-                raise _Stopped
-            chunk = todo[i : i + (1 if i < single_until else self._max_rows)]
-            end = chunk[-1][0] + 1 if i + len(chunk) < len(todo) else contents.lines
-            records = await self._unstored([r for _, r in chunk])
-            if records:
-                last_line = next(n for n, r in reversed(chunk) if r is records[-1])
-                start = done
+if TYPE_CHECKING:  # mypy checks that the writer implements the port exactly
 
-                async def before_commit(seq: int, start: int = start, end: int = end,
-                                        line: int = last_line) -> None:
-                    await asyncio.to_thread(spill.mark_pending, segment, start, end, seq, line)
-
-                try:
-                    await self._store.append_audit_chunk(
-                        [r.replay_event() for r in records], before_commit=before_commit
-                    )
-                except StoreUnavailable:
-                    raise  # an uncertain commit is settled by the next round
-                except FedtokenError as exc:
-                    if len(chunk) > 1:
-                        single_until = i + len(chunk)
-                        continue
-                    await self._reject(records, exc)
-                else:
-                    self.replayed += len(records)
-            await asyncio.to_thread(spill.mark_done, segment, end)
-            done = end
-            i += len(chunk)
-        await asyncio.to_thread(spill.remove_segment, segment)
-
-    async def _settle(self, contents: SegmentContents, start: int, end: int, seq: int,
-                      line: int) -> int:
-        """Whether a replay transaction whose commit was not confirmed happened."""
-        record = contents.record_at(line)
-        stored = await self._store.audit_events_at([seq])
-        committed = record is not None and stored.get(seq) == record.replay_event()
-        log.warning("audit spill: unconfirmed replay of lines %d..%d %s", start, end - 1,
-                    "had committed" if committed else "had not committed; replaying it")
-        return end if committed else start
-
-    async def _unstored(self, records: list[SpillRecord]) -> list[SpillRecord]:
-        """Leave out records whose uncertain direct commit did happen."""
-        maybe = [r.maybe_seq for r in records if r.maybe_seq]
-        if not maybe:
-            return records
-        stored = await self._store.audit_events_at(maybe)
-        return [r for r in records if not (r.maybe_seq and stored.get(r.maybe_seq) == r.event)]
+    def _sink(writer: AuditWriter) -> AuditSink:
+        return writer
 
 
-# --- sanitising ------------------------------------------------------------------------
-
-
-def _clean(value: str) -> str:
-    """A string Postgres accepts, bounded (for strings taken from tokens)."""
-    if len(value) <= MAX_ITEM_CHARS and value.isascii() and "\x00" not in value:
-        return value
-    value = _BAD_CHARS.sub("\ufffd", value)
-    if len(value) > MAX_ITEM_CHARS:
-        value = f"{value[:MAX_ITEM_CHARS]}...[{len(value)} chars]"
-    return value
-
-
-def _clean_json(value: Any) -> Any:
-    if isinstance(value, str):
-        return _BAD_CHARS.sub("\ufffd", value)
-    if isinstance(value, dict):
-        return {_BAD_CHARS.sub("\ufffd", str(k)): _clean_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean_json(v) for v in value]
-    return value
-
-
-def clean_event(event: AuditEvent) -> AuditEvent:
-    """The event with what Postgres would refuse replaced (NUL, lone surrogates,
-    details that are not JSON), so that a hostile string can never block the trail."""
-    changes: dict[str, Any] = {}
-    for name in ("event_type", "tenant", "actor", "subject", "jti", "kid", "outcome", "reason",
-                 "request_id"):
-        value = getattr(event, name)
-        if _BAD_CHARS.search(value):
-            changes[name] = _BAD_CHARS.sub("\ufffd", value)
-    if event.details is not None:
-        try:
-            text = json.dumps(event.details, ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError):
-            changes["details"] = {"unserialisable_details": _clean(repr(event.details))}
-        else:
-            if _BAD_JSON.search(text):
-                changes["details"] = _clean_json(event.details)
-    return replace(event, **changes) if changes else event
-
-
-__all__ = [
-    "MAX_ITEM_CHARS",
-    "VERIFIED_EVENT",
-    "VERIFIED_FIELDS",
-    "AuditMode",
-    "AuditWriter",
-    "VerdictLike",
-    "clean_event",
-]
+__all__ = ["AuditMode", "AuditWriter"]
