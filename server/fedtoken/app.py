@@ -1,8 +1,11 @@
-"""Composition root: wires settings, Postgres, the HSM, the authority, the
-revocation feed, the gRPC server and the HTTP bridge.
+"""Composition root: the only place that builds adapters and injects them.
 
-``serve``, the tests and the benchmarks all start fedtoken through
-``start_app``, so what is tested is what runs.
+It wires settings, Postgres (pool, repositories, migrations), the HSM
+signer, the audit writer, the key table and revocation view, the two
+verification engines, the event feed, the service layer, the gRPC server
+with its interceptors and the HTTP bridge. ``serve``, the tests and the
+benchmarks all start fedtoken through ``start_app``, so what is tested is
+what runs.
 """
 
 from __future__ import annotations
@@ -15,29 +18,36 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
-from aiohttp import web
 
 from fedtoken.audit import AuditWriter
-from fedtoken.authority import Authority
+from fedtoken.audit.spill import spill_dir_for
 from fedtoken.config import Settings
 from fedtoken.core.errors import HsmUnavailable
+from fedtoken.core.ports import CallContext, SystemClock
+from fedtoken.events import EventFeed, revocation_loader
 from fedtoken.hsm import HsmConfig, Pkcs11Hsm
 from fedtoken.hsm.devtoken import ensure_dev_token, find_softhsm_module
-from fedtoken.http.bridge import GrpcKeySource, create_http_app
-from fedtoken.revocation.sync import RevocationSync
+from fedtoken.http import combine, create_ops_app, create_public_app, start_site
+from fedtoken.revocation import InMemoryRevocationView
+from fedtoken.rpc.interceptors import Boundary
 from fedtoken.rpc.servicers import KeyAdminServicer, TokenServicer
-from fedtoken.store import Store, apply_migrations, create_pool
+from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Verification
+from fedtoken.service.types import Introspection, KeySet
+from fedtoken.store import PgStore, apply_migrations, create_pool
 from fedtoken.store.embedded import EmbeddedPostgres
+from fedtoken.verifier import LocalKeyResolver, VerificationEngine
 from fedtoken_client._pb.fedtoken.v1 import key_admin_pb2_grpc, token_service_pb2_grpc
 
 log = logging.getLogger("fedtoken")
 
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 GRPC_OPTIONS = [
     ("grpc.so_reuseport", 1),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 
 
@@ -46,12 +56,27 @@ Closer = Callable[[], object]
 
 
 @dataclass
+class Services:
+    """The service layer of one process, as the boundaries see it."""
+
+    catalog: Catalog
+    tokens: Tokens
+    verification: Verification
+    keys: KeyAdmin
+    jobs: Jobs
+
+
+@dataclass
 class App:
     """A running fedtoken process and everything it owns."""
 
     settings: Settings
-    authority: Authority
+    services: Services
     server: grpc.aio.Server
+    signer: Pkcs11Hsm
+    store: PgStore
+    audit: AuditWriter
+    revocations: InMemoryRevocationView
     grpc_port: int
     http_port: int = 0
     dsn: str = ""
@@ -62,7 +87,7 @@ class App:
         return f"{self.settings.grpc_host}:{self.grpc_port}"
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Graceful stop: refuse new calls, let running ones finish."""
+        """Graceful stop: refuse new calls, let running ones finish, release all."""
         await self.server.stop(grace)
         await _close_all(self._closers)
 
@@ -74,6 +99,14 @@ async def _close_all(closers: list[Closer]) -> None:
             result = closer()
             if inspect.isawaitable(result):
                 await result
+
+
+class _NoRevocations:
+    """For the introspection engine: introspection asks Postgres itself."""
+
+    def check(self, tenant: str, jti: str, subject: str, issued_at: int,
+              kid: str) -> None:
+        return None
 
 
 def prepare_hsm(settings: Settings) -> HsmConfig:
@@ -112,6 +145,20 @@ def prepare_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
     return pg.start(), pg
 
 
+@dataclass(frozen=True)
+class _PublicApi:
+    """What the public HTTP app reads, served in-process."""
+
+    catalog: Catalog
+    tokens: Tokens
+
+    async def key_set(self, tenant: str) -> KeySet:
+        return await self.catalog.key_set(tenant)
+
+    async def introspect(self, token: str, ctx: CallContext) -> Introspection:
+        return await self.tokens.introspect(token, ctx)
+
+
 async def start_app(
     settings: Settings,
     *,
@@ -120,6 +167,7 @@ async def start_app(
     http: bool = True,
     bootstrap: bool = True,
     worker: int = 0,
+    reuse_http_port: bool = False,
 ) -> App:
     """Start one fedtoken process: gRPC server (and HTTP bridge) ready to serve."""
     closers: list[Closer] = []
@@ -131,61 +179,93 @@ async def start_app(
         assert dsn is not None
         if hsm_config is None:
             hsm_config = await asyncio.to_thread(prepare_hsm, settings)
+        clock = SystemClock()
+
+        # -- adapters ---------------------------------------------------------
         pool = await create_pool(dsn, min_size=settings.db_pool_min,
                                  max_size=settings.db_pool_max)
         closers.append(pool.close)
         await apply_migrations(pool)
-        store = Store(pool)
+        store = PgStore(pool)
         # One spill directory per process identity (port and worker index), so
         # a restarted process replays what its predecessor could not write.
-        spill = settings.state_dir.resolve() / "audit-spill" / f"{settings.grpc_port}-w{worker}"
-        audit = AuditWriter(store, spill)
+        audit = AuditWriter(store, spill_dir_for(settings.state_dir.resolve(),
+                                                 settings.grpc_port, worker))
         await audit.start()
         closers.append(audit.stop)
         hsm = Pkcs11Hsm(hsm_config)
         await asyncio.to_thread(hsm.open)
         closers.append(hsm.aclose)
-        authority = Authority(settings, store, hsm, audit=audit)
-        if bootstrap:
-            await authority.bootstrap()
-        else:
-            await authority.reload_keys()
-        sync = RevocationSync(
-            dsn, authority.revocations, authority.load_revocations,
+        resolver = LocalKeyResolver()
+        revocations = InMemoryRevocationView(staleness=settings.revocation_staleness_seconds)
+        engine_options: dict[str, Any] = {
+            "clock": clock,
+            "leeway": settings.leeway_seconds,
+            "max_token_size": settings.max_token_bytes,
+            "threads": settings.verify_threads,
+        }
+        engine = VerificationEngine(resolver, revocations, **engine_options)
+        closers.append(engine.close)
+        # Introspection checks revocation in Postgres itself, after the engine.
+        introspector = VerificationEngine(resolver, _NoRevocations(), **engine_options)
+        closers.append(introspector.close)
+
+        # -- service layer ----------------------------------------------------
+        defaults = TenantDefaults(issuer_for=settings.issuer_for, key_size=settings.key_size)
+        catalog = Catalog(store, resolver, default_tenant=settings.default_tenant,
+                          jwks_max_age=settings.jwks_max_age_seconds)
+        closers.append(catalog.close)
+        keys = KeyAdmin(catalog=catalog, store=store, signer=hsm, audit=audit, clock=clock,
+                        defaults=defaults)
+        tokens = Tokens(catalog=catalog, store=store, signer=hsm, audit=audit,
+                        introspector=introspector, revocations=revocations, keys=keys,
+                        clock=clock, leeway=settings.leeway_seconds)
+        verification = Verification(engine=engine, audit=audit, max_batch=settings.max_batch)
+        jobs = Jobs(catalog=catalog, store=store, keys=keys, revocations=revocations,
+                    clock=clock, defaults=defaults)
+        services = Services(catalog, tokens, verification, keys, jobs)
+        await jobs.bootstrap(settings.default_tenant
+                             if bootstrap and settings.create_default_tenant else None)
+
+        # -- the one event feed -----------------------------------------------
+        feed = EventFeed(
+            dsn, revocations, revocation_loader(store.revocations, clock.now),
             heartbeat=settings.revocation_heartbeat_seconds,
             resync=settings.revocation_resync_seconds,
-            on_keys_changed=authority.reload_keys,
+            on_change=catalog.notice, on_resync=catalog.reload,
         )
-        await sync.start()
-        closers.append(sync.stop)
-        maintenance = asyncio.create_task(
-            authority.maintain(settings.revocation_resync_seconds), name="maintenance")
+        await feed.start()
+        closers.append(feed.stop)
+        maintenance = asyncio.create_task(jobs.maintain(settings.revocation_resync_seconds),
+                                          name="maintenance")
         closers.append(maintenance.cancel)
-        if not await sync.wait_ready(10):
+        if not await feed.wait_ready(10):
             log.warning("revocation view not confirmed fresh yet; verdicts fail closed")
 
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        # -- boundaries -------------------------------------------------------
+        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[Boundary()])
         token_service_pb2_grpc.add_TokenServiceServicer_to_server(
-            TokenServicer(authority), server)
-        key_admin_pb2_grpc.add_KeyAdminServicer_to_server(
-            KeyAdminServicer(authority), server)
+            TokenServicer(tokens, verification, catalog), server)
+        key_admin_pb2_grpc.add_KeyAdminServicer_to_server(KeyAdminServicer(keys), server)
         port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         if port == 0:
             raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
         await server.start()
-        app = App(settings, authority, server, port, dsn=dsn, _closers=closers)
-        closers.append(authority.close)
+        closers.append(lambda: server.stop(0))  # a failed start; App.stop is graceful
+        app = App(settings, services, server, hsm, store, audit, revocations, port, dsn=dsn,
+                  _closers=closers)
         if http and settings.http_port >= 0:
-            target = settings.bridge_grpc_target or f"{settings.grpc_host}:{port}"
-            source = GrpcKeySource(target)
-            runner = web.AppRunner(create_http_app(source, settings), access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, settings.http_host, settings.http_port)
-            await site.start()
+
+            async def health() -> tuple[bool, dict[str, object]]:
+                return True, {"revocations_fresh": revocations.is_fresh,
+                              "audit": audit.mode.value}
+
+            web_app = combine(create_public_app(_PublicApi(catalog, tokens), settings),
+                              create_ops_app(health))
+            runner, app.http_port = await start_site(web_app, settings.http_host,
+                                                     settings.http_port,
+                                                     reuse_port=reuse_http_port)
             closers.append(runner.cleanup)
-            closers.append(source.close)
-            sockets = getattr(site._server, "sockets", None) or []
-            app.http_port = sockets[0].getsockname()[1] if sockets else settings.http_port
         return app
     except BaseException:
         await _close_all(closers)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtoken.core.errors import InvalidRequest
+from fedtoken.core.policy import check_key_size
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,13 @@ class Settings:
     # gRPC listener. Workers share it through SO_REUSEPORT.
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
-    # HTTP bridge (JWKS, discovery). 0 disables it.
+    # HTTP bridge (JWKS, discovery, introspection, /healthz). 0 picks a free
+    # port (one worker only); a negative port disables the bridge.
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     # Base URL the HTTP bridge is reachable at; the default tenant's issuer
     # is this URL, tenant T's is <public_url>/t/<T>. Empty: derived from http.
     public_url: str = ""
-    # gRPC target the bridge calls for GetKeys; empty: this process's server.
-    bridge_grpc_target: str = ""
     # Postgres DSN; empty starts an embedded Postgres under state_dir/pg.
     database_dsn: str = ""
     db_pool_min: int = 1
@@ -185,8 +185,7 @@ def parse_introspection_clients(spec: str) -> dict[str, bytes]:
 
 def _validate(s: Settings) -> None:
     parse_introspection_clients(s.introspection_clients)
-    if s.key_size < 2048:
-        raise InvalidRequest("key_size must be at least 2048")
+    check_key_size(s.key_size)
     if not 1 <= s.max_batch <= 100_000:
         raise InvalidRequest("max_batch must be between 1 and 100000")
     if s.leeway_seconds < 0 or s.leeway_seconds > 300:

@@ -4,10 +4,11 @@ Default: one worker per core (``--workers 0``; see Settings.workers). One
 worker: everything runs in this process. N workers: this process
 prepares the shared pieces (dev HSM token, embedded Postgres, migrations,
 first tenant and key), then starts N worker processes that each open their
-own HSM session and connection pool and listen on the same gRPC port
-(SO_REUSEPORT, the kernel spreads connections); this process serves the
-HTTP bridge as a client of that port and supervises the workers (started
-one after the other, each confirmed listening; one that dies is restarted).
+own HSM session and connection pool and listen on the same gRPC and HTTP
+ports (SO_REUSEPORT, the kernel spreads connections; each worker's bridge
+reads its own in-process catalog); this process supervises the workers
+(started one after the other, each confirmed listening; one that dies is
+restarted).
 Several processes are how the Python part of verification scales: the GIL
 allows one thread of Python per process.
 """
@@ -75,7 +76,8 @@ def _worker_main(settings: Settings, dsn: str, index: int,
     )
 
     async def main() -> None:
-        app = await start_app(settings, dsn=dsn, http=False, bootstrap=False, worker=index)
+        app = await start_app(settings, dsn=dsn, bootstrap=False, worker=index,
+                              reuse_http_port=True)
         ready.set()
         try:
             await _wait_for_signal()
@@ -158,8 +160,9 @@ def _terminate(proc: multiprocessing.context.SpawnProcess) -> None:
 
 
 def _serve_many(settings: Settings, workers: int) -> int:
-    if settings.grpc_port == 0:
-        raise SystemExit("several workers need a fixed --grpc-port to share")
+    if settings.grpc_port == 0 or settings.http_port == 0:
+        raise SystemExit("several workers need a fixed --grpc-port and --http-port to share "
+                         "(or --http-port -1 to disable the HTTP bridge)")
     dsn, pg = prepare_database(settings)
     prepare_hsm(settings)  # creates the dev token once, before workers race for it
 
@@ -170,19 +173,10 @@ def _serve_many(settings: Settings, workers: int) -> int:
     asyncio.run(bootstrap())
     pool = _Workers(settings, dsn, workers)
 
-    async def bridge() -> None:
-        from aiohttp import web
-
-        from fedtoken.http.bridge import GrpcKeySource, create_http_app
-
-        source = GrpcKeySource(settings.bridge_grpc_target
-                               or f"{settings.grpc_host}:{settings.grpc_port}")
-        runner = web.AppRunner(create_http_app(source, settings), access_log=None)
-        await runner.setup()
-        if settings.http_port:
-            await web.TCPSite(runner, settings.http_host, settings.http_port).start()
-        log.info("fedtoken: %d workers on gRPC %s:%d, HTTP bridge on %s", workers,
-                 settings.grpc_host, settings.grpc_port, settings.http_public_url)
+    async def supervise() -> None:
+        bridge = f", HTTP bridge on {settings.http_public_url}" if settings.http_port > 0 else ""
+        log.info("fedtoken: %d workers on gRPC %s:%d%s", workers, settings.grpc_host,
+                 settings.grpc_port, bridge)
         supervisor = asyncio.create_task(pool.supervise())
         try:
             await _wait_for_signal()
@@ -191,12 +185,10 @@ def _serve_many(settings: Settings, workers: int) -> int:
             supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await supervisor
-            await runner.cleanup()
-            await source.close()
 
     try:
         pool.start_all()
-        asyncio.run(bridge())
+        asyncio.run(supervise())
     finally:
         pool.stop()
         if pg is not None:

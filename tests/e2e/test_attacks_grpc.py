@@ -67,7 +67,7 @@ DROP = object()
 @pytest.fixture(scope="module")
 def world(client: FedtokenClient, server: ServerThread) -> World:
     assert server.app is not None
-    hsm = server.app.authority.hsm
+    hsm = server.app.signer
     tid, other = f"a{uuid.uuid4().hex[:8]}", f"b{uuid.uuid4().hex[:8]}"
     t = client.create_tenant(tid)
     o = client.create_tenant(other)

@@ -135,7 +135,7 @@ def _resign_with_hsm(srv: ServerThread, client: FedtokenClient, tenant: str,
     assert srv.app is not None
     key = next(k for k in client.list_keys(tenant) if k.state == 2)  # ACTIVE
     signing_input = jose.encode_signing_input(header, payload)
-    (sig,) = srv.app.authority.hsm.sign_many(key.hsm_label, key.kid, [signing_input])
+    (sig,) = srv.app.signer.sign_many(key.hsm_label, key.kid, [signing_input])
     return jose.assemble(signing_input, sig)
 
 
@@ -144,7 +144,7 @@ def test_private_keys_in_the_hsm_are_sensitive_and_not_extractable(
 ) -> None:
     assert server.app is not None
     for key in client.list_keys():
-        attrs = server.app.authority.hsm.private_key_attributes(key.hsm_label)
+        attrs = server.app.signer.private_key_attributes(key.hsm_label)
         assert attrs["SENSITIVE"] is True and attrs["EXTRACTABLE"] is False
         assert attrs["NEVER_EXTRACTABLE"] is True and attrs["ALWAYS_SENSITIVE"] is True
 

@@ -35,8 +35,8 @@ import grpc
 import pytest
 
 from fedtoken.core.model import Reason
+from fedtoken.events.feed import CHANNEL, EventFeed
 from fedtoken.hsm import HsmConfig
-from fedtoken.revocation.sync import CHANNEL, RevocationSync
 from fedtoken.revocation.view import InMemoryRevocationView, RevocationEntry
 from fedtoken.store.embedded import EmbeddedPostgres
 from fedtoken_client import FedtokenClient, FedtokenRpcError, reason_name
@@ -265,7 +265,7 @@ def test_a_hung_connection_fails_closed_and_resyncs_before_accepting(env: Env) -
     recovers_without_accepting(env, kept, missed)
 
 
-# -- the feed itself (RevocationSync on the private Postgres, stub snapshots) --------
+# -- the feed itself (EventFeed on the private Postgres, stub snapshots) --------
 
 
 def test_a_slow_periodic_resync_does_not_let_the_watermark_lapse(env: Env) -> None:
@@ -287,7 +287,7 @@ def test_a_slow_periodic_resync_does_not_let_the_watermark_lapse(env: Env) -> No
                 await asyncio.sleep(3600)  # keep the state the second load left
             return snapshot
 
-        sync = RevocationSync(env.pg.dsn, view, load, heartbeat=0.2, resync=0.5)
+        sync = EventFeed(env.pg.dsn, view, load, heartbeat=0.2, resync=0.5)
         await sync.start()
         try:
             assert await sync.wait_ready(DEADLINE)
@@ -324,7 +324,7 @@ def test_an_unusable_revocation_notification_forces_a_full_reload(env: Env) -> N
             loads += 1
             return []
 
-        sync = RevocationSync(env.pg.dsn, view, load, heartbeat=0.2, resync=3600)
+        sync = EventFeed(env.pg.dsn, view, load, heartbeat=0.2, resync=3600)
         await sync.start()
         try:
             assert await sync.wait_ready(DEADLINE)

@@ -14,8 +14,8 @@ from fedtoken.core.claims import (
     check_claims,
     validate_extra_claims,
 )
-from fedtoken.core.model import Reason
 from fedtoken.core.errors import ErrorReason, InvalidRequest
+from fedtoken.core.model import Reason
 
 NOW = 1_800_000_000
 AUD = "api://orders"

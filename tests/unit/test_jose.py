@@ -7,9 +7,9 @@ import json
 import pytest
 
 from fedtoken.core import jose
+from fedtoken.core.errors import TokenError
 from fedtoken.core.jwk import b64url_encode
 from fedtoken.core.model import ASYMMETRIC_ALGORITHMS, Reason
-from fedtoken.core.errors import TokenError
 from tests.unit._world import rsa_key, segment, sign
 
 KID = "k1"

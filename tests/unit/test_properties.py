@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from fedtoken.core import jose
 from fedtoken.core.claims import check_claims
+from fedtoken.core.errors import TokenError
 from fedtoken.core.jwk import b64url_decode, b64url_encode
 from fedtoken.core.model import Reason
-from fedtoken.core.errors import TokenError
 from tests.unit._world import NOW, World, make_world
 
 SETTINGS = settings(

@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
+from fedtoken.core.errors import ErrorReason, InvalidRequest
 from fedtoken.core.jose import loads_strict
 from fedtoken.core.model import Reason
-from fedtoken.core.errors import ErrorReason, InvalidRequest
 
 DEFAULT_REQUIRED: Final = ("iss", "sub", "exp", "iat", "jti")
 # 9999-12-31T23:59:59Z: the largest instant most platforms can represent;

@@ -3,7 +3,7 @@
 Every refusal the service makes is a ``FedtokenError`` carrying an
 ``ErrorReason`` (the same names as ``fedtoken.v1.ErrorReason`` in the proto)
 and a ``StatusClass`` (our own mirror of the gRPC status codes, so the core
-never imports grpc). ``fedtoken.rpc.errors`` maps them to a gRPC status plus
+never imports grpc). ``fedtoken.rpc.interceptors`` maps them to a gRPC status plus
 an ``ErrorDetail`` at one boundary. Tests assert reasons, never messages.
 
 Adapters translate their library's exceptions where they enter (PKCS#11
@@ -145,6 +145,12 @@ class InvalidKeyTransition(FailedPrecondition):
     """The key's state does not allow the requested transition."""
 
     reason = ErrorReason.INVALID_KEY_TRANSITION
+
+
+class NoActiveKey(FailedPrecondition):
+    """The tenant has no signing key."""
+
+    reason = ErrorReason.NO_ACTIVE_KEY
 
 
 class PermissionDenied(FedtokenError):

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from fedtoken.core.errors import TokenError
 from fedtoken.core.jwk import b64url_decode, b64url_encode
 from fedtoken.core.model import ASYMMETRIC_ALGORITHMS, Reason
-from fedtoken.core.errors import TokenError
 
 DEFAULT_MAX_TOKEN_SIZE: Final = 16384
 MAX_KID_LENGTH: Final = 256

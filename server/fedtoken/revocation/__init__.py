@@ -1,4 +1,4 @@
-"""The in-memory revocation view and the task that keeps it current."""
+"""The in-memory revocation view (``fedtoken.events`` keeps it current)."""
 
 from fedtoken.revocation.view import InMemoryRevocationView, RevocationEntry
 

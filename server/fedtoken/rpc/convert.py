@@ -1,16 +1,48 @@
-"""Core results to protobuf messages (the hot half of Verify and VerifyBatch)."""
+"""Every conversion between protobuf messages and the service's types.
+
+The hot half (verdicts, VerifyBatchResponse) is written for speed; the rest
+is plain field mapping. Servicers do nothing but call these around one
+service call.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
+from fedtoken.core.audit import AuditRecord, ChainReport
 from fedtoken.core.claims import is_numeric_date
-from fedtoken.core.model import Reason, Verdict
-from fedtoken_client._pb.fedtoken.v1 import common_pb2, token_service_pb2
+from fedtoken.core.model import Expectation, KeyRecord, KeyState, Reason, Tenant, Verdict
+from fedtoken.service.types import (
+    AuditQuery,
+    Introspection,
+    Issued,
+    IssueParams,
+    KeySet,
+    NewTenant,
+    Revoked,
+    RevokeParams,
+)
+from fedtoken_client._pb.fedtoken.v1 import common_pb2, key_admin_pb2, token_service_pb2
 
 # Enum values are plain ints at run time; the stubs type them as NewTypes.
 REASON_PB: dict[Reason, Any] = {r: common_pb2.Reason.Value(r.value) for r in Reason}
+_KEY_STATE: dict[KeyState, Any] = {s: common_pb2.KeyState.Value(s.value) for s in KeyState}
+DEFAULT_AUDIT_PAGE = 100
+
+
+# --- verification (hot) -------------------------------------------------------------
+
+
+def expectation(request: token_service_pb2.VerifyRequest
+                | token_service_pb2.VerifyBatchRequest) -> Expectation:
+    return Expectation(audience=request.audience, issuer=request.issuer, tenant=request.tenant)
+
+
+def verify_response(v: Verdict) -> token_service_pb2.VerifyResponse:
+    return token_service_pb2.VerifyResponse(verdict=token_service_pb2.Verdict(
+        **_verdict_fields(v)))
 
 
 def verdict_pb(v: Verdict) -> token_service_pb2.Verdict:
@@ -45,3 +77,164 @@ def _verdict_fields(v: Verdict) -> dict[str, Any]:
         "expires_at": v.expires_at if is_numeric_date(v.expires_at) else 0,
         "claims_json": v.claims_json,
     }
+
+
+# --- tokens -------------------------------------------------------------------------
+
+
+def issue_params(r: token_service_pb2.IssueRequest) -> IssueParams:
+    return IssueParams(
+        tenant=r.tenant, subject=r.subject, audience=list(r.audience),
+        lifetime_seconds=r.lifetime_seconds, extra_claims_json=r.extra_claims_json,
+        scope=r.scope, client_id=r.client_id,
+    )
+
+
+def issue_response(i: Issued) -> token_service_pb2.IssueResponse:
+    return token_service_pb2.IssueResponse(
+        token=i.token, jti=i.jti, kid=i.kid, tenant=i.tenant, issuer=i.issuer,
+        issued_at=i.issued_at, expires_at=i.expires_at,
+    )
+
+
+def revoke_params(r: token_service_pb2.RevokeRequest) -> RevokeParams:
+    by_subject = r.WhichOneof("target") == "subject"
+    return RevokeParams(
+        tenant=r.tenant, token=r.token, jti=r.jti,
+        subject=r.subject.subject if by_subject else "",
+        issued_before=r.subject.issued_before if by_subject else 0,
+        kid=r.kid, expires_at=r.expires_at, reason=r.reason,
+    )
+
+
+def revoke_response(r: Revoked) -> token_service_pb2.RevokeResponse:
+    return token_service_pb2.RevokeResponse(
+        tenant=r.tenant, jti=r.jti, revoked_at=r.revoked_at, created=r.created, kind=r.kind,
+        value=r.value,
+    )
+
+
+def introspect_response(result: Introspection) -> token_service_pb2.IntrospectResponse:
+    if not result.active:
+        return token_service_pb2.IntrospectResponse(active=False,
+                                                    reason=REASON_PB[result.reason])
+    c = result.claims
+    aud = c.get("aud")
+    return token_service_pb2.IntrospectResponse(
+        active=True,
+        scope=_str(c.get("scope")),
+        client_id=_str(c.get("client_id")),
+        token_type="Bearer",  # noqa: S106 - RFC 7662 token_type, not a secret
+        exp=_int(c.get("exp")),
+        iat=_int(c.get("iat")),
+        nbf=_int(c.get("nbf")),
+        sub=_str(c.get("sub")),
+        aud=[aud] if isinstance(aud, str) else [a for a in aud or [] if isinstance(a, str)],
+        iss=_str(c.get("iss")),
+        jti=_str(c.get("jti")),
+        tenant=result.tenant,
+        kid=result.kid,
+        reason=REASON_PB[Reason.OK],
+    )
+
+
+def keys_response(ks: KeySet) -> token_service_pb2.GetKeysResponse:
+    return token_service_pb2.GetKeysResponse(
+        tenant=ks.tenant.id, issuer=ks.tenant.issuer, jwks_json=ks.jwks_json,
+        max_age_seconds=ks.max_age, etag=ks.etag, keys=[key_pb(k) for k in ks.keys],
+    )
+
+
+# --- administration -----------------------------------------------------------------
+
+
+def key_pb(k: KeyRecord) -> common_pb2.Key:
+    return common_pb2.Key(
+        kid=k.kid,
+        tenant=k.tenant,
+        alg=k.alg,
+        key_size=k.key_size,
+        state=_KEY_STATE[k.state],
+        public_jwk_json=json.dumps(k.public_jwk, separators=(",", ":"), sort_keys=True),
+        created_at=k.created_at,
+        activated_at=k.activated_at,
+        retiring_at=k.retiring_at,
+        retired_at=k.retired_at,
+        compromised_at=k.compromised_at,
+        hsm_label=k.hsm_label,
+    )
+
+
+def tenant_pb(t: Tenant) -> key_admin_pb2.Tenant:
+    return key_admin_pb2.Tenant(
+        id=t.id,
+        issuer=t.issuer,
+        max_token_lifetime_seconds=t.policy.max_token_lifetime_seconds,
+        default_token_lifetime_seconds=t.policy.default_token_lifetime_seconds,
+        allowed_algorithms=list(t.policy.allowed_algorithms),
+        key_size=t.policy.key_size,
+        created_at=t.created_at,
+    )
+
+
+def new_tenant(r: key_admin_pb2.CreateTenantRequest) -> NewTenant:
+    return NewTenant(
+        id=r.id, issuer=r.issuer, max_token_lifetime_seconds=r.max_token_lifetime_seconds,
+        default_token_lifetime_seconds=r.default_token_lifetime_seconds,
+        allowed_algorithms=tuple(r.allowed_algorithms), key_size=r.key_size,
+        generate_key=r.generate_key,
+    )
+
+
+def audit_query(r: key_admin_pb2.ListAuditEventsRequest) -> AuditQuery:
+    return AuditQuery(
+        tenant=r.tenant, event_type=r.event_type, subject=r.subject, since=r.since,
+        until=r.until, after_seq=r.after_seq, page_size=r.page_size or DEFAULT_AUDIT_PAGE,
+    )
+
+
+def audit_page(records: Sequence[AuditRecord],
+               page_size: int) -> key_admin_pb2.ListAuditEventsResponse:
+    return key_admin_pb2.ListAuditEventsResponse(
+        events=[audit_pb(r) for r in records],
+        next_after_seq=records[-1].seq if len(records) == page_size else 0,
+    )
+
+
+def audit_pb(r: AuditRecord) -> key_admin_pb2.AuditEvent:
+    e = r.event
+    return key_admin_pb2.AuditEvent(
+        seq=r.seq,
+        time_us=int(r.ts.timestamp() * 1_000_000),
+        tenant=e.tenant,
+        actor=e.actor,
+        event_type=e.event_type,
+        subject=e.subject,
+        jti=e.jti,
+        kid=e.kid,
+        outcome=e.outcome,
+        reason=e.reason,
+        request_id=e.request_id,
+        details_json=json.dumps(e.details, separators=(",", ":"), sort_keys=True)
+        if e.details else "",
+        hash=r.hash.hex(),
+    )
+
+
+def chain_report_pb(report: ChainReport) -> key_admin_pb2.AuditChainReport:
+    return key_admin_pb2.AuditChainReport(
+        ok=report.ok,
+        rows_checked=report.rows_checked,
+        head_seq=report.head_seq,
+        head_hash=report.head_hash.hex(),
+        first_bad_seq=report.first_bad_seq or 0,
+        problem=report.problem.name if report.problem else "",
+    )
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _int(value: object) -> int:
+    return value if type(value) is int else 0

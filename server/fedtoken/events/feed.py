@@ -1,4 +1,10 @@
-"""Keeps an InMemoryRevocationView current from Postgres (LISTEN/NOTIFY).
+"""The one LISTEN feed of a replica: revocations, keys and tenants.
+
+It keeps the InMemoryRevocationView current from Postgres (LISTEN/NOTIFY)
+and relays tenant and key changes to the catalog (``on_change``, which
+decides whether its snapshot already reflects them), and asks the catalog
+for a full reload after every (re)connect and periodic resync
+(``on_resync``): notifications are not queued for a disconnected listener.
 
 One dedicated connection LISTENs on ``fedtoken_events``. Every heartbeat
 interval the task sends a NOTIFY carrying its own id and a counter on that
@@ -36,15 +42,17 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
-from fedtoken.revocation.view import InMemoryRevocationView, RevocationEntry, SnapshotBuilder
+from fedtoken.core.ports import RevocationEntry, RevocationRepository
+from fedtoken.revocation.view import InMemoryRevocationView, SnapshotBuilder
+from fedtoken.store import EVENTS_CHANNEL as CHANNEL
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "fedtoken_events"
 _DAY = 86400
 _MIN_HEARTBEAT_TIMEOUT = 2.0
 _SNAPSHOT_TIMEOUT = 120.0
@@ -55,15 +63,31 @@ _SNAPSHOT_TIMEOUT = 120.0
 SnapshotLoader = Callable[
     [], Awaitable[Iterable[RevocationEntry]] | AsyncIterator[RevocationEntry]
 ]
-KeysChanged = Callable[[dict[str, Any]], Awaitable[None]]
+# A tenant or key changed (called on the event loop; must not block).
+ChangeCallback = Callable[[dict[str, Any]], None]
+# Everything may have changed (after a reconnect or a periodic resync).
+ResyncCallback = Callable[[], Awaitable[None]]
+
+
+def revocation_loader(
+    repo: RevocationRepository, now: Callable[[], float]
+) -> Callable[[], AsyncIterator[RevocationEntry]]:
+    """A snapshot loader streaming the revocations in force from the store."""
+
+    async def load() -> AsyncIterator[RevocationEntry]:
+        async for chunk in repo.iter_active(datetime.fromtimestamp(now(), UTC)):
+            for tenant, kind, value, expires_at, not_before in chunk:
+                yield RevocationEntry(tenant, kind, value, expires_at, not_before)
+
+    return load
 
 
 class FeedBroken(ConnectionError):
     """The notification feed can no longer be trusted; reconnect and resync."""
 
 
-class RevocationSync:
-    """Feeds the view; also relays key/tenant change events to a callback."""
+class EventFeed:
+    """Feeds the revocation view; relays tenant/key changes to the catalog."""
 
     def __init__(
         self,
@@ -73,14 +97,16 @@ class RevocationSync:
         *,
         heartbeat: float,
         resync: float,
-        on_keys_changed: KeysChanged | None = None,
+        on_change: ChangeCallback | None = None,
+        on_resync: ResyncCallback | None = None,
     ) -> None:
         self._dsn = dsn
         self._view = view
         self._load_snapshot = load_snapshot
         self._heartbeat = heartbeat
         self._resync = resync
-        self._on_keys_changed = on_keys_changed
+        self._on_change = on_change
+        self._on_resync = on_resync
         self._id = uuid.uuid4().hex
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
@@ -90,7 +116,6 @@ class RevocationSync:
         self._lost = asyncio.Event()
         self._broken = ""
         self.ready = asyncio.Event()
-        self._tasks: set[asyncio.Future[None]] = set()
         # Bounds for a hung connection. They follow the staleness bound, not
         # the heartbeat: a heartbeat delayed by load only lets freshness lapse
         # (verdicts fail closed at exactly the bound), whereas tearing the
@@ -115,10 +140,6 @@ class RevocationSync:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._close_conn()
         self._view.mark_stale()
 
@@ -226,8 +247,8 @@ class RevocationSync:
                 self._view.add(entry)
         finally:
             self._buffers = [b for b in self._buffers if b is not buffer]
-        if self._on_keys_changed is not None:
-            await self._on_keys_changed({"type": "resync"})
+        if self._on_resync is not None:
+            await self._on_resync()
 
     def _fail(self, why: str) -> None:
         log.error("%s; reloading the revocation view", why)
@@ -275,19 +296,11 @@ class RevocationSync:
                 return
             for buffer in self._buffers:
                 buffer.append(entry)
-            if entry.kind == "key" and self._on_keys_changed is not None:
-                self._spawn(self._on_keys_changed(event))
+            # A key revocation also changes the key's state, which the keys
+            # trigger notifies on its own: nothing to relay here.
             return
-        if kind in ("keys", "tenants", "tenant", "key") and self._on_keys_changed is not None:
-            self._spawn(self._on_keys_changed(event))
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Future[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("reloading keys after a change failed (%s); the periodic resync "
-                        "will retry", type(task.exception()).__name__)
+        if kind in ("keys", "tenant") and self._on_change is not None:
+            try:
+                self._on_change(event)
+            except Exception:
+                log.exception("handling a %s notification failed", kind)

@@ -1,0 +1,173 @@
+"""The catalog: this replica's one snapshot of tenants and keys.
+
+It is the only place that reloads tenants and keys from the store and the
+only writer of the key table the verifier reads (``KeyTable.replace``). A
+reload is triggered by a change made here (the use case awaits it, so the
+caller reads its own write), by a change notified from another replica
+(``notice``), or by the periodic resync of the event feed.
+
+One change causes one reload per replica: reloads are coalesced (callers
+that ask while one is running share the next one), and a notification that
+the snapshot already reflects (the replica that made the change reloaded
+before the notification came back) causes none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedtoken.core.errors import NoActiveKey, TenantNotFound
+from fedtoken.core.jwks import etag as jwks_etag
+from fedtoken.core.jwks import render_jwks
+from fedtoken.core.model import KeyRecord, KeyState, Tenant
+from fedtoken.core.policy import is_tenant_id
+from fedtoken.core.ports import KeyTable, Store
+from fedtoken.service.types import KeySet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    tenants: Mapping[str, Tenant] = field(default_factory=dict)
+    keys: Mapping[str, tuple[KeyRecord, ...]] = field(default_factory=dict)
+    states: Mapping[str, KeyState] = field(default_factory=dict)
+
+
+class Catalog:
+    def __init__(self, store: Store, table: KeyTable, *, default_tenant: str,
+                 jwks_max_age: int) -> None:
+        self._store = store
+        self._table = table
+        self._default = default_tenant
+        self._max_age = jwks_max_age
+        self._snap = _Snapshot()
+        self._key_sets: dict[str, KeySet] = {}
+        self._lock = asyncio.Lock()
+        self._requested = 0  # reload requests made
+        self._served = 0  # requests up to this number are reflected in the snapshot
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.reloads = 0  # how many reloads ran (observability and tests)
+
+    # -- reading ---------------------------------------------------------------
+
+    @property
+    def default_tenant(self) -> str:
+        return self._default
+
+    def tenants(self) -> list[Tenant]:
+        return sorted(self._snap.tenants.values(), key=lambda t: t.id)
+
+    def keys_of(self, tenant_id: str) -> tuple[KeyRecord, ...]:
+        return self._snap.keys.get(tenant_id, ())
+
+    def find(self, tenant_id: str) -> Tenant | None:
+        """The tenant if this snapshot has it (no store access)."""
+        return self._snap.tenants.get(tenant_id or self._default)
+
+    async def tenant(self, tenant_id: str) -> Tenant:
+        """The named (or default) tenant; TenantNotFound if it does not exist.
+
+        Another replica may have created it a moment ago, before its
+        notification arrived. Names reach here from unauthenticated HTTP
+        routes, so a miss costs at most one primary-key lookup; only a tenant
+        that really exists triggers a reload.
+        """
+        tid = tenant_id or self._default
+        tenant = self._snap.tenants.get(tid)
+        if tenant is None and is_tenant_id(tid) and await self._store.tenants.get(tid):
+            await self.reload()
+            tenant = self._snap.tenants.get(tid)
+        if tenant is None:
+            # The name is not echoed: it is unvalidated caller input.
+            raise TenantNotFound("tenant does not exist", tenant=tid if is_tenant_id(tid) else "")
+        return tenant
+
+    def active_key(self, tenant: Tenant) -> KeyRecord:
+        for key in self._snap.keys.get(tenant.id, ()):
+            if key.state is KeyState.ACTIVE:
+                return key
+        raise NoActiveKey(
+            f"tenant {tenant.id!r} has no active signing key; generate and activate one "
+            "(fedtoken keys generate --activate)",
+            tenant=tenant.id,
+        )
+
+    async def key_set(self, tenant_id: str) -> KeySet:
+        """The tenant's published keys as a JWKS, rendered once per snapshot."""
+        tenant = await self.tenant(tenant_id)
+        cached = self._key_sets.get(tenant.id)
+        if cached is not None:
+            return cached
+        records = tuple(k for k in self._snap.keys.get(tenant.id, ()) if k.state.published)
+        body = render_jwks(list(records))
+        key_set = KeySet(tenant, body, jwks_etag(body), self._max_age, records)
+        self._key_sets[tenant.id] = key_set
+        return key_set
+
+    # -- reloading -------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """Load tenants and keys; returns once a load that began after this
+        call was made has been installed."""
+        self._requested += 1
+        wanted = self._requested
+        async with self._lock:
+            if self._served >= wanted:
+                return  # a reload that started after our request covered it
+            covers = self._requested
+            tenants = await self._store.tenants.list()
+            keys = await self._store.keys.list(None)
+            self._install(tenants, keys)
+            self._served = covers
+            self.reloads += 1
+
+    def _install(self, tenants: list[Tenant], keys: list[KeyRecord]) -> None:
+        by_tenant: dict[str, list[KeyRecord]] = {t.id: [] for t in tenants}
+        for key in keys:
+            by_tenant.setdefault(key.tenant, []).append(key)
+        # The verifier first, so that nothing signs with a key it cannot check.
+        self._table.replace(tenants, keys)
+        self._snap = _Snapshot(
+            tenants={t.id: t for t in tenants},
+            keys={tid: tuple(ks) for tid, ks in by_tenant.items()},
+            states={k.kid: k.state for k in keys},
+        )
+        self._key_sets = {}
+
+    def reflects(self, event: Mapping[str, Any]) -> bool:
+        """Whether the snapshot already shows what a notification says."""
+        kind = event.get("type")
+        if kind == "keys":
+            kid = event.get("kid")
+            return isinstance(kid, str) and self._snap.states.get(kid) is not None \
+                and self._snap.states[kid].value == event.get("state")
+        if kind == "tenant":
+            return event.get("tenant") in self._snap.tenants
+        return False
+
+    def notice(self, event: Mapping[str, Any]) -> None:
+        """A tenant or key changed somewhere (feed callback; never blocks)."""
+        if self.reflects(event):
+            return
+        task = asyncio.get_running_loop().create_task(self._reload_logged(),
+                                                      name="catalog-reload")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except Exception as exc:  # noqa: BLE001 - the periodic resync retries
+            log.warning("reloading tenants and keys after a change failed (%s); the periodic "
+                        "resync will retry", type(exc).__name__)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

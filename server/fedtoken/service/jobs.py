@@ -1,0 +1,71 @@
+"""Background and once-only work: first-start bootstrap and the purge of
+expired revocations. (Scheduled key rotation will live here too.)"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from fedtoken.core.errors import FedtokenError
+from fedtoken.core.model import KeyState, Tenant, TenantPolicy
+from fedtoken.core.ports import CallContext, Clock, LocalRevocations, Principal, Store
+from fedtoken.service.catalog import Catalog
+from fedtoken.service.keyadmin import KeyAdmin, TenantDefaults
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_LOCK = 0x6665_6474_6F6B  # "fedtok": advisory lock id for first start
+BOOTSTRAP = CallContext(Principal(identity="fedtoken:bootstrap"))
+
+
+class Jobs:
+    def __init__(self, *, catalog: Catalog, store: Store, keys: KeyAdmin,
+                 revocations: LocalRevocations, clock: Clock, defaults: TenantDefaults) -> None:
+        self._catalog = catalog
+        self._store = store
+        self._keys = keys
+        self._revocations = revocations
+        self._clock = clock
+        self._defaults = defaults
+
+    async def bootstrap(self, default_tenant: str | None) -> None:
+        """Load the catalog; with ``default_tenant``, create that tenant and its
+        first active key if missing.
+
+        Runs under a Postgres advisory lock so replicas starting together
+        create exactly one tenant and one key.
+        """
+        await self._catalog.reload()
+        if not default_tenant:
+            return
+        async with self._store.advisory_lock(BOOTSTRAP_LOCK):
+            await self._catalog.reload()
+            tenant = self._catalog.find(default_tenant)
+            if tenant is None or tenant.id != default_tenant:
+                await self._keys.add_tenant(
+                    Tenant(id=default_tenant, issuer=self._defaults.issuer_for(default_tenant),
+                           policy=TenantPolicy(key_size=self._defaults.key_size)),
+                    BOOTSTRAP,
+                )
+            if not any(k.state is KeyState.ACTIVE for k in self._catalog.keys_of(default_tenant)):
+                await self._keys.generate_key(default_tenant, 0, True, BOOTSTRAP)
+
+    async def purge_expired(self) -> int:
+        """Forget revocations whose tokens have expired anyway (store and memory)."""
+        removed = await self._store.revocations.purge_expired(
+            datetime.fromtimestamp(self._clock.now(), UTC))
+        self._revocations.purge_expired()
+        return removed
+
+    async def maintain(self, every: float) -> None:
+        """Periodic housekeeping; idempotent, so every replica may run it."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                removed = await self.purge_expired()
+            except FedtokenError as exc:
+                log.warning("revocation purge skipped: %s", exc.reason.value)
+                continue
+            if removed:
+                log.info("purged %d expired revocations", removed)

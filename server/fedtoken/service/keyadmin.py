@@ -1,0 +1,196 @@
+"""Key administration: tenants, the key lifecycle, and reading the audit trail.
+
+Called by the KeyAdmin RPCs, by first-start bootstrap and by the emergency
+path of Revoke (a compromised signing key gets a replacement); a future
+rotation scheduler calls the same methods. Every change is audited durably
+before the call returns, and the catalog is reloaded so the caller reads its
+own write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from fedtoken.core.audit import AuditEvent, AuditRecord, ChainReport
+from fedtoken.core.errors import InvalidKeyTransition, InvalidRequest, KeyNotFound, TenantExists
+from fedtoken.core.keys import check_transition
+from fedtoken.core.model import KeyRecord, KeyState, Tenant, TenantPolicy
+from fedtoken.core.policy import (
+    check_issuer_url,
+    check_key_size,
+    check_tenant_id,
+    check_tenant_policy,
+)
+from fedtoken.core.ports import AuditSink, CallContext, Clock, Signer, Store
+from fedtoken.service.catalog import Catalog
+from fedtoken.service.types import AuditQuery, NewTenant
+
+MAX_AUDIT_PAGE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class TenantDefaults:
+    """What a CreateTenant request leaves out."""
+
+    issuer_for: Callable[[str], str]
+    key_size: int = 2048
+
+
+def _ts(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+class KeyAdmin:
+    def __init__(self, *, catalog: Catalog, store: Store, signer: Signer, audit: AuditSink,
+                 clock: Clock, defaults: TenantDefaults) -> None:
+        self._catalog = catalog
+        self._store = store
+        self._signer = signer
+        self._audit = audit
+        self._clock = clock
+        self._defaults = defaults
+
+    # -- tenants -----------------------------------------------------------------
+
+    def tenant_from_request(self, req: NewTenant) -> Tenant:
+        """Apply the documented defaults to a CreateTenant request."""
+        d = TenantPolicy()
+        max_lifetime = req.max_token_lifetime_seconds or d.max_token_lifetime_seconds
+        return Tenant(
+            id=req.id,
+            issuer=req.issuer or (self._defaults.issuer_for(req.id) if req.id else ""),
+            policy=TenantPolicy(
+                max_token_lifetime_seconds=max_lifetime,
+                default_token_lifetime_seconds=req.default_token_lifetime_seconds
+                or min(d.default_token_lifetime_seconds, max_lifetime),
+                allowed_algorithms=tuple(req.allowed_algorithms) or d.allowed_algorithms,
+                key_size=req.key_size or self._defaults.key_size,
+            ),
+        )
+
+    async def create_tenant(self, req: NewTenant, ctx: CallContext) -> Tenant:
+        return await self.add_tenant(self.tenant_from_request(req), ctx,
+                                     generate_key=req.generate_key)
+
+    async def add_tenant(self, tenant: Tenant, ctx: CallContext, *,
+                         generate_key: bool = False) -> Tenant:
+        check_tenant_id(tenant.id)
+        check_issuer_url(tenant.issuer)
+        check_tenant_policy(tenant.policy)
+        try:
+            created = await self._store.tenants.create(tenant, now=_ts(self._clock.now()))
+        except TenantExists as exc:
+            exc.tenant = tenant.id
+            raise
+        await self._audit.record(AuditEvent(
+            event_type="tenant.created", tenant=created.id, actor=ctx.actor, outcome="ok",
+            request_id=ctx.request_id, details={"issuer": created.issuer},
+        ))
+        await self._catalog.reload()
+        if generate_key:
+            await self.generate_key(created.id, 0, True, ctx)
+        return created
+
+    async def get_tenant(self, tenant_id: str) -> Tenant:
+        return await self._catalog.tenant(tenant_id)
+
+    async def list_tenants(self) -> list[Tenant]:
+        # Read through: an operator listing tenants expects every replica's.
+        await self._catalog.reload()
+        return self._catalog.tenants()
+
+    # -- keys --------------------------------------------------------------------
+
+    async def generate_key(self, tenant_id: str, key_size: int, activate: bool,
+                           ctx: CallContext) -> KeyRecord:
+        tenant = await self._catalog.tenant(tenant_id)
+        try:
+            bits = check_key_size(key_size or tenant.policy.key_size)
+        except InvalidRequest as exc:
+            exc.tenant = tenant.id
+            raise
+        generated = await self._signer.generate(tenant.id, bits)
+        now = self._clock.now()
+        record = KeyRecord(
+            kid=generated.kid, tenant=tenant.id, alg=generated.alg, key_size=bits,
+            state=KeyState.PENDING, public_jwk=generated.public_jwk,
+            hsm_label=generated.hsm_label, created_at=int(now),
+        )
+        await self._store.keys.insert(record)
+        await self._audit.record(AuditEvent(
+            event_type="key.generated", tenant=tenant.id, actor=ctx.actor, kid=record.kid,
+            outcome="ok", request_id=ctx.request_id,
+            details={"key_size": bits, "hsm_label": record.hsm_label},
+        ))
+        if activate:
+            record = await self._store.keys.activate(tenant.id, record.kid, now=_ts(now))
+            await self._audit.record(_key_event("key.activated", record, ctx))
+        await self._catalog.reload()
+        return record
+
+    async def list_keys(self, tenant_id: str) -> list[KeyRecord]:
+        tenant = await self._catalog.tenant(tenant_id)
+        return await self._store.keys.list(tenant.id)
+
+    async def own_key(self, tenant_id: str, kid: str) -> KeyRecord:
+        """The key ``kid`` of the tenant; KeyNotFound for anyone else's."""
+        tenant = await self._catalog.tenant(tenant_id)
+        key = await self._store.keys.get(kid) if kid else None
+        if key is None or key.tenant != tenant.id:
+            raise KeyNotFound(f"key not found for tenant {tenant.id!r}", tenant=tenant.id,
+                              kid=kid if len(kid) <= 128 else "")
+        return key
+
+    async def activate_key(self, tenant_id: str, kid: str, ctx: CallContext) -> KeyRecord:
+        key = await self.own_key(tenant_id, kid)
+        check_transition(key.state, KeyState.ACTIVE)
+        record = await self._store.keys.activate(key.tenant, kid, now=_ts(self._clock.now()))
+        await self._audit.record(_key_event("key.activated", record, ctx))
+        await self._catalog.reload()
+        return record
+
+    async def retire_key(self, tenant_id: str, kid: str, ctx: CallContext) -> KeyRecord:
+        key = await self.own_key(tenant_id, kid)
+        if key.state is KeyState.ACTIVE:
+            raise InvalidKeyTransition(
+                "the active key cannot be retired directly: generate a key and activate it "
+                "(the current one then becomes RETIRING)", tenant=key.tenant, kid=kid,
+            )
+        target = KeyState.RETIRING if key.state is KeyState.PENDING else KeyState.RETIRED
+        check_transition(key.state, target)
+        record = await self._store.keys.set_state(kid, target, expected=[key.state],
+                                                  now=_ts(self._clock.now()))
+        await self._audit.record(_key_event(
+            "key.retired" if target is KeyState.RETIRED else "key.retiring", record, ctx))
+        await self._catalog.reload()
+        return record
+
+    # -- audit trail -----------------------------------------------------------------
+
+    async def list_audit(self, q: AuditQuery) -> list[AuditRecord]:
+        if not 0 <= q.page_size <= MAX_AUDIT_PAGE or q.after_seq < 0 or q.since < 0 \
+                or q.until < 0:
+            raise InvalidRequest(
+                f"page_size 0..{MAX_AUDIT_PAGE}; after_seq, since, until not negative",
+                field="page_size")
+        return await self._store.audit.list(
+            tenant=q.tenant or None,
+            event_type=q.event_type or None,
+            subject=q.subject or None,
+            since=_ts(q.since) if q.since else None,
+            until=_ts(q.until) if q.until else None,
+            after_seq=q.after_seq,
+            limit=q.page_size or 100,
+        )
+
+    async def verify_audit_chain(self) -> ChainReport:
+        return await self._store.audit.verify_chain()
+
+
+def _key_event(event_type: str, key: KeyRecord, ctx: CallContext) -> AuditEvent:
+    return AuditEvent(
+        event_type=event_type, tenant=key.tenant, actor=ctx.actor, kid=key.kid, outcome="ok",
+        request_id=ctx.request_id, details={"state": key.state.value},
+    )

@@ -1,0 +1,279 @@
+"""Token use cases: issue, revoke (by token, jti, subject or key), introspect.
+
+Promises kept here:
+- a token is signed only through the ``Signer`` (the HSM) and returned only
+  after its audit record is durable;
+- a revocation is durable in the store, with its audit record, before
+  Revoke returns, and is enforced by this replica at once;
+- introspection is the real-time path: the revocation check asks the store
+  and fails closed when it cannot.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import UTC, datetime
+
+from fedtoken.core import claims as claims_mod
+from fedtoken.core import jose
+from fedtoken.core.audit import AuditEvent
+from fedtoken.core.errors import (
+    ErrorReason,
+    InvalidRequest,
+    PolicyViolation,
+    StoreUnavailable,
+)
+from fedtoken.core.keys import check_transition
+from fedtoken.core.model import Expectation, KeyState, Reason, Tenant
+from fedtoken.core.policy import (
+    MAX_CLIENT_ID,
+    MAX_JTI,
+    MAX_REASON,
+    MAX_SCOPE,
+    check_audiences,
+    check_length,
+    check_subject,
+)
+from fedtoken.core.ports import (
+    AuditSink,
+    CallContext,
+    Clock,
+    LocalRevocations,
+    RevocationEntry,
+    Signer,
+    Store,
+    Verifier,
+)
+from fedtoken.service.catalog import Catalog
+from fedtoken.service.keyadmin import KeyAdmin
+from fedtoken.service.types import Introspection, Issued, IssueParams, Revoked, RevokeParams
+
+log = logging.getLogger(__name__)
+
+# Verdicts the engine gives only after the signature verified and the claims
+# are well-typed: a token with one of these reasons can be revoked by value.
+_REVOCABLE = frozenset({Reason.OK, Reason.EXPIRED, Reason.NOT_YET_VALID,
+                        Reason.ISSUED_IN_FUTURE})
+# Introspection reports the audience instead of checking it (RFC 7662).
+_ANY_AUDIENCE = Expectation(audience="", check_audience=False)
+
+
+def require_token(token: str) -> None:
+    if not token:
+        raise InvalidRequest("token is required", field="token")
+
+
+def _ts(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+class Tokens:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        store: Store,
+        signer: Signer,
+        audit: AuditSink,
+        introspector: Verifier,
+        revocations: LocalRevocations,
+        keys: KeyAdmin,
+        clock: Clock,
+        leeway: int,
+    ) -> None:
+        """``introspector`` is a verification engine that checks everything
+        but revocation (introspection asks the store for that itself)."""
+        self._catalog = catalog
+        self._store = store
+        self._signer = signer
+        self._audit = audit
+        self._introspector = introspector
+        self._revocations = revocations
+        self._keys = keys
+        self._clock = clock
+        self._leeway = leeway
+
+    # -- issue -------------------------------------------------------------------
+
+    async def issue(self, params: IssueParams, ctx: CallContext) -> Issued:
+        tenant = await self._catalog.tenant(params.tenant)
+        subject = check_subject(params.subject)
+        audience = check_audiences(params.audience)
+        lifetime = params.lifetime_seconds or tenant.policy.default_token_lifetime_seconds
+        if lifetime < 0:
+            raise InvalidRequest("lifetime_seconds must not be negative", field="lifetime_seconds")
+        if lifetime > tenant.policy.max_token_lifetime_seconds:
+            raise PolicyViolation(
+                f"lifetime {lifetime}s exceeds tenant {tenant.id!r} maximum of "
+                f"{tenant.policy.max_token_lifetime_seconds}s",
+                reason=ErrorReason.LIFETIME_EXCEEDS_POLICY,
+                field="lifetime_seconds",
+                tenant=tenant.id,
+            )
+        check_length(params.scope, "scope", MAX_SCOPE)
+        check_length(params.client_id, "client_id", MAX_CLIENT_ID)
+        extra = claims_mod.validate_extra_claims(params.extra_claims_json)
+        key = self._catalog.active_key(tenant)
+        now = int(self._clock.now())
+        jti = secrets.token_urlsafe(16)  # 128 random bits
+        payload = claims_mod.build_claims(
+            issuer=tenant.issuer, subject=subject, audience=audience, issued_at=now,
+            lifetime=lifetime, jti=jti, extra=extra, scope=params.scope,
+            client_id=params.client_id,
+        )
+        header = {"alg": key.alg, "typ": "JWT", "kid": key.kid}
+        signing_input = jose.encode_signing_input(header, payload)
+        (signature,) = await self._signer.sign(key.hsm_label, key.kid, [signing_input])
+        token = jose.assemble(signing_input, signature)
+        await self._audit.record(AuditEvent(
+            event_type="token.issued", tenant=tenant.id, actor=ctx.actor, subject=subject,
+            jti=jti, kid=key.kid, outcome="ok", request_id=ctx.request_id,
+            details={"aud": audience, "exp": now + lifetime},
+        ))
+        return Issued(token, jti, key.kid, tenant.id, tenant.issuer, now, now + lifetime)
+
+    # -- introspect ----------------------------------------------------------------
+
+    async def introspect(self, token: str, ctx: CallContext) -> Introspection:
+        """Real-time check: engine verdict, then revocation straight from the store."""
+        require_token(token)
+        verdict = self._introspector.verify(token, _ANY_AUDIENCE)
+        result: Introspection
+        if not verdict.valid or verdict.claims is None:
+            result = Introspection(False, verdict.reason, tenant=verdict.tenant, kid=verdict.kid)
+        else:
+            iat = verdict.claims.get("iat")
+            try:
+                revoked = await self._store.revocations.is_revoked(
+                    verdict.tenant, verdict.jti, verdict.subject,
+                    iat if isinstance(iat, int) else 0, verdict.kid,
+                    now=_ts(self._clock.now()),
+                )
+            except StoreUnavailable:
+                result = Introspection(False, Reason.REVOCATION_UNAVAILABLE,
+                                       tenant=verdict.tenant, kid=verdict.kid)
+            else:
+                result = (Introspection(False, Reason.REVOKED, tenant=verdict.tenant,
+                                        kid=verdict.kid) if revoked
+                          else Introspection(True, Reason.OK, verdict.claims,
+                                             tenant=verdict.tenant, kid=verdict.kid))
+        await self._audit.record_soon(AuditEvent(
+            event_type="token.introspected", tenant=verdict.tenant, actor=ctx.actor,
+            subject=verdict.subject, jti=verdict.jti, kid=verdict.kid,
+            outcome="active" if result.active else "inactive", reason=result.reason.value,
+            request_id=ctx.request_id,
+        ))
+        return result
+
+    # -- revoke --------------------------------------------------------------------
+
+    async def revoke(self, p: RevokeParams, ctx: CallContext) -> Revoked:
+        """Revoke one token (by token or jti), a subject's tokens issued before
+        a time, or every token of a compromised key. Durable and audited in
+        one transaction before it returns."""
+        check_length(p.reason, "reason", MAX_REASON)
+        if sum(bool(x) for x in (p.token, p.jti, p.subject, p.kid)) != 1:
+            raise InvalidRequest("give exactly one of token, jti, subject or kid", field="target")
+        if p.kid:
+            return await self.compromise(p.tenant, p.kid, p.reason, ctx)
+        now = int(self._clock.now())
+        leeway = self._leeway
+        not_before: int | None = None
+        jti, subject = p.jti, p.subject
+        if p.token:
+            tenant, jti, token_exp = self._authenticate_for_revocation(p.token)
+            if token_exp <= now - leeway:
+                # An expired token is already rejected everywhere: nothing to store.
+                return Revoked(tenant.id, jti, now, False, "jti", jti)
+            kind, value, expires_at = "jti", jti, token_exp
+        elif jti:
+            tenant = await self._catalog.tenant(p.tenant)
+            check_length(jti, "jti", MAX_JTI)
+            kind, value = "jti", jti
+            expires_at = p.expires_at
+            if expires_at <= 0:
+                expires_at = now + tenant.policy.max_token_lifetime_seconds
+        else:
+            tenant = await self._catalog.tenant(p.tenant)
+            check_subject(subject, required=False)
+            not_before = p.issued_before or now
+            if not_before > now + leeway or not_before < 0:
+                raise InvalidRequest("issued_before must not be in the future",
+                                     field="issued_before")
+            kind, value = "subject", subject
+            # Every token issued before the cut has expired by then.
+            expires_at = not_before + tenant.policy.max_token_lifetime_seconds
+        expires_at += leeway
+        event = AuditEvent(
+            event_type="token.revoked", tenant=tenant.id, actor=ctx.actor, subject=subject,
+            jti=jti, outcome="ok", reason=p.reason, request_id=ctx.request_id,
+            details={"kind": kind, "expires_at": expires_at,
+                     **({"issued_before": not_before} if not_before is not None else {})},
+        )
+
+        async def write(audit: AuditEvent | None) -> tuple[bool, datetime]:
+            return await self._store.revocations.revoke(
+                tenant.id, kind, value, expires_at=_ts(expires_at), now=_ts(now),
+                not_before=_ts(not_before) if not_before is not None else None,
+                reason=p.reason, actor=ctx.actor, audit=audit,
+            )
+
+        created, revoked_at = await self._audit.record_with(event, write)
+        # Enforced here at once; other replicas learn it by notification.
+        self._revocations.add(RevocationEntry(tenant.id, kind, value, expires_at,
+                                              not_before or 0))
+        return Revoked(tenant.id, jti, int(revoked_at.timestamp()), created, kind, value)
+
+    async def compromise(self, tenant_id: str, kid: str, reason: str,
+                         ctx: CallContext) -> Revoked:
+        """Emergency revocation: the key leaves the JWKS and every token it
+        signed is rejected. If it was the signing key, a replacement is
+        generated and activated at once so issuance continues."""
+        key = await self._keys.own_key(tenant_id, kid)
+        tenant = await self._catalog.tenant(key.tenant)
+        check_transition(key.state, KeyState.COMPROMISED)
+        now = int(self._clock.now())
+        # Its tokens are all expired after one maximum lifetime; the key
+        # itself stays COMPROMISED for good.
+        expires_at = now + tenant.policy.max_token_lifetime_seconds + self._leeway
+        event = AuditEvent(
+            event_type="key.compromised", tenant=tenant.id, actor=ctx.actor, kid=kid,
+            outcome="ok", reason=reason, request_id=ctx.request_id,
+            details={"previous_state": key.state.value, "expires_at": expires_at},
+        )
+
+        async def write(audit: AuditEvent | None) -> tuple[bool, datetime]:
+            async with self._store.transaction() as tx:
+                await tx.keys.set_state(kid, KeyState.COMPROMISED, expected=[key.state],
+                                        now=_ts(now))
+                return await tx.revocations.revoke(
+                    tenant.id, "key", kid, expires_at=_ts(expires_at), now=_ts(now),
+                    reason=reason, actor=ctx.actor, audit=audit,
+                )
+
+        created, revoked_at = await self._audit.record_with(event, write)
+        self._revocations.add(RevocationEntry(tenant.id, "key", kid, expires_at))
+        await self._catalog.reload()
+        if key.state is KeyState.ACTIVE:
+            log.warning("active key %s of tenant %s compromised; activating a replacement",
+                        kid, tenant.id)
+            await self._keys.generate_key(tenant.id, 0, True, ctx)
+        return Revoked(tenant.id, "", int(revoked_at.timestamp()), created, "key", kid)
+
+    def _authenticate_for_revocation(self, token: str) -> tuple[Tenant, str, int]:
+        """The token must be ours and genuinely signed; its exp and jti are read.
+
+        The introspection engine does the checking (one verification pipeline,
+        not a second copy): a verdict whose reason is only reached after the
+        signature verified proves the token authentic, even if it is expired
+        or not yet valid.
+        """
+        require_token(token)
+        verdict = self._introspector.verify(token, _ANY_AUDIENCE)
+        tenant = self._catalog.find(verdict.tenant) if verdict.tenant else None
+        if verdict.reason not in _REVOCABLE or tenant is None or not verdict.jti:
+            raise InvalidRequest("token is not a well-formed, genuinely signed token of ours",
+                                 reason=ErrorReason.INVALID_TOKEN, field="token")
+        return tenant, verdict.jti, verdict.expires_at
+
