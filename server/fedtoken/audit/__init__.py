@@ -1,9 +1,11 @@
 """The audit trail writer: durable records, batched verdicts, a local spill for outages.
 
 See ``fedtoken.audit.writer`` for the design (modes, order, exactly-once,
-queue bound), ``fedtoken.audit.rows`` for the grouping of verdicts,
-``fedtoken.audit.replay`` for the replay and ``fedtoken.audit.spill`` for
-the spill's format.
+queue bound), ``fedtoken.audit.mode`` for the direct/spill state machine
+and the replay task, ``fedtoken.audit.rows`` for the grouping of verdicts,
+``fedtoken.audit.replay`` for the replay, ``fedtoken.audit.appender`` for
+the group commit of spill appends and ``fedtoken.audit.spill`` for the
+spill's format.
 """
 
 from fedtoken.audit.rows import (

@@ -25,8 +25,10 @@ produced, until the replay task has drained the spill into Postgres (COPY,
 ``max_rows_per_copy`` rows per transaction, oldest first). The switch back
 happens only when the spill is empty; to guarantee that it eventually is
 under steady load, the last small remainder is replayed with new appends
-held at a gate for that moment. The replay itself is
-``fedtoken.audit.replay``. So the order of the trail is the order of
+held at a gate for that moment. That state machine and the replay task
+are ``fedtoken.audit.mode``, the replay itself ``fedtoken.audit.replay``;
+spill appends go through the group commit of ``fedtoken.audit.appender``
+(one fsync per batch). So the order of the trail is the order of
 production, across outages. (Order between a durable event and verdicts
 queued around the same time is the queue's: verdict rows reach the trail
 within a flush window; each item carries its own time.)
@@ -54,7 +56,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections import deque
@@ -62,12 +63,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from fedtoken.audit.replay import (
-    ReplayStopped,
-    SpillReplay,
-    append_in_chunks,
-    not_yet_stored,
-)
+from fedtoken.audit.appender import SpillAppender
+from fedtoken.audit.mode import AuditMode, ModeControl
+from fedtoken.audit.replay import SpillReplay, append_in_chunks, not_yet_stored
 from fedtoken.audit.rows import Row, VerdictLike, VerifyEntry, build_rows, clean_event
 from fedtoken.audit.spill import (
     DEFAULT_MAX_SEGMENT_BYTES,
@@ -85,13 +83,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class AuditMode(enum.Enum):
-    DIRECT = "direct"
-    """Events go to Postgres."""
-    SPILL = "spill"
-    """Events go to the local spill until the replay has drained it."""
 
 
 class AuditWriter:
@@ -132,26 +123,22 @@ class AuditWriter:
         self._max_rows = max_rows_per_copy
         self._max_items = max_items_per_row
         self._retry_interval = retry_interval
-        self._max_retry_interval = max_retry_interval
         self._clock = clock
 
+        self._appender = SpillAppender(self._spill)  # group commit, one fsync per batch
+        self._modes = ModeControl(self._spill, self._appender, self._replay,
+                                  retry_interval=retry_interval,
+                                  max_retry_interval=max_retry_interval,
+                                  stopping=lambda: self._stopping)
         self._queue: deque[VerifyEntry | AuditEvent] = deque()
         self._backlog: list[Row] = []
-        self._mode = AuditMode.DIRECT
         self._running = False
         self._stopping = False
         self._writer_task: asyncio.Task[None] | None = None
         self._replay_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._replay_wake = asyncio.Event()
         self._cycle = asyncio.Event()
         self._room = asyncio.Event()
-        self._gate = asyncio.Event()
-        # Spill appends: group commit, one writer thread at a time.
-        self._spill_io = asyncio.Lock()
-        self._submissions: list[tuple[list[bytes], asyncio.Future[None]]] = []
-        self._spill_busy = False
-        self._flusher: asyncio.Task[None] | None = None
 
         self.queued = 0
         self.written = 0
@@ -165,7 +152,7 @@ class AuditWriter:
 
     @property
     def mode(self) -> AuditMode:
-        return self._mode
+        return self._modes.mode
 
     @property
     def spill_dir(self) -> Path:
@@ -182,11 +169,11 @@ class AuditWriter:
     @property
     def spill_pending(self) -> bool:
         """Whether the spill holds events not yet replayed into Postgres."""
-        return not self._spill_idle()
+        return not self._modes.idle()
 
     def stats(self) -> dict[str, int | str]:
         return {
-            "mode": self._mode.value,
+            "mode": self._modes.mode.value,
             "queued": self.queued,
             "written": self.written,
             "spilled": self.spilled,
@@ -207,15 +194,12 @@ class AuditWriter:
         if self._running:
             return
         await asyncio.to_thread(self._spill.open)
-        self._mode = AuditMode.SPILL if self._spill.has_backlog() else AuditMode.DIRECT
+        self._modes.start()
         self._stopping = False
         self._running = True
-        self._gate.set()
         self._room.set()
         self._writer_task = asyncio.create_task(self._run_writer(), name="audit-writer")
-        self._replay_task = asyncio.create_task(self._run_replay(), name="audit-replay")
-        if self._mode is AuditMode.SPILL:
-            self._replay_wake.set()
+        self._replay_task = asyncio.create_task(self._modes.run(), name="audit-replay")
 
     async def stop(self, *, replay_timeout: float = 15.0) -> None:
         """Refuse new events, write everything queued (to Postgres or the spill), close.
@@ -228,7 +212,7 @@ class AuditWriter:
         self._running = False
         self._stopping = True
         self._wake.set()
-        self._replay_wake.set()
+        self._modes.wake.set()
         if self._replay_task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._replay_task), replay_timeout)
@@ -236,12 +220,10 @@ class AuditWriter:
                 self._replay_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._replay_task
-        self._gate.set()
+        self._modes.gate.set()
         if self._writer_task is not None:
             await self._writer_task
-        async with self._spill_io:
-            await self._drain_submissions()
-            await asyncio.to_thread(self._spill.close)
+        await self._appender.close()
         self._room.set()
         self._cycle.set()
         log.info("audit writer stopped: %s", self.stats())
@@ -319,9 +301,8 @@ class AuditWriter:
         if not self._running:
             raise AuditUnavailable("the audit writer is not running", tenant=event.tenant)
         event = clean_event(event)
-        if not self._gate.is_set():
-            await self._gate.wait()
-        if self._mode is AuditMode.DIRECT:
+        await self._modes.pass_gate()
+        if self._modes.mode is AuditMode.DIRECT:
             result = await write(event)
             self.written += 1
             return result
@@ -338,17 +319,16 @@ class AuditWriter:
         if not self._running:
             raise AuditUnavailable("the audit writer is not running", tenant=event.tenant)
         event = clean_event(event)
-        if not self._gate.is_set():
-            await self._gate.wait()
+        await self._modes.pass_gate()
         maybe_seq = 0
-        if self._mode is AuditMode.DIRECT:
+        if self._modes.mode is AuditMode.DIRECT:
             try:
                 await self._audit.append_chunk([event])
             except AuditCommitUncertain as exc:
                 maybe_seq = exc.seq
-                self._enter_spill(exc)
+                self._modes.enter_spill(exc)
             except StoreUnavailable as exc:
-                self._enter_spill(exc)
+                self._modes.enter_spill(exc)
             except FedtokenError as exc:
                 self.failed += 1
                 raise AuditUnavailable(
@@ -357,14 +337,14 @@ class AuditWriter:
                 ) from exc
             except Exception as exc:  # not committed (see PgAuditLog.append_chunk): spill it
                 log.exception("audit writer: unexpected error appending an audit record")
-                self._enter_spill(exc)
+                self._modes.enter_spill(exc)
             else:
                 self.written += 1
                 return
         # No await between the mode decision above and this submission.
         line = encode_record(SpillRecord(event, self._clock(), maybe_seq))
         try:
-            await self._spill_lines([line])
+            await self._appender.append([line])
         except OSError as exc:
             self.failed += 1
             log.error("audit record %s could not be spilled: %s", event.event_type, exc)
@@ -373,58 +353,6 @@ class AuditWriter:
                 tenant=event.tenant,
             ) from exc
         self.spilled += 1
-
-    # --- mode ------------------------------------------------------------------
-
-    def _enter_spill(self, exc: Exception) -> None:
-        if self._mode is AuditMode.DIRECT:
-            self._mode = AuditMode.SPILL
-            log.warning("audit trail: Postgres unavailable (%s); spilling events to %s",
-                        exc, self._spill.directory)
-        self._replay_wake.set()
-
-    def _spill_idle(self) -> bool:
-        return not (self._submissions or self._spill_busy or self._spill.has_backlog())
-
-    # --- spill appends (group commit) -------------------------------------------------
-
-    async def _spill_lines(self, lines: list[bytes]) -> None:
-        """Append lines durably, in submission order; OSError if they are not durable.
-
-        Submissions made while a write is in progress are written together by
-        the next one, with one fsync.
-        """
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._submissions.append((lines, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._run_flusher())
-        await future
-
-    async def _run_flusher(self) -> None:
-        async with self._spill_io:
-            await self._drain_submissions()
-
-    async def _drain_submissions(self) -> None:
-        """Write every pending submission; the caller holds ``_spill_io``."""
-        while self._submissions:
-            batch, self._submissions = self._submissions, []
-            self._spill_busy = True
-            error: OSError | None = None
-            try:
-                await asyncio.to_thread(
-                    self._spill.append, [line for lines, _ in batch for line in lines]
-                )
-            except OSError as exc:
-                error = exc
-            finally:
-                self._spill_busy = False
-            for _, future in batch:
-                if future.done():
-                    continue
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(OSError(error.errno, str(error)))
 
     # --- the writer task -----------------------------------------------------------
 
@@ -480,7 +408,7 @@ class AuditWriter:
         now = self._clock()
         lines = [encode_record(SpillRecord(r.event, now, r.maybe_seq)) for r in rest]
         try:
-            await self._spill_lines(lines)
+            await self._appender.append(lines)
         except OSError as exc:
             log.error("audit writer: %d rows could not be spilled (%s); retrying", len(rest), exc)
             return done
@@ -489,9 +417,8 @@ class AuditWriter:
 
     async def _append_direct(self, chunk: Sequence[Row]) -> bool:
         """Append a chunk to Postgres; False (not appended) once in spill mode."""
-        if not self._gate.is_set():
-            await self._gate.wait()
-        if self._mode is AuditMode.SPILL:
+        await self._modes.pass_gate()
+        if self._modes.mode is AuditMode.SPILL:
             return False
         todo: list[Row] = []
         try:
@@ -502,16 +429,16 @@ class AuditWriter:
             first = exc.seq - len(todo) + 1
             for k, row in enumerate(todo):
                 row.maybe_seq = first + k
-            self._enter_spill(exc)
+            self._modes.enter_spill(exc)
             return False
         except StoreUnavailable as exc:
-            self._enter_spill(exc)
+            self._modes.enter_spill(exc)
             return False
         except FedtokenError:
             raise  # refused outright: append_in_chunks isolates the bad row
         except Exception as exc:  # not committed (see PgAuditLog.append_chunk): spill them
             log.exception("audit writer: unexpected error appending audit rows")
-            self._enter_spill(exc)
+            self._modes.enter_spill(exc)
             return False
         self.written += len(todo)
         return True
@@ -529,62 +456,6 @@ class AuditWriter:
             for record in records:
                 log.critical("audit event lost (refused by Postgres, not storable): %r",
                              record.event)
-
-    # --- the replay task (the replay itself: fedtoken.audit.replay) ----------------------
-
-    async def _run_replay(self) -> None:
-        delay = self._retry_interval
-        while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._replay_wake.wait(), delay)
-            self._replay_wake.clear()
-            if self._stopping or self._mode is AuditMode.DIRECT:
-                continue
-            try:
-                await self._drain_spill()
-            except ReplayStopped:
-                return
-            except (StoreUnavailable, OSError) as exc:
-                log.info("audit spill replay paused: %s", exc)
-                delay = min(delay * 2, self._max_retry_interval)
-                continue
-            except Exception:
-                log.exception("audit spill replay failed")
-                delay = self._max_retry_interval
-                continue
-            delay = self._retry_interval
-
-    async def _drain_spill(self) -> None:
-        """Replay the spill into Postgres, then switch back to direct mode."""
-        for _ in range(3):
-            await self._replay.replay_backlog()  # fails fast while Postgres is still away
-            await self._rotate()
-            await self._replay.replay_backlog()
-            if self._spill_idle():
-                self._switch_to_direct()
-                return
-        # Under steady load the spill may never be empty at the instant we
-        # look: hold new events at the gate while the remainder is replayed.
-        self._gate.clear()
-        try:
-            while not self._spill_idle():
-                await self._rotate()
-                await self._replay.replay_backlog()
-            self._switch_to_direct()
-        finally:
-            self._gate.set()
-
-    def _switch_to_direct(self) -> None:
-        if self._spill_idle() and self._mode is AuditMode.SPILL:
-            self._mode = AuditMode.DIRECT
-            log.warning("audit trail: spill replayed (%d rows so far); writing to Postgres again",
-                        self.replayed)
-
-    async def _rotate(self) -> None:
-        async with self._spill_io:
-            await self._drain_submissions()
-            await asyncio.to_thread(self._spill.rotate)
-
 
 if TYPE_CHECKING:  # mypy checks that the writer implements the port exactly
 

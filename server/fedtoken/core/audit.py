@@ -62,7 +62,7 @@ class ChainProblem(enum.Enum):
 
 @dataclass(frozen=True)
 class ChainReport:
-    """Outcome of ``Store.verify_audit_chain``."""
+    """Outcome of ``PgAuditLog.verify_chain`` (``PgStore.audit.verify_chain``)."""
 
     ok: bool
     rows_checked: int
