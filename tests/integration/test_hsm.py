@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPubli
 from cryptography.hazmat.primitives.hashes import SHA256
 
 from fedtoken.core.errors import ErrorReason, HsmUnavailable, InvalidRequest, PolicyViolation
-from fedtoken.hsm import LABEL_PREFIX, GeneratedKey, HsmConfig, Pkcs11Hsm
+from fedtoken.core.ports import GeneratedKey, Signer
+from fedtoken.hsm import LABEL_PREFIX, HsmConfig, Pkcs11Hsm
 from fedtoken.hsm.devtoken import DevToken, ensure_dev_token
 from tests._hsm_fixture import hsm_devtoken  # noqa: F401
 
@@ -113,6 +115,13 @@ def test_keys_below_2048_bits_are_refused(hsm: Pkcs11Hsm) -> None:
     assert caught.value.reason is ErrorReason.POLICY_VIOLATION
     with pytest.raises(PolicyViolation):
         HsmConfig(module="/dev/null", token_label="x", pin="x", key_size=1024)
+    # The one key-size rule (core.policy.check_key_size) also bounds the top
+    # and wants whole octets.
+    for bits in (2047, 2052, 16384):
+        with pytest.raises(PolicyViolation):
+            hsm.generate_rsa_keypair("acme", bits=bits)
+        with pytest.raises(PolicyViolation):
+            HsmConfig(module="/dev/null", token_label="x", pin="x", key_size=bits)
     assert hsm.list_labels() == before
 
 
@@ -193,10 +202,10 @@ def test_dev_token_is_idempotent_and_keeps_the_pin_private(
     assert pin not in repr(hsm_devtoken.hsm_config())
 
 
-async def test_async_wrappers_sign_concurrently(hsm: Pkcs11Hsm, key: GeneratedKey) -> None:
+async def test_async_sign_concurrently(hsm: Pkcs11Hsm, key: GeneratedKey) -> None:
     inputs = [[f"token-{i}-a".encode(), f"token-{i}-b".encode()] for i in range(200)]
     results = await asyncio.gather(
-        *(hsm.asign_many(key.hsm_label, key.kid, batch) for batch in inputs)
+        *(hsm.sign(key.hsm_label, key.kid, batch) for batch in inputs)
     )
     for batch, signatures in zip(inputs, results, strict=True):
         for data, signature in zip(batch, signatures, strict=True):
@@ -214,8 +223,8 @@ async def test_two_instances_share_the_process_login(
         # Both instances' worker threads at once: the process-wide lock
         # serialises them.
         first_results, second_results = await asyncio.gather(
-            asyncio.gather(*(hsm.asign_many(key.hsm_label, key.kid, [b"a"]) for _ in range(50))),
-            asyncio.gather(*(second.asign_many(key.hsm_label, key.kid, [b"b"]) for _ in range(50))),
+            asyncio.gather(*(hsm.sign(key.hsm_label, key.kid, [b"a"]) for _ in range(50))),
+            asyncio.gather(*(second.sign(key.hsm_label, key.kid, [b"b"]) for _ in range(50))),
         )
         assert all(_verifies(key.public_jwk, sigs[0], b"a") for sigs in first_results)
         assert all(_verifies(key.public_jwk, sigs[0], b"b") for sigs in second_results)
@@ -227,10 +236,10 @@ async def test_two_instances_share_the_process_login(
 
 
 async def test_generate_and_destroy_asynchronously(hsm: Pkcs11Hsm) -> None:
-    generated = await hsm.agenerate_rsa_keypair("globex", bits=3072)
+    generated = await hsm.generate("globex", 3072)
     assert generated.key_size == 3072
     assert generated.hsm_label in hsm.list_labels()
-    await hsm.adestroy_key(generated.hsm_label)
+    await hsm.destroy(generated.hsm_label)
     assert generated.hsm_label not in hsm.list_labels()
     for call in (
         lambda: hsm.sign_many(generated.hsm_label, generated.kid, [b"x"]),
@@ -239,7 +248,56 @@ async def test_generate_and_destroy_asynchronously(hsm: Pkcs11Hsm) -> None:
         with pytest.raises(HsmUnavailable) as caught:
             call()
         assert caught.value.reason is ErrorReason.HSM_UNAVAILABLE
-    await hsm.adestroy_key(generated.hsm_label)  # idempotent
+    await hsm.destroy(generated.hsm_label)  # idempotent
+
+
+async def test_a_burst_through_the_signer_port_is_serialised(
+    hsm_devtoken: DevToken,  # noqa: F811
+    hsm: Pkcs11Hsm,
+    key: GeneratedKey,
+) -> None:
+    # Many tasks on two instances (two worker threads) and a plain thread
+    # calling the sync API, all at once: the process-wide PKCS#11 lock lets
+    # one call into the library at a time, so every signature is whole and
+    # signs exactly its own input.
+    second = Pkcs11Hsm(hsm_devtoken.hsm_config())
+    signers: list[Signer] = [hsm, second]
+    stop = threading.Event()
+    sync_results: list[tuple[bytes, bytes]] = []
+
+    def sync_signer() -> None:
+        i = 0
+        while not stop.is_set():
+            data = f"sync-{i}".encode()
+            (signature,) = hsm.sign_many(key.hsm_label, key.kid, [data])
+            sync_results.append((data, signature))
+            i += 1
+
+    async def task(n: int) -> list[tuple[bytes, bytes]]:
+        signer = signers[n % 2]
+        done: list[tuple[bytes, bytes]] = []
+        for round_ in range(5):
+            batch = [f"task-{n}-{round_}-{j}".encode() for j in range(n % 3 + 1)]
+            signatures = await signer.sign(key.hsm_label, key.kid, batch)
+            assert len(signatures) == len(batch)
+            done.extend(zip(batch, signatures, strict=True))
+        return done
+
+    thread = threading.Thread(target=sync_signer)
+    thread.start()
+    try:
+        results = await asyncio.gather(*(asyncio.create_task(task(n)) for n in range(64)))
+    finally:
+        stop.set()
+        thread.join()
+        await second.aclose()
+    signed = [pair for done in results for pair in done]
+    assert len(signed) == 5 * sum(n % 3 + 1 for n in range(64))
+    assert sync_results
+    signed += sync_results
+    assert len({data for data, _ in signed}) == len(signed)
+    for data, signature in signed:
+        assert _verifies(key.public_jwk, signature, data)
 
 
 def test_signing_survives_a_lost_session(hsm: Pkcs11Hsm, key: GeneratedKey) -> None:

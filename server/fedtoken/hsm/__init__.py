@@ -1,4 +1,5 @@
-"""The HSM adapter: PKCS#11 signing and key generation, plus a SoftHSM dev token."""
+"""The HSM adapter: PKCS#11 signing and key generation (``Pkcs11Hsm``, a
+``fedtoken.core.ports.Signer``), plus a SoftHSM dev token."""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fedtoken.hsm.devtoken import DevToken, ensure_dev_token, find_softhsm_module
-    from fedtoken.hsm.pkcs11 import LABEL_PREFIX, GeneratedKey, HsmConfig, Pkcs11Hsm
+    from fedtoken.hsm.pkcs11 import LABEL_PREFIX, HsmConfig, Pkcs11Hsm
 
 __all__ = [
     "LABEL_PREFIX",
     "DevToken",
-    "GeneratedKey",
     "HsmConfig",
     "Pkcs11Hsm",
     "ensure_dev_token",
@@ -21,7 +21,6 @@ __all__ = [
 
 _HOME = {
     "LABEL_PREFIX": "pkcs11",
-    "GeneratedKey": "pkcs11",
     "HsmConfig": "pkcs11",
     "Pkcs11Hsm": "pkcs11",
     "DevToken": "devtoken",

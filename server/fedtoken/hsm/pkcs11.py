@@ -1,23 +1,19 @@
 """PKCS#11 signing: RSA keys are generated and used inside the HSM, never outside.
 
-Everything that knows about PKCS#11 lives in this module. Three properties of
-the library shape it:
+``Pkcs11Hsm`` implements the ``fedtoken.core.ports.Signer`` port on one
+token. How PKCS#11 calls are kept apart, and how the process shares one
+login per token, is ``fedtoken.hsm.session``'s job; in short:
 
-* python-pkcs11 initialises the module with ``C_Initialize(NULL)``, i.e.
-  without OS locking, so the module must never be entered from two threads at
-  once (SoftHSM corrupts memory). Every call in this process goes through one
-  lock, ``_PKCS11_LOCK``; the async wrappers run on one single-thread executor
-  per instance so the event loop never blocks on that lock.
-* Login belongs to the application, not to a session: a second login fails
-  with UserAlreadyLoggedIn and closing a logged-in session logs the whole
-  process out. So the process keeps one logged-in R/W session per token
-  (``_TokenChannel``), shared by every ``Pkcs11Hsm`` on that token, and never
-  opens a session per signature.
-* Sessions and handles can die under us (HSM restart, failover, a token
-  re-plugged). Those errors drop the cached handles, log in again and retry
-  the operation once; anything else becomes ``HsmUnavailable``. There is no
-  software fallback: if the token cannot sign, nothing is signed.
+* Never two threads in the PKCS#11 library at once in one process: every
+  call, sync or async, from any instance, runs with the process-wide lock
+  ``session.PKCS11_LOCK`` held. That lock is the whole serialisation.
+* The async methods (``sign``, ``generate``, ``destroy``) run their call on
+  this instance's single-worker executor, so the worker thread, not the
+  event loop, waits for the lock (python-pkcs11 releases the GIL inside
+  PKCS#11 calls, so the loop keeps running meanwhile). Two instances have
+  two worker threads, which take turns on the lock.
 
+There is no software fallback: if the token cannot sign, nothing is signed.
 The PIN is never logged and never put in an exception message.
 """
 
@@ -26,47 +22,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import logging
-import os
 import secrets
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
-from pkcs11.exceptions import (
-    DeviceError,
-    DeviceRemoved,
-    KeyHandleInvalid,
-    MultipleObjectsReturned,
-    MultipleTokensReturned,
-    NoSuchKey,
-    NoSuchToken,
-    ObjectHandleInvalid,
-    PinExpired,
-    PinIncorrect,
-    PinInvalid,
-    PinLenRange,
-    PinLocked,
-    PKCS11Error,
-    SessionClosed,
-    SessionHandleInvalid,
-    TokenNotPresent,
-    UserAlreadyLoggedIn,
-    UserNotLoggedIn,
-    UserPinNotInitialized,
-)
+from pkcs11.exceptions import PKCS11Error
 
+from fedtoken.core.errors import HsmUnavailable, InvalidRequest
 from fedtoken.core.jwk import rsa_public_jwk, rsa_thumbprint
-from fedtoken.core.model import MIN_RSA_BITS
-from fedtoken.core.errors import HsmUnavailable, InvalidRequest, PolicyViolation
+from fedtoken.core.policy import check_key_size
+from fedtoken.core.ports import GeneratedKey
+from fedtoken.hsm.session import PKCS11_LOCK, TokenChannel, channel_for
 
-__all__ = ["LABEL_PREFIX", "GeneratedKey", "HsmConfig", "Pkcs11Hsm"]
+if TYPE_CHECKING:
+    from fedtoken.core.ports import Signer
+
+__all__ = ["LABEL_PREFIX", "HsmConfig", "Pkcs11Hsm"]
 
 _log = logging.getLogger(__name__)
 
@@ -111,27 +88,6 @@ _REQUIRED_PRIVATE: dict[Any, bool] = {
     Attribute.DECRYPT: False,
 }
 
-# After these the session or the handles we cached are gone, but a fresh
-# session may well work: drop everything, log in again, retry once.
-_SESSION_LOST: tuple[type[Exception], ...] = (
-    SessionHandleInvalid,
-    SessionClosed,
-    UserNotLoggedIn,
-    ObjectHandleInvalid,
-    KeyHandleInvalid,
-    DeviceRemoved,
-    DeviceError,
-    TokenNotPresent,
-)
-_BAD_PIN: tuple[type[Exception], ...] = (
-    PinIncorrect,
-    PinInvalid,
-    PinLenRange,
-    PinLocked,
-    PinExpired,
-    UserPinNotInitialized,
-)
-
 
 @dataclass(frozen=True)
 class HsmConfig:
@@ -143,131 +99,7 @@ class HsmConfig:
     key_size: int = 2048
 
     def __post_init__(self) -> None:
-        _check_bits(self.key_size)
-
-
-@dataclass(frozen=True)
-class GeneratedKey:
-    """A key pair just created in the token; only public material leaves it."""
-
-    kid: str
-    hsm_label: str
-    public_jwk: dict[str, Any]
-    key_size: int
-    alg: str = "RS256"
-
-
-class _TokenChannel:
-    """This process's one logged-in R/W session to one token.
-
-    Shared by every Pkcs11Hsm configured for the same module and token,
-    because login is per application. Only touched under ``_PKCS11_LOCK``.
-    """
-
-    def __init__(self, module: str, token_label: str) -> None:
-        self.module = module
-        self.token_label = token_label
-        self.where = f"PKCS#11 module {module!r}, token {token_label!r}"
-        self.pin = ""
-        self.users = 0
-        self._session: Any = None
-        self._private_keys: dict[tuple[str, str], Any] = {}
-
-    def session(self) -> Any:
-        if self._session is None:
-            self._session = self._login()
-        return self._session
-
-    def _login(self) -> Any:
-        try:
-            token = pkcs11.lib(self.module).get_token(token_label=self.token_label)
-        except (NoSuchToken, TokenNotPresent) as exc:
-            hint = ""
-            if "softhsm" in self.module.lower():
-                hint = (
-                    "; for SoftHSM, check that SOFTHSM2_CONF names the config whose "
-                    "tokendir holds the token (it is read once, when the process "
-                    "first loads the module)"
-                )
-            raise HsmUnavailable(
-                f"{self.where}: no token with this label is present. Check that the "
-                f"HSM is reachable and the token is initialised with this label{hint}"
-            ) from exc
-        except MultipleTokensReturned as exc:
-            raise HsmUnavailable(
-                f"{self.where}: several tokens carry this label; give each a unique label"
-            ) from exc
-        except PKCS11Error as exc:
-            raise HsmUnavailable(
-                f"{self.where}: cannot load the module or list its tokens "
-                f"({_name(exc)}). Check the module path and the HSM client's own "
-                "configuration"
-            ) from exc
-        try:
-            try:
-                return token.open(rw=True, user_pin=self.pin)
-            except UserAlreadyLoggedIn:
-                # Something else in this process is still logged in; a new
-                # session shares that login (it is per application).
-                return token.open(rw=True)
-        except _BAD_PIN as exc:
-            raise HsmUnavailable(
-                f"{self.where}: the token refused the user login ({_name(exc)}). "
-                "Check that the configured user PIN is this token's user PIN and is "
-                "not locked or expired (the PIN itself is never logged)"
-            ) from exc
-        except PKCS11Error as exc:
-            raise HsmUnavailable(
-                f"{self.where}: cannot open a logged-in read/write session ({_name(exc)})"
-            ) from exc
-
-    def drop(self) -> None:
-        """Forget the session and every handle obtained through it."""
-        session, self._session = self._session, None
-        self._private_keys.clear()
-        if session is not None:
-            # Best effort: the session is usually dead already, and a live
-            # one is replaced either way.
-            with contextlib.suppress(PKCS11Error):
-                session.close()
-
-    def find_key(self, object_class: Any, hsm_label: str, kid: str | None = None) -> Any:
-        try:
-            return self.session().get_key(
-                object_class=object_class,
-                key_type=KeyType.RSA,
-                label=hsm_label,
-                id=kid.encode() if kid is not None else None,
-            )
-        except NoSuchKey as exc:
-            raise HsmUnavailable(
-                f"{self.where}: key {hsm_label!r} is not in the token (destroyed, or "
-                "this is not the token the key store describes); no other key is used",
-                kid=kid or "",
-            ) from exc
-        except MultipleObjectsReturned as exc:
-            raise HsmUnavailable(
-                f"{self.where}: several objects carry label {hsm_label!r}; refusing to guess",
-                kid=kid or "",
-            ) from exc
-
-    def private_key(self, hsm_label: str, kid: str) -> Any:
-        """The signing key with this label *and* CKA_ID == kid, so a token
-        header's kid always names the key that signed it."""
-        cache_key = (hsm_label, kid)
-        key = self._private_keys.get(cache_key)
-        if key is None:
-            key = self.find_key(ObjectClass.PRIVATE_KEY, hsm_label, kid)
-            self._private_keys[cache_key] = key
-        return key
-
-    def forget(self, hsm_label: str) -> None:
-        for cache_key in [k for k in self._private_keys if k[0] == hsm_label]:
-            del self._private_keys[cache_key]
-
-
-_PKCS11_LOCK = threading.Lock()
-_CHANNELS: dict[tuple[str, str], _TokenChannel] = {}
+        check_key_size(self.key_size)
 
 
 class Pkcs11Hsm:
@@ -279,15 +111,8 @@ class Pkcs11Hsm:
 
     def __init__(self, config: HsmConfig) -> None:
         self._config = config
-        # Keyed by realpath: two spellings of one library are one library,
-        # with one login state.
-        channel_key = (os.path.realpath(config.module), config.token_label)
-        with _PKCS11_LOCK:
-            channel = _CHANNELS.get(channel_key)
-            if channel is None:
-                channel = _CHANNELS[channel_key] = _TokenChannel(config.module, config.token_label)
-            self._channel = channel
-        self._attached = False
+        self._channel = channel_for(config.module, config.token_label)
+        self._attached = False  # guarded by PKCS11_LOCK
         self._executor_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
 
@@ -310,29 +135,53 @@ class Pkcs11Hsm:
 
     def open(self) -> None:
         """Log in now (instead of on first use), to fail fast at startup."""
-        with _PKCS11_LOCK:
+        with PKCS11_LOCK:
             self._attach()
 
     def close(self) -> None:
-        """Stop this instance's worker thread and release its share of the
-        session; the last instance on a token logs out and closes it."""
+        """Stop this instance's worker thread (after the calls queued on it)
+        and release its share of the session; the last instance on a token
+        logs out and closes it."""
         with self._executor_lock:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)
-        with _PKCS11_LOCK:
+        with PKCS11_LOCK:
             if self._attached:
                 self._attached = False
-                self._channel.users -= 1
-                if self._channel.users == 0:
-                    self._channel.drop()
+                self._channel.leave()
 
     async def aclose(self) -> None:
         """close() without blocking the event loop."""
         # Not on our own executor: close() waits for that executor to drain.
         await asyncio.to_thread(self.close)
 
-    # --- keys -----------------------------------------------------------------
+    # --- the Signer port: async, on this instance's worker thread ---------------
+
+    async def sign(self, hsm_label: str, kid: str, inputs: Sequence[bytes]) -> list[bytes]:
+        """sign_many on this instance's worker thread."""
+        # tuple(): the caller may reuse its list while the worker signs.
+        return await self._offload(functools.partial(self.sign_many, hsm_label, kid, tuple(inputs)))
+
+    async def generate(self, tenant: str, bits: int) -> GeneratedKey:
+        """generate_rsa_keypair on this instance's worker thread."""
+        return await self._offload(functools.partial(self.generate_rsa_keypair, tenant, bits))
+
+    async def destroy(self, hsm_label: str) -> None:
+        """destroy_key on this instance's worker thread."""
+        await self._offload(functools.partial(self.destroy_key, hsm_label))
+
+    async def _offload(self, call: Callable[[], T]) -> T:
+        # One worker per instance: it, not the event loop, waits for
+        # PKCS11_LOCK. The lock, not this executor, is what keeps PKCS#11
+        # calls apart (sync callers and other instances take it too).
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11")
+            executor = self._executor
+        return await asyncio.get_running_loop().run_in_executor(executor, call)
+
+    # --- sync: on the calling thread, under PKCS11_LOCK -----------------------
 
     def generate_rsa_keypair(self, tenant: str, bits: int | None = None) -> GeneratedKey:
         """Create a non-extractable RSA key pair for tenant inside the token.
@@ -341,14 +190,13 @@ class Pkcs11Hsm:
         f"fedtoken/{tenant}/{kid}" with CKA_ID = kid, kid being the RFC 7638
         thumbprint of the public key.
         """
-        bits = self._config.key_size if bits is None else bits
-        _check_bits(bits)
+        bits = check_key_size(self._config.key_size if bits is None else bits)
         if not tenant or "/" in tenant or not tenant.isprintable():
             raise InvalidRequest(
                 "tenant must be non-empty and printable, without '/'", field="tenant"
             )
 
-        def generate(channel: _TokenChannel) -> GeneratedKey:
+        def generate(channel: TokenChannel) -> GeneratedKey:
             public, private = channel.session().generate_keypair(
                 KeyType.RSA,
                 bits,
@@ -391,7 +239,7 @@ class Pkcs11Hsm:
         """
         _check_label(hsm_label)
 
-        def sign(channel: _TokenChannel) -> list[bytes]:
+        def sign(channel: TokenChannel) -> list[bytes]:
             key = channel.private_key(hsm_label, kid)
             return [bytes(key.sign(data, mechanism=_RS256)) for data in inputs]
 
@@ -401,7 +249,7 @@ class Pkcs11Hsm:
         """The public JWK of a key pair, read back from the token."""
         _check_label(hsm_label)
 
-        def read(channel: _TokenChannel) -> dict[str, Any]:
+        def read(channel: TokenChannel) -> dict[str, Any]:
             n, e = _rsa_numbers(channel.find_key(ObjectClass.PUBLIC_KEY, hsm_label))
             return rsa_public_jwk(n, e)
 
@@ -410,7 +258,7 @@ class Pkcs11Hsm:
     def list_labels(self) -> list[str]:
         """Labels of the fedtoken private keys in the token, sorted."""
 
-        def read_labels(channel: _TokenChannel) -> list[str]:
+        def read_labels(channel: TokenChannel) -> list[str]:
             objects = channel.session().get_objects(
                 {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.RSA}
             )
@@ -426,7 +274,7 @@ class Pkcs11Hsm:
         """
         _check_label(hsm_label)
 
-        def destroy(channel: _TokenChannel) -> None:
+        def destroy(channel: TokenChannel) -> None:
             channel.forget(hsm_label)
             session = channel.session()
             # Private half first: once it is gone nothing can sign.
@@ -450,78 +298,20 @@ class Pkcs11Hsm:
             lambda channel: _protection(channel.find_key(ObjectClass.PRIVATE_KEY, hsm_label)),
         )
 
-    # --- async: run on this instance's one PKCS#11 thread -------------------------
-
-    async def asign_many(self, hsm_label: str, kid: str, inputs: Sequence[bytes]) -> list[bytes]:
-        """sign_many on this instance's PKCS#11 thread."""
-        # tuple(): the caller may reuse its list while the worker signs.
-        return await self._offload(functools.partial(self.sign_many, hsm_label, kid, tuple(inputs)))
-
-    async def agenerate_rsa_keypair(self, tenant: str, bits: int | None = None) -> GeneratedKey:
-        """generate_rsa_keypair on this instance's PKCS#11 thread."""
-        return await self._offload(functools.partial(self.generate_rsa_keypair, tenant, bits))
-
-    async def adestroy_key(self, hsm_label: str) -> None:
-        """destroy_key on this instance's PKCS#11 thread."""
-        await self._offload(functools.partial(self.destroy_key, hsm_label))
-
-    async def _offload(self, call: Callable[[], T]) -> T:
-        # The worker, not the event loop, waits for _PKCS11_LOCK; python-pkcs11
-        # releases the GIL inside PKCS#11 calls, so the loop keeps running.
-        with self._executor_lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11")
-            executor = self._executor
-        return await asyncio.get_running_loop().run_in_executor(executor, call)
-
     # --- internals ------------------------------------------------------------
 
-    def _attach(self) -> _TokenChannel:
+    def _attach(self) -> TokenChannel:
         """Join the shared session (logging in if nobody has). Lock held."""
-        channel = self._channel
         if not self._attached:
-            if channel.users == 0:
-                channel.pin = self._config.pin
-            elif not hmac.compare_digest(channel.pin.encode(), self._config.pin.encode()):
-                raise HsmUnavailable(
-                    f"{channel.where}: this process is already logged in with a different "
-                    "PIN; every configuration of one token must use the same PIN"
-                )
-            channel.session()
-            channel.users += 1
+            self._channel.join(self._config.pin)
             self._attached = True
-        return channel
+        return self._channel
 
-    def _call(self, what: str, operation: Callable[[_TokenChannel], T]) -> T:
-        """Run operation under the process-wide lock, translating PKCS#11 errors;
-        after a lost session, log in again and retry exactly once."""
-        with _PKCS11_LOCK:
-            channel = self._attach()
-            try:
-                return operation(channel)
-            except _SESSION_LOST as exc:
-                _log.warning(
-                    "%s: lost the session while trying to %s (%s); logging in again",
-                    channel.where,
-                    what,
-                    _name(exc),
-                )
-                channel.drop()
-            except PKCS11Error as exc:
-                raise HsmUnavailable(f"{channel.where}: failed to {what} ({_name(exc)})") from exc
-            try:
-                return operation(channel)
-            except PKCS11Error as exc:
-                raise HsmUnavailable(
-                    f"{channel.where}: failed to {what} even after logging in again ({_name(exc)})"
-                ) from exc
-
-
-def _check_bits(bits: int) -> None:
-    if bits < MIN_RSA_BITS:
-        raise PolicyViolation(
-            f"RSA keys must have at least {MIN_RSA_BITS} bits, not {bits}", field="key_size"
-        )
+    def _call(self, what: str, operation: Callable[[TokenChannel], T]) -> T:
+        """Run operation on this token with PKCS11_LOCK held (on the calling
+        thread), with the channel's error translation and one retry."""
+        with PKCS11_LOCK:
+            return self._attach().run(what, operation)
 
 
 def _check_label(hsm_label: str) -> None:
@@ -545,7 +335,7 @@ def _protection(private_key: Any) -> dict[str, bool]:
     return {attr.name: bool(values[attr]) for attr in _REQUIRED_PRIVATE}
 
 
-def _require_protected(channel: _TokenChannel, private_key: Any) -> None:
+def _require_protected(channel: TokenChannel, private_key: Any) -> None:
     """Refuse a key the token created weaker than the template asked: a token
     may silently ignore attributes, and an extractable key is not ours to use."""
     actual = _protection(private_key)
@@ -559,7 +349,7 @@ def _require_protected(channel: _TokenChannel, private_key: Any) -> None:
         )
 
 
-def _name(exc: BaseException) -> str:
-    """PKCS#11 errors are identified by their class (the CKR_ code); their
-    text adds nothing an operator needs."""
-    return type(exc).__name__
+if TYPE_CHECKING:
+
+    def _implements(hsm: Pkcs11Hsm) -> Signer:
+        return hsm  # mypy checks the port
