@@ -9,21 +9,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+import time
 from dataclasses import replace
 
 import pytest
 
+from fedtoken.core.errors import PolicyViolation
 from fedtoken.core.jwk import b64url_encode
 from fedtoken.core.model import (
     Expectation,
+    KeyRecord,
     KeyState,
     Reason,
     Tenant,
     TenantPolicy,
     Verdict,
 )
-from fedtoken.core.errors import PolicyViolation
-from fedtoken.verifier import ChainedKeyResolver, LocalKeyResolver, VerificationEngine
+from fedtoken.core.ports import KeyResolver, KeyTable
+from fedtoken.verifier import NATIVE_AVAILABLE, LocalKeyResolver, VerificationEngine
 from tests.unit._world import (
     AUDIENCE,
     ISS_A,
@@ -274,6 +278,22 @@ def test_resolver_reuses_loaded_keys_and_swaps_whole() -> None:
     assert after.keys[kid].public_key is before.keys[kid].public_key
     # The old snapshot a reader may still hold is untouched.
     assert before.keys[kid].state is KeyState.ACTIVE
+    # Unchanged keys keep their VerificationKey object (the native table
+    # remembers keys by identity); the changed one got a new object.
+    pending = w.kids["a_pending"]
+    assert after.keys[pending] is before.keys[pending]
+    assert after.keys[kid] is not before.keys[kid]
+    w.resolver.replace(TENANTS, records)  # the same records again
+    again = w.resolver.issuer_keys(ISS_A)
+    assert again is not None and all(again.keys[k] is after.keys[k] for k in after.keys)
+
+
+def test_resolver_implements_both_ports() -> None:
+    resolver = LocalKeyResolver()
+    table: KeyTable = resolver
+    keys: KeyResolver = resolver
+    table.replace(TENANTS, [record("a_active", "acme", KeyState.ACTIVE)])
+    assert keys.tenant_of_kid(record("a_active", "acme", KeyState.ACTIVE).kid) == "acme"
 
 
 def test_resolver_refuses_shared_issuer_and_duplicate_kids_keeping_old_state() -> None:
@@ -307,26 +327,6 @@ def test_algorithm_policy_cannot_admit_symmetric_algorithms() -> None:
     resolver.replace([tenant], [])
     keys = resolver.issuer_keys(ISS_A)
     assert keys is not None and keys.allowed_algorithms == frozenset({"RS256"})
-
-
-def test_chained_resolver_asks_in_order(world: World) -> None:
-    other = LocalKeyResolver()
-    shadow = Tenant(id="shadow", issuer=ISS_A)
-    other.replace(
-        [shadow, Tenant(id="gamma", issuer="https://gamma.example")],
-        [record("a_pending", "gamma", KeyState.ACTIVE)],
-    )
-    chained = ChainedKeyResolver(world.resolver, other)
-    acme = chained.issuer_keys(ISS_A)
-    assert acme is not None and acme.tenant == "acme"  # first resolver wins
-    gamma = chained.issuer_keys("https://gamma.example")
-    assert gamma is not None and gamma.tenant == "gamma"
-    assert chained.issuer_keys("https://nowhere.example") is None
-    assert chained.tenant_of_kid(world.kids["a_pending"]) == "acme"
-    assert chained.tenant_of_kid("unknown") is None
-    engine = VerificationEngine(chained, world.revocations, clock=world.clock)
-    assert engine.verify(world.token(), world.expect).reason is Reason.OK
-    engine.close()
 
 
 # --- the header cache ---------------------------------------------------------------
@@ -376,3 +376,133 @@ def test_header_cache_is_bounded() -> None:
         header = w.header(x=i)  # a distinct, valid header segment each time
         assert w.verify(w.token(header=header)).valid
     assert len(w.engine._headers) <= HEADER_CACHE_SIZE
+
+
+# --- concurrency: verify threads while the keys are replaced ---------------------
+
+
+def _hammer_snapshots() -> list[list[KeyRecord]]:
+    """Key sets the replacer cycles through; every install builds new records."""
+    a, r = KeyState.ACTIVE, KeyState.RETIRING
+    return [
+        [record("h1", "acme", a), record("h2", "acme", KeyState.PENDING)],
+        [record("h1", "acme", r), record("h2", "acme", a)],
+        [record("h1", "acme", r), record("h2", "acme", a)],  # unchanged: objects reused
+        [record("h1", "acme", KeyState.RETIRED), record("h2", "acme", a)],
+        [record("h1", "acme", KeyState.COMPROMISED, compromised_at=NOW - 5)],
+        [],
+    ]
+
+
+@pytest.mark.parametrize(
+    "native",
+    [
+        False,
+        pytest.param(
+            True, marks=pytest.mark.skipif(not NATIVE_AVAILABLE, reason="native not built")
+        ),
+    ],
+)
+def test_verify_threads_while_keys_are_replaced(native: bool) -> None:
+    w = make_world()
+    kid1 = record("h1", "acme", KeyState.ACTIVE).kid
+    kid2 = record("h2", "acme", KeyState.ACTIVE).kid
+    kid_x = record("hx", "acme", KeyState.ACTIVE).kid  # never in any snapshot
+    tokens: list[str] = []
+    # 2 x 40 distinct learnable header segments: more than the native table
+    # holds (NATIVE_SLOTS), so it is also cleared and refilled meanwhile.
+    for i in range(40):
+        claims = w.claims(jti=f"j{i}", sub=f"s{i}")
+        tokens += [
+            w.token(header=w.header(kid=kid1, x=i), claims=claims, sign_with="h1"),
+            w.token(header=w.header(kid=kid2, x=i), claims=claims, sign_with="h2"),
+            # Never valid: a tabled header with another key's signature, a
+            # kid no snapshot has, and h1's token under tenant B's issuer.
+            w.token(header=w.header(kid=kid1, x=i), claims=claims, sign_with="hx"),
+            w.token(header=w.header(kid=kid_x), claims=claims, sign_with="hx"),
+            w.token(
+                header=w.header(kid=kid1, x=i), claims=w.claims(iss=ISS_B, jti=f"j{i}"),
+                sign_with="h1",
+            ),
+        ]
+    never_valid = {t for i, t in enumerate(tokens) if i % 5 >= 2}
+    snapshots = _hammer_snapshots()
+    # What each snapshot allows, from a single-threaded Python-only engine.
+    reference_resolver = LocalKeyResolver()
+    reference = VerificationEngine(
+        reference_resolver, w.revocations, clock=w.clock, native=False
+    )
+    allowed: list[dict[str, Verdict]] = []
+    for keys in snapshots:
+        reference_resolver.replace(TENANTS, keys)
+        allowed.append({t: reference.verify(t, w.expect) for t in tokens})
+    reference.close()
+    assert any(v.valid for v in allowed[0].values())
+    assert not any(allowed[k][t].valid for k in range(len(snapshots)) for t in never_valid)
+
+    resolver = LocalKeyResolver()
+    resolver.replace(TENANTS, _hammer_snapshots()[0])
+    engine = VerificationEngine(resolver, w.revocations, clock=w.clock, threads=3, native=native)
+    installed = 0  # index (into the endless cycle) of the last finished replace
+    done = threading.Event()
+    errors: list[BaseException] = []
+    checked = 0
+
+    def replacer() -> None:
+        nonlocal installed
+        k = 0
+        while not done.is_set():
+            k += 1
+            resolver.replace(TENANTS, _hammer_snapshots()[k % len(snapshots)])
+            installed = k
+            time.sleep(0.002)
+
+    def judge(lo: int, hi: int, batch: list[str], verdicts: list[Verdict]) -> None:
+        nonlocal checked
+        # In force at some point of the call: the snapshot installed when it
+        # started, up to one more than the last finished at its end (a
+        # replace may have swapped without having counted yet).
+        window = [allowed[k % len(snapshots)] for k in range(lo, hi + 2)]
+        assert len(verdicts) == len(batch)
+        for token, verdict in zip(batch, verdicts, strict=True):
+            if not any(verdict == a[token] for a in window):
+                raise AssertionError(
+                    f"{lo}..{hi} token#{tokens.index(token)}: {verdict} not in "
+                    f"{[a[token] for a in window]}"
+                )
+            assert not (verdict.valid and token in never_valid)
+            checked += 1
+
+    def verifier(seed: int) -> None:
+        async def run() -> None:
+            for round_ in range(30):
+                start = (seed * 7 + round_ * 11) % len(tokens)
+                batch = tokens[start:] + tokens[:start]
+                lo = installed
+                verdicts = await engine.verify_batch(batch, w.expect)
+                judge(lo, installed, batch, verdicts)
+                lo = installed
+                small = batch[:5]
+                inline = [engine.verify(t, w.expect) for t in small]
+                judge(lo, installed, small, inline)
+
+        try:
+            asyncio.run(run())
+        except BaseException as exc:
+            errors.append(exc)
+
+    replacing = threading.Thread(target=replacer)
+    replacing.start()
+    verifiers = [threading.Thread(target=verifier, args=(n,)) for n in range(4)]
+    for t in verifiers:
+        t.start()
+    for t in verifiers:
+        t.join()
+    done.set()
+    replacing.join()
+    engine.close()
+    assert not errors, errors
+    assert checked == 4 * 30 * (len(tokens) + 5)
+    assert installed > len(snapshots)  # the keys really changed underneath
+    if native:
+        assert engine._native is not None and engine._native.snapshot() is not None

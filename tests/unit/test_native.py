@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -19,8 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedtoken.core.jwk import b64url_decode, b64url_encode
-from fedtoken.core.model import Expectation, Reason, Verdict
-from fedtoken.verifier import engine as engine_mod
+from fedtoken.core.model import Expectation, KeyState, Reason, Verdict
+from fedtoken.verifier import native as native_mod
+from fedtoken.verifier.native import NativeSnapshot
 from tests.unit import test_attacks
 from tests.unit._world import (
     AUDIENCE,
@@ -38,7 +40,7 @@ from tests.unit._world import (
 )
 
 pytestmark = pytest.mark.skipif(
-    not engine_mod.NATIVE_AVAILABLE, reason="fedtoken._native is not built"
+    not native_mod.NATIVE_AVAILABLE, reason="fedtoken._native is not built"
 )
 
 SETTINGS = settings(
@@ -92,11 +94,17 @@ def pair() -> Pair:
     return Pair()
 
 
-def _native_status(world: World, token: str) -> int:
-    snapshot = world.engine._native_snapshot()
+def _snapshot(world: World) -> NativeSnapshot:
+    native = world.engine._native
+    assert native is not None
+    snapshot = native.snapshot()
     assert snapshot is not None
-    statuses, _, _ = snapshot[0].verify([token])
-    return statuses[0]
+    return snapshot
+
+
+def _native_status(world: World, token: str) -> int:
+    statuses, _, _ = _snapshot(world).table.verify([token])
+    return int(statuses[0])
 
 
 # --- the native path is really taken ---------------------------------------------------
@@ -113,9 +121,7 @@ def test_genuine_tokens_take_the_native_path(pair: Pair) -> None:
 
 
 def test_native_status_of_odd_items(pair: Pair) -> None:
-    snapshot = pair.native.engine._native_snapshot()
-    assert snapshot is not None
-    table = snapshot[0]
+    table = _snapshot(pair.native).table
     good = pair.native.token()
     items: list[Any] = [good, good.encode(), None, 7, "é" + good, "", "..", good + "." + "A"]
     statuses, payloads, _ = table.verify(items)
@@ -131,7 +137,7 @@ def test_native_status_of_odd_items(pair: Pair) -> None:
 
 
 def test_key_table_refuses_bad_entries() -> None:
-    native = engine_mod._NATIVE
+    native = native_mod.NATIVE
     with pytest.raises(TypeError):
         native.KeyTable([("h", b"x")], 100)
     with pytest.raises(ValueError):
@@ -152,7 +158,7 @@ def test_native_b64url_decoder_agrees(text: bytes | str) -> None:
     except ValueError:
         expected = None
     try:
-        actual: bytes | None = engine_mod._NATIVE.b64url_decode(raw)
+        actual: bytes | None = native_mod.NATIVE.b64url_decode(raw)
     except ValueError:
         actual = None
     assert actual == expected
@@ -190,29 +196,42 @@ async def test_distinct_tokens_batch(pair: Pair) -> None:
 
 
 async def test_key_rotation_relearns(pair: Pair) -> None:
-    # New VerificationKey objects for the same kids: the tabled key is no
-    # longer the one Python selects, so those tokens take the Python path
-    # (same verdicts) and the table learns the new key objects.
     fresh = Pair()
+    a_active = fresh.native.kids["a_active"]
+    token = fresh.native.token()
+    assert fresh.compare(token).valid
+    tabled = _snapshot(fresh.native)
+    # A reload with unchanged records keeps the key objects, so the table
+    # stays valid: no relearning, the same snapshot serves.
     records = [record(name, *spec[:3], **spec[3]) for name, spec in KEYS.items()]
     for w in (fresh.native, fresh.python):
         w.resolver.replace(TENANTS, records)
-    token = fresh.native.token()
+    assert fresh.compare(token).valid
+    assert _snapshot(fresh.native) is tabled
+    # A changed record (a_active now retiring) is a new VerificationKey: the
+    # tabled key is no longer the one the resolver selects, so its tokens
+    # take the Python path (same verdicts) and the table learns the new key.
+    changed = [
+        replace(r, state=KeyState.RETIRING) if r.kid == a_active else r for r in records
+    ]
+    for w in (fresh.native, fresh.python):
+        w.resolver.replace(TENANTS, changed)
     assert fresh.compare(token).valid  # Python path: the tabled key is stale
     assert fresh.compare(token).valid
     current = fresh.native.resolver.issuer_keys(ISS_A)
     assert current is not None
     status = _native_status(fresh.native, token)
-    snapshot = fresh.native.engine._native_snapshot()
-    assert snapshot is not None and status not in (0,) and not status & 0x80
-    assert snapshot[1][status - 1][2] is current.keys[fresh.native.kids["a_active"]]
+    snapshot = _snapshot(fresh.native)
+    assert snapshot is not tabled and status not in (0,) and not status & 0x80
+    assert snapshot.slots[status - 1][2] is current.keys[a_active]
     tokens = [token] * 100
     await fresh.compare_batch(tokens)
     # Withdraw the key: the tabled header must not keep verifying.
-    kept = [r for r in records if r.kid != fresh.native.kids["a_active"]]
+    kept = [r for r in changed if r.kid != a_active]
     for w in (fresh.native, fresh.python):
         w.resolver.replace(TENANTS, kept)
     assert fresh.compare(token).reason is Reason.UNKNOWN_KEY
+    assert (await fresh.compare_batch(tokens))[0].reason is Reason.UNKNOWN_KEY
     fresh.native.engine.close()
     fresh.python.engine.close()
 
@@ -438,7 +457,7 @@ def test_scanner_builds_what_loads_strict_builds(
 def _scanner_agrees(data: bytes) -> None:
     from fedtoken.core.jose import loads_strict
 
-    scanned = engine_mod._NATIVE.scan_claims(data)
+    scanned = native_mod.NATIVE.scan_claims(data)
     try:
         expected: Any = loads_strict(data)
     except ValueError:
@@ -475,12 +494,10 @@ def test_scanner_edge_cases(text: str) -> None:
 def test_scanner_takes_ordinary_payloads(pair: Pair) -> None:
     claims = pair.native.claims(aud=[AUDIENCE, "other"], extra=True, n=-3, z=None)
     data = json.dumps(claims).encode()
-    assert engine_mod._NATIVE.scan_claims(data) == claims
+    assert native_mod.NATIVE.scan_claims(data) == claims
     # A token's payload comes out of the native call already parsed.
     token = pair.native.token(claims=claims)
-    snapshot = pair.native.engine._native_snapshot()
-    assert snapshot is not None
-    _, _, parsed = snapshot[0].verify([token])
+    _, _, parsed = _snapshot(pair.native).table.verify([token])
     assert parsed == [claims]
 
 
@@ -496,7 +513,7 @@ def test_native_check_claims_agrees(
 ) -> None:
     from fedtoken.core.claims import check_claims
 
-    code = engine_mod._NATIVE.check_claims(members, now, leeway, audience)
+    code = native_mod.NATIVE.check_claims(members, now, leeway, audience)
     try:
         expected: Reason | str | None = check_claims(
             members, now=now, leeway=leeway, audience=audience
@@ -504,7 +521,7 @@ def test_native_check_claims_agrees(
     except Exception as exc:
         expected = type(exc).__name__
     if code >= 0:
-        assert engine_mod._CLAIM_REASONS[code] == expected
+        assert native_mod.CLAIM_REASONS[code] == expected
     else:
         # Undecided only for clocks and leeways it cannot compare exactly.
         assert type(now) not in (int, float) or type(leeway) not in (int, float) or max(

@@ -10,33 +10,22 @@ Batches use threads because ``cryptography`` releases the GIL while it
 verifies an RSA signature, so the RSA work of a batch spreads over the cores
 (see ``verify_batch`` for why the work is split by phase).
 
-The optional native fast path (``fedtoken._native``, built by setup.py when a
-compiler and the OpenSSL headers are present) does the split, the strict
-base64url decoding and the RS256 verification of a run of tokens in C with
-the GIL released, for tokens whose exact header segment the Python path has
-already seen verify under a known key. Everything else stays here: header
-policy (the native table holds only header segments this module vetted),
-the payload JSON, issuer and key selection (a native result counts only if
-the key Python selects for the token IS the key the native code used;
-otherwise the token takes the Python path), claims and revocation. Any
-token the native code does not fully understand is handed back to Python.
+The optional native fast path (``fedtoken.verifier.native``) takes the tokens
+whose exact header segment the Python path has already seen verify under a
+known key; every other token, and every token it does not fully understand,
+takes the Python path here. Verdicts are the same either way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import logging
-import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
 from fedtoken.core.claims import check_claims
+from fedtoken.core.errors import TokenError
 from fedtoken.core.jose import (
     DEFAULT_MAX_TOKEN_SIZE,
     check_header,
@@ -47,9 +36,16 @@ from fedtoken.core.jose import (
 from fedtoken.core.jwk import b64url_decode
 from fedtoken.core.model import ASYMMETRIC_ALGORITHMS, Expectation, KeyState, Reason, Verdict
 from fedtoken.core.ports import Clock, KeyResolver, RevocationView, VerificationKey
-from fedtoken.core.errors import TokenError
+from fedtoken.verifier._shared import MALFORMED, PARSE_ERRORS, log_unexpected
+from fedtoken.verifier.native import NATIVE_AVAILABLE, NativePath
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "HEADER_CACHE_SIZE",
+    "INLINE_BATCH",
+    "MIN_CHUNK",
+    "NATIVE_AVAILABLE",
+    "VerificationEngine",
+]
 
 # Below this many tokens a batch is verified on the calling thread: handing
 # it to a worker would cost more than the work (under a millisecond).
@@ -62,54 +58,6 @@ MIN_CHUNK: Final = 64
 # one key share one header segment, so in practice this holds a handful of
 # entries; the bound only stops a caller from growing it without limit.
 HEADER_CACHE_SIZE: Final = 256
-
-# Header segments (with their key) the native path may take; a power of
-# headers far beyond what real issuers use, and under the native limit of 127.
-NATIVE_SLOTS: Final = 64
-# Status bytes of fedtoken._native.KeyTable.verify.
-_NATIVE_FALLBACK: Final = 0
-_NATIVE_INVALID: Final = 0x80
-_NATIVE_ALG: Final = "RS256"
-# Results of fedtoken._native.check_claims, by index (-1: undecided).
-_CLAIM_REASONS: Final = (
-    None,
-    Reason.MISSING_CLAIM,
-    Reason.INVALID_CLAIM,
-    Reason.EXPIRED,
-    Reason.NOT_YET_VALID,
-    Reason.ISSUED_IN_FUTURE,
-    Reason.AUDIENCE_MISMATCH,
-)
-_NATIVE_MAX_BITS: Final = 8192
-
-
-def _load_native() -> Any:
-    try:
-        module = importlib.import_module("fedtoken._native")
-    except ImportError:
-        return None
-    # Without the built extension, the directory of its C sources imports
-    # as an empty namespace package.
-    return module if hasattr(module, "KeyTable") else None
-
-
-# The compiled fast path, or None when it was not built (verdicts are the
-# same either way; only the speed differs).
-_NATIVE: Final[Any] = _load_native()
-NATIVE_AVAILABLE: Final = _NATIVE is not None
-
-_MALFORMED: Final = Verdict(False, Reason.MALFORMED)
-_PARSE_ERRORS: Final = (ValueError, TypeError, RecursionError)
-
-
-def _log_unexpected(exc: Exception) -> None:
-    # The exception's message may quote the token, so only its type and the
-    # stack are logged.
-    log.error(
-        "unexpected %s while verifying a token; answered MALFORMED\n%s",
-        type(exc).__name__,
-        "".join(traceback.format_tb(exc.__traceback__)),
-    )
 
 
 @dataclass(slots=True)
@@ -138,9 +86,21 @@ def _check_signatures(items: Sequence[Verdict | _Pending]) -> list[bool]:
 class VerificationEngine:
     """Verifies compact JWS tokens against a KeyResolver and a RevocationView.
 
-    Thread-safe: it holds no mutable state of its own; the resolver and the
-    revocation view are read-mostly structures swapped or guarded by their
-    owners.
+    Thread-safe: ``verify`` may be called from any thread and ``verify_batch``
+    from any event loop, concurrently. The engine's own mutable state is two
+    caches:
+
+    * ``_headers``, header segment -> checked (alg, kid): a bounded dict read
+      and written by every verify thread with single get / set / clear calls
+      (atomic in CPython). An entry is a pure function of its key, so a race
+      can only lose an entry, which costs a reparse.
+    * the native fast path (``NativePath``, when on): its learned entries and
+      current table change only under its lock, taken to learn an entry or
+      rebuild the table, never to verify; a call or batch reads one
+      immutable snapshot throughout.
+
+    The resolver and the revocation view are read-mostly structures swapped
+    or guarded by their owners; a verdict reads the resolver's current state.
     """
 
     def __init__(
@@ -158,7 +118,7 @@ class VerificationEngine:
         True: required, ImportError if it is not built; False: never)."""
         if threads < 1:
             raise ValueError("threads must be at least 1")
-        if native and _NATIVE is None:
+        if native and not NATIVE_AVAILABLE:
             raise ImportError("fedtoken._native is not built")
         self._resolver = resolver
         self._revocations = revocations
@@ -167,24 +127,26 @@ class VerificationEngine:
         self._max_token_size = max_token_size
         self._threads = threads
         # header segment -> (alg, kid), for headers that parsed and passed
-        # check_header; filled by _precheck, read without a lock (dict get
-        # and set are atomic in CPython; a lost insert only costs a reparse).
+        # check_header; filled by _precheck (see the class docstring). Never
+        # rebound: the native path reads it through ``header_of``.
         self._headers: dict[bytes, tuple[str, str]] = {}
         self._executor = ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="fedtoken-verify"
         )
-        self._native_on: bool = _NATIVE is not None and native is not False
-        # header segment -> (alg, kid, key): headers the Python path saw
-        # verify under that key (learned in _finish_all); the native table
-        # and its slots are rebuilt from it when it changed.
-        self._native_entries: dict[bytes, tuple[str, str, VerificationKey]] = {}
-        self._native_dirty = False
-        self._native_state: tuple[Any, tuple[tuple[str, str, VerificationKey], ...]] | None = None
+        self._native: NativePath | None = None
+        if NATIVE_AVAILABLE and native is not False:
+            self._native = NativePath(
+                max_token_size=max_token_size,
+                leeway=leeway,
+                header_of=self._headers.get,
+                resolve=self._resolve,
+                conclude=self._conclude_checked,
+            )
 
     @property
     def native(self) -> bool:
         """Whether this engine uses the native fast path."""
-        return self._native_on
+        return self._native is not None
 
     def close(self) -> None:
         """Stop the worker threads (after the batches in flight finish)."""
@@ -218,12 +180,14 @@ class VerificationEngine:
         count = len(tokens)
         if count < INLINE_BATCH:
             return self._verify_inline(tokens, expect, now)
-        native = self._native_snapshot()
-        if native is None:
+        native = self._native
+        snapshot = native.snapshot() if native is not None else None
+        if native is None or snapshot is None:
             return await self._python_batch(tokens, expect, now)
         # The native phase: each worker thread runs one C call on its share
-        # of the batch, GIL released for the whole share.
-        table, slots = native
+        # of the batch, GIL released for the whole share. The whole batch
+        # uses this one snapshot, whatever is learned meanwhile.
+        table, slots = snapshot.table, snapshot.slots
         if type(tokens) is not list:
             tokens = list(tokens)
         loop = asyncio.get_running_loop()
@@ -237,7 +201,7 @@ class VerificationEngine:
             )
         )
         verdicts, rest = await loop.run_in_executor(
-            executor, self._native_finish_all, tokens, parts, slots, expect, now
+            executor, native.finish_all, tokens, parts, slots, expect, now
         )
         if rest:
             others = [tokens[i] for i in rest]
@@ -270,11 +234,13 @@ class VerificationEngine:
     def _verify_inline(
         self, tokens: Sequence[str], expect: Expectation, now: float
     ) -> list[Verdict]:
-        native = self._native_snapshot()
-        if native is None:
+        native = self._native
+        snapshot = native.snapshot() if native is not None else None
+        if native is None or snapshot is None:
             return self._python_inline(tokens, expect, now)
-        table, slots = native
-        verdicts, rest = self._native_finish_all(tokens, [table.verify(tokens)], slots, expect, now)
+        verdicts, rest = native.finish_all(
+            tokens, [snapshot.table.verify(tokens)], snapshot.slots, expect, now
+        )
         if rest:
             done = self._python_inline([tokens[i] for i in rest], expect, now)
             for i, verdict in zip(rest, done, strict=True):
@@ -287,145 +253,6 @@ class VerificationEngine:
         items = self._precheck_all(tokens, expect)
         return self._finish_all(items, _check_signatures(items), expect, now)
 
-    # --- native fast path ---------------------------------------------------
-
-    def _native_snapshot(
-        self,
-    ) -> tuple[Any, tuple[tuple[str, str, VerificationKey], ...]] | None:
-        if not self._native_on:
-            return None
-        if self._native_dirty:
-            self._native_dirty = False
-            entries = list(self._native_entries.items())
-            rows, slots = [], []
-            for header, slot in entries:
-                der = slot[2].public_key.public_bytes(
-                    Encoding.DER, PublicFormat.SubjectPublicKeyInfo
-                )
-                rows.append((header, der))
-                slots.append(slot)
-            try:
-                table = _NATIVE.KeyTable(rows, self._max_token_size)
-            except ValueError:  # pragma: no cover - keys are vetted in _learn
-                log.exception("native key table refused; using the Python path")
-                self._native_entries.clear()
-                self._native_state = None
-                return None
-            self._native_state = (table, tuple(slots))
-        return self._native_state
-
-    def _learn(self, item: _Pending) -> None:
-        """Table the header segment of a token that verified under item.key."""
-        key = item.key
-        if (
-            key.alg != _NATIVE_ALG
-            or not isinstance(key.public_key, RSAPublicKey)
-            or key.public_key.key_size > _NATIVE_MAX_BITS
-        ):
-            return
-        signing_input = item.signing_input
-        header = signing_input[: signing_input.index(b".")]
-        entries = self._native_entries
-        known = entries.get(header)
-        if known is not None and known[2] is key:
-            return
-        parsed = self._headers.get(header)
-        if parsed is None or parsed[0] != key.alg:
-            return
-        if len(entries) >= NATIVE_SLOTS and known is None:
-            entries.clear()
-        entries[header] = (parsed[0], parsed[1], key)
-        self._native_dirty = True
-
-    def _native_finish_all(
-        self,
-        tokens: Sequence[str],
-        parts: Sequence[tuple[bytes, list[bytes | None], list[dict[str, Any] | None]]],
-        slots: tuple[tuple[str, str, VerificationKey], ...],
-        expect: Expectation,
-        now: float,
-    ) -> tuple[list[Verdict | None], list[int]]:
-        """Verdicts of the tokens the native code checked; None, and the
-        index in the second list, for every token the Python path must take."""
-        verdicts: list[Verdict | None] = []
-        append = verdicts.append
-        rest: list[int] = []
-        audience = expect.audience if expect.check_audience else None
-        native_verdict = self._native_verdict
-        # (iss, slot) -> what _resolve answered: it depends on nothing else,
-        # and a batch is judged against one state of the resolver.
-        memo: dict[tuple[str, int], Verdict | tuple[VerificationKey, str, str]] = {}
-        index = 0
-        for statuses, payloads, claims in parts:
-            for status, payload_bytes, payload in zip(statuses, payloads, claims, strict=True):
-                verdict = None
-                if status != _NATIVE_FALLBACK:
-                    try:
-                        verdict = native_verdict(
-                            status, payload_bytes, payload, slots, expect, audience, now, memo  # type: ignore[arg-type]
-                        )
-                    except Exception as exc:  # noqa: BLE001 - one token must never fail the batch
-                        _log_unexpected(exc)
-                        verdict = _MALFORMED
-                if verdict is None:
-                    rest.append(index)
-                append(verdict)
-                index += 1
-        if index != len(tokens):  # pragma: no cover - the C code answers every token
-            raise RuntimeError("native verify answered a different number of tokens")
-        return verdicts, rest
-
-    def _native_verdict(
-        self,
-        status: int,
-        payload_bytes: bytes,
-        payload: dict[str, Any] | None,
-        slots: tuple[tuple[str, str, VerificationKey], ...],
-        expect: Expectation,
-        audience: str | None,
-        now: float,
-        memo: dict[tuple[str, int], Verdict | tuple[VerificationKey, str, str]],
-    ) -> Verdict | None:
-        """The verdict on a token whose header, base64url and signature the
-        native code checked against ``slots[status & 0x7F - 1]``; None when
-        the key this token must be checked with is another one.
-
-        ``payload`` is the native scanner's parse of a flat payload (what
-        loads_strict returns for it), or None: then loads_strict decides.
-        """
-        slot = status & 0x7F
-        alg, kid, slot_key = slots[slot - 1]
-        # As the cached-header branch of _precheck, from the decoded payload.
-        scanned = payload is not None
-        if payload is None:
-            try:
-                payload = loads_strict(payload_bytes)
-            except _PARSE_ERRORS:
-                return _MALFORMED
-            if type(payload) is not dict:
-                return _MALFORMED
-        iss = payload.get("iss")
-        if type(iss) is str:
-            memo_key = (iss, slot)
-            resolved = memo.get(memo_key)
-            if resolved is None:
-                resolved = memo[memo_key] = self._resolve(payload, alg, kid, expect)
-        else:
-            resolved = self._resolve(payload, alg, kid, expect)
-        if type(resolved) is Verdict:
-            return resolved
-        key, tenant, iss = resolved  # type: ignore[misc]
-        if key is not slot_key:
-            return None
-        if status & _NATIVE_INVALID:
-            return Verdict(False, Reason.BAD_SIGNATURE, tenant, iss, key.kid)
-        code = _NATIVE.check_claims(payload, now, self._leeway, audience) if scanned else -1
-        if code < 0:
-            reason = check_claims(payload, now=now, leeway=self._leeway, audience=audience)
-        else:
-            reason = _CLAIM_REASONS[code]
-        return self._conclude_checked(reason, payload, payload_bytes, tenant, iss, key.kid)
-
     def _precheck_all(self, tokens: Sequence[str], expect: Expectation) -> list[Verdict | _Pending]:
         items: list[Verdict | _Pending] = []
         append = items.append
@@ -434,8 +261,8 @@ class VerificationEngine:
             try:
                 append(precheck(token, expect))
             except Exception as exc:  # noqa: BLE001 - one token must never fail the batch
-                _log_unexpected(exc)
-                append(_MALFORMED)
+                log_unexpected(exc)
+                append(MALFORMED)
         return items
 
     def _finish_all(
@@ -449,18 +276,18 @@ class VerificationEngine:
         append = verdicts.append
         finish = self._finish
         audience = expect.audience if expect.check_audience else None
-        learn = self._learn if self._native_on else None
+        learn = self._native.learn if self._native is not None else None
         for item, ok in zip(items, signed, strict=True):
             if isinstance(item, Verdict):
                 append(item)
                 continue
             try:
                 if ok and learn is not None:
-                    learn(item)
+                    learn(item.signing_input, item.key)
                 append(finish(item, ok, audience, now))
             except Exception as exc:  # noqa: BLE001 - one token must never fail the batch
-                _log_unexpected(exc)
-                append(_MALFORMED)
+                log_unexpected(exc)
+                append(MALFORMED)
         return verdicts
 
     def _precheck(self, token: str | bytes, expect: Expectation) -> Verdict | _Pending:
@@ -487,15 +314,15 @@ class VerificationEngine:
                 parsed = self._headers.get(header_b64)
                 if parsed is not None:
                     if not payload_b64 or not signature_b64:
-                        return _MALFORMED
+                        return MALFORMED
                     try:
                         payload_bytes = b64url_decode(payload_b64)
                         payload = loads_strict(payload_bytes)
                         signature = b64url_decode(signature_b64)
-                    except _PARSE_ERRORS:
-                        return _MALFORMED
+                    except PARSE_ERRORS:
+                        return MALFORMED
                     if type(payload) is not dict:
-                        return _MALFORMED
+                        return MALFORMED
                     signing_input = raw[: len(header_b64) + 1 + len(payload_b64)]
         if parsed is None:
             try:

@@ -1,9 +1,13 @@
-"""Key resolution for local tenants, and chaining of resolvers.
+"""Key resolution for the local tenants.
 
 Readers run on verify threads while the event loop reloads keys, so the
 resolver's whole state is one immutable snapshot replaced by a single
 attribute assignment (atomic in CPython): a reader sees the old state or the
 new one, never a mix.
+
+A reload keeps the ``VerificationKey`` object of every key whose record did
+not change, so the engine's native table (which remembers keys by identity)
+stays valid across reloads; only a changed key is learned again.
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-
+from fedtoken.core.errors import PolicyViolation
 from fedtoken.core.keys import load_rsa_public_key
 from fedtoken.core.model import ASYMMETRIC_ALGORITHMS, KeyRecord, KeyState, Tenant
-from fedtoken.core.ports import IssuerKeys, KeyResolver, VerificationKey
-from fedtoken.core.errors import PolicyViolation
+from fedtoken.core.ports import IssuerKeys, VerificationKey
+
+if TYPE_CHECKING:
+    from fedtoken.core.ports import KeyResolver, KeyTable
+
+__all__ = ["LocalKeyResolver"]
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +37,12 @@ _KeyIdentity = tuple[str, str, str]
 class _Snapshot:
     by_issuer: Mapping[str, IssuerKeys] = field(default_factory=dict)
     owner_of_kid: Mapping[str, str] = field(default_factory=dict)
-    loaded: Mapping[_KeyIdentity, RSAPublicKey] = field(default_factory=dict)
+    loaded: Mapping[_KeyIdentity, VerificationKey] = field(default_factory=dict)
 
 
 class LocalKeyResolver:
-    """Implements ``KeyResolver`` for the tenants this service signs for."""
+    """Implements ``KeyResolver`` for the tenants this service signs for, and
+    ``KeyTable``: the catalog installs each new snapshot with ``replace``."""
 
     def __init__(self) -> None:
         self._snapshot = _Snapshot()
@@ -47,14 +56,18 @@ class LocalKeyResolver:
     def replace(self, tenants: Iterable[Tenant], keys: Iterable[KeyRecord]) -> None:
         """Swap in the complete set of tenants and key records.
 
-        RSA keys already loaded by an earlier call are reused (loading costs
-        far more than a lookup, and replace runs on every key change). Raises
-        PolicyViolation, keeping the previous state, when two tenants share an
-        issuer or two records share a kid: either would let one tenant's key
-        speak for another, so it must stop the reload rather than be guessed
-        around. A single key whose JWK breaks the trust-store rules is left
-        out (its tokens get UNKNOWN_KEY) and logged, so one bad record does not
-        freeze every tenant's keys.
+        Keys already loaded by an earlier call are reused (loading costs far
+        more than a lookup, and replace runs on every key change): the same
+        RSA key object while the record names the same kid, n and e, and the
+        same VerificationKey object while its tenant, issuer, alg and state
+        are unchanged too.
+
+        Raises PolicyViolation, keeping the previous state, when two tenants
+        share an issuer or two records share a kid: either would let one
+        tenant's key speak for another, so it must stop the reload rather
+        than be guessed around. A single key whose JWK breaks the trust-store
+        rules is left out (its tokens get UNKNOWN_KEY) and logged, so one bad
+        record does not freeze every tenant's keys.
         """
         previous = self._snapshot.loaded
         tenant_by_id: dict[str, Tenant] = {}
@@ -72,7 +85,7 @@ class LocalKeyResolver:
         published: dict[str, dict[str, VerificationKey]] = {t: {} for t in tenant_by_id}
         withdrawn: dict[str, dict[str, KeyState]] = {t: {} for t in tenant_by_id}
         owner_of_kid: dict[str, str] = {}
-        loaded: dict[_KeyIdentity, RSAPublicKey] = {}
+        loaded: dict[_KeyIdentity, VerificationKey] = {}
         for record in keys:
             tenant = tenant_by_id.get(record.tenant)
             if tenant is None:
@@ -91,16 +104,9 @@ class LocalKeyResolver:
                 state = KeyState.COMPROMISED if record.compromised_at else record.state
                 withdrawn[record.tenant][record.kid] = state
                 continue
-            public_key = _load(record, previous, loaded)
-            if public_key is not None:
-                published[record.tenant][record.kid] = VerificationKey(
-                    kid=record.kid,
-                    tenant=record.tenant,
-                    issuer=tenant.issuer,
-                    alg=record.alg,
-                    public_key=public_key,
-                    state=record.state,
-                )
+            key = _load(record, tenant.issuer, previous, loaded)
+            if key is not None:
+                published[record.tenant][record.kid] = key
 
         by_issuer = {
             t.issuer: IssuerKeys(
@@ -118,43 +124,44 @@ class LocalKeyResolver:
 
 def _load(
     record: KeyRecord,
-    previous: Mapping[_KeyIdentity, RSAPublicKey],
-    loaded: dict[_KeyIdentity, RSAPublicKey],
-) -> RSAPublicKey | None:
+    issuer: str,
+    previous: Mapping[_KeyIdentity, VerificationKey],
+    loaded: dict[_KeyIdentity, VerificationKey],
+) -> VerificationKey | None:
     n, e = record.public_jwk.get("n"), record.public_jwk.get("e")
     identity = (record.kid, n, e) if type(n) is str and type(e) is str else None
-    public_key = previous.get(identity) if identity is not None else None
-    if public_key is None:
-        try:
-            public_key = load_rsa_public_key(record.public_jwk)
-        except PolicyViolation as exc:
-            log.error("key %s of tenant %r is not usable: %s", record.kid, record.tenant, exc)
-            return None
+    old = previous.get(identity) if identity is not None else None
+    if (
+        old is not None
+        and old.tenant == record.tenant
+        and old.issuer == issuer
+        and old.alg == record.alg
+        and old.state is record.state
+    ):
+        key = old
+    else:
+        if old is not None:
+            public_key = old.public_key
+        else:
+            try:
+                public_key = load_rsa_public_key(record.public_jwk)
+            except PolicyViolation as exc:
+                log.error("key %s of tenant %r is not usable: %s", record.kid, record.tenant, exc)
+                return None
+        key = VerificationKey(
+            kid=record.kid,
+            tenant=record.tenant,
+            issuer=issuer,
+            alg=record.alg,
+            public_key=public_key,
+            state=record.state,
+        )
     if identity is not None:
-        loaded[identity] = public_key
-    return public_key
+        loaded[identity] = key
+    return key
 
 
-class ChainedKeyResolver:
-    """Asks each resolver in turn; the first that knows the issuer wins.
+if TYPE_CHECKING:
 
-    Put the LocalKeyResolver first, so that no federated issuer can ever
-    shadow a local tenant's issuer or claim one of its kids.
-    """
-
-    def __init__(self, *resolvers: KeyResolver) -> None:
-        self._resolvers = resolvers
-
-    def issuer_keys(self, issuer: str) -> IssuerKeys | None:
-        for resolver in self._resolvers:
-            keys = resolver.issuer_keys(issuer)
-            if keys is not None:
-                return keys
-        return None
-
-    def tenant_of_kid(self, kid: str) -> str | None:
-        for resolver in self._resolvers:
-            tenant = resolver.tenant_of_kid(kid)
-            if tenant is not None:
-                return tenant
-        return None
+    def _implements(resolver: LocalKeyResolver) -> tuple[KeyResolver, KeyTable]:
+        return resolver, resolver  # mypy checks both ports
