@@ -28,6 +28,14 @@ from collections.abc import Callable, Iterable
 from fedtoken.core.model import Reason
 from fedtoken.core.ports import RevocationEntry
 
+__all__ = [
+    "DigestTable",
+    "InMemoryRevocationView",
+    "RevocationEntry",
+    "SnapshotBuilder",
+    "jti_digest",
+]
+
 _BUCKET_SECONDS = 60
 _TOP = 1 << 63  # set in every stored digest, so a stored value is never EMPTY or TOMBSTONE
 _EMPTY = 0
@@ -181,13 +189,32 @@ class DigestTable:
         self._filled = self._live
 
 
+class _State:
+    """The three kinds of revocation, swapped as one object so a reader that
+    took it sees one generation of all three."""
+
+    __slots__ = ("jtis", "keys", "subjects")
+
+    def __init__(
+        self,
+        jtis: DigestTable,
+        subjects: dict[tuple[str, str], tuple[int, int]],
+        keys: dict[str, int],
+    ) -> None:
+        self.jtis = jtis
+        self.subjects = subjects
+        self.keys = keys
+
+
 class InMemoryRevocationView:
-    """Implements ``fedtoken.core.ports.RevocationView``.
+    """Implements ``fedtoken.core.ports.RevocationView`` and ``LocalRevocations``.
 
     Writers (the sync task and Revoke, on the event loop) and readers (verify
     threads) may run concurrently: readers never take the lock (membership
     tests on the digest table and on dicts are safe under the GIL, see
-    ``DigestTable``), and writers serialise on ``_lock``.
+    ``DigestTable``), and writers serialise on ``_lock``. ``add`` changes the
+    current state in place, one atomic store at a time; ``install`` and
+    ``purge_expired`` swap in a new ``_State`` with one assignment.
     """
 
     def __init__(
@@ -201,9 +228,7 @@ class InMemoryRevocationView:
         self._monotonic = monotonic
         self._wall = wall
         self._lock = threading.Lock()
-        self._jtis = DigestTable()
-        self._subjects: dict[tuple[str, str], tuple[int, int]] = {}
-        self._keys: dict[str, int] = {}
+        self._state = _State(DigestTable(), {}, {})
         # Never fresh until the first full load is confirmed.
         self._fresh_until = float("-inf")
 
@@ -212,13 +237,15 @@ class InMemoryRevocationView:
     def check(self, tenant: str, jti: str, subject: str, issued_at: int, kid: str) -> Reason | None:
         if self._monotonic() > self._fresh_until:
             return Reason.REVOCATION_UNAVAILABLE
-        if kid in self._keys:
+        state = self._state
+        if kid in state.keys:
             return Reason.KEY_REVOKED
-        jtis = self._jtis
+        jtis = state.jtis
         if len(jtis) and jti_digest(tenant, jti) in jtis:
             return Reason.REVOKED
-        if self._subjects:
-            cut = self._subjects.get((tenant, subject))
+        subjects = state.subjects
+        if subjects:
+            cut = subjects.get((tenant, subject))
             if cut is not None and issued_at < cut[0]:
                 return Reason.REVOKED
         return None
@@ -234,12 +261,13 @@ class InMemoryRevocationView:
 
     @property
     def size(self) -> int:
-        return len(self._jtis) + len(self._subjects) + len(self._keys)
+        state = self._state
+        return len(state.jtis) + len(state.subjects) + len(state.keys)
 
     @property
     def jti_table_bytes(self) -> int:
         """Bytes held by the jti table's arrays (for the benchmark)."""
-        return self._jtis.nbytes
+        return self._state.jtis.nbytes
 
     # -- writes (sync task) ------------------------------------------------
 
@@ -253,7 +281,8 @@ class InMemoryRevocationView:
 
     def add(self, entry: RevocationEntry) -> None:
         with self._lock:
-            _apply(entry, self._jtis, self._subjects, self._keys)
+            state = self._state
+            _apply(entry, state.jtis, state.subjects, state.keys)
 
     def replace_all(self, entries: Iterable[RevocationEntry]) -> None:
         """Swap in a full snapshot (after a reconnect or a periodic resync).
@@ -270,18 +299,19 @@ class InMemoryRevocationView:
     def install(self, builder: SnapshotBuilder) -> None:
         """Swap in a snapshot built aside (streamed loads build one chunk by chunk)."""
         with self._lock:
-            self._jtis, self._subjects, self._keys = builder.jtis, builder.subjects, builder.keys
+            self._state = _State(builder.jtis, builder.subjects, builder.keys)
 
     def purge_expired(self, now: float | None = None) -> int:
         """Forget revocations whose tokens have expired anyway."""
         now = self._wall() if now is None else now
         with self._lock:
-            removed = self._jtis.purge(now)
-            subjects = {k: v for k, v in self._subjects.items() if v[1] >= now}
-            keys = {k: v for k, v in self._keys.items() if v >= now}
-            removed += len(self._subjects) - len(subjects) + len(self._keys) - len(keys)
+            state = self._state
+            removed = state.jtis.purge(now)
+            subjects = {k: v for k, v in state.subjects.items() if v[1] >= now}
+            keys = {k: v for k, v in state.keys.items() if v >= now}
+            removed += len(state.subjects) - len(subjects) + len(state.keys) - len(keys)
             # New dicts rather than deletions: readers never see one mid-change.
-            self._subjects, self._keys = subjects, keys
+            self._state = _State(state.jtis, subjects, keys)
         return removed
 
 
