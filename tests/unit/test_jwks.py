@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from fedtoken.core.errors import PolicyViolation
 from fedtoken.core.jwks import etag, parse_trusted_jwks, render_jwks
 from fedtoken.core.model import KeyState
-from fedtoken.core.errors import PolicyViolation
 from tests.unit._world import record, rsa_key
 
 

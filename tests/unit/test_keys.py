@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from fedtoken.core.errors import ErrorReason, FailedPrecondition, PolicyViolation
 from fedtoken.core.jwk import int_to_b64url, rsa_public_jwk
 from fedtoken.core.keys import (
     ALLOWED_TRANSITIONS,
@@ -19,7 +20,6 @@ from fedtoken.core.keys import (
     next_actions,
 )
 from fedtoken.core.model import KeyRecord, KeyState
-from fedtoken.core.errors import ErrorReason, FailedPrecondition, PolicyViolation
 from tests.unit._world import rsa_key
 
 S = KeyState

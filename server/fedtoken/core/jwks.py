@@ -10,11 +10,11 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from fedtoken.core.errors import PolicyViolation
 from fedtoken.core.jose import is_valid_kid, loads_strict
 from fedtoken.core.jwk import b64url_encode
 from fedtoken.core.keys import PRIVATE_RSA_MEMBERS, load_rsa_public_key
 from fedtoken.core.model import ASYMMETRIC_ALGORITHMS, KeyRecord
-from fedtoken.core.errors import PolicyViolation
 
 MAX_JWKS_BYTES: Final = 65536
 # Secret material of any key type: RSA private members, the EC/OKP private

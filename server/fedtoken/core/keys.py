@@ -5,6 +5,11 @@ Rotation timing follows one principle (Vault, Dex): an honest cache of the
 JWKS always holds every key a valid token may name. So a new key is published
 at least one JWKS max-age before it signs, and an old key stays published for
 the longest token lifetime plus one max-age after it stops signing.
+
+The rotation part (``RotationPolicy``, ``next_actions``, ``jwks_max_age``) is
+not wired yet: nothing calls ``next_actions``, and the JWKS is served with the
+``jwks_max_age_seconds`` setting, not with a max-age derived from a rotation
+schedule. They are what automatic rotation will use.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
 
+from fedtoken.core.errors import InvalidKeyTransition, PolicyViolation
 from fedtoken.core.jose import b64url_decode_strict
 from fedtoken.core.model import (
     ASYMMETRIC_ALGORITHMS,
@@ -24,7 +30,6 @@ from fedtoken.core.model import (
     KeyRecord,
     KeyState,
 )
-from fedtoken.core.errors import InvalidKeyTransition, PolicyViolation
 
 _S = KeyState
 ALLOWED_TRANSITIONS: Final[Mapping[KeyState, frozenset[KeyState]]] = {
@@ -61,7 +66,8 @@ def jwks_max_age(
     ceiling_s: int = MAX_JWKS_MAX_AGE,
 ) -> int:
     """Cache-Control max-age for a JWKS whose signing key rotates every
-    ``rotation_period_s`` seconds.
+    ``rotation_period_s`` seconds (for automatic rotation; not used to serve
+    the JWKS today, see the module docstring).
 
     next_actions publishes a new key one max-age before it signs, so the
     max-age is a tenth of the period: caches refetch a few times per period,
@@ -165,7 +171,7 @@ def load_rsa_public_key(jwk: Mapping[str, Any]) -> RSAPublicKey:
     """Load an RSA public JWK that passes the trust-store rules, or raise
     PolicyViolation saying which rule it breaks.
 
-    Rules (../shared/guide/security.md): kty RSA; n and e strict base64url;
+    Rules (docs/security.md, trust stores): kty RSA; n and e strict base64url;
     odd modulus of MIN_RSA_BITS..MAX_RSA_BITS; e odd, >= 3 and below 2**256;
     ``use`` absent or "sig"; ``alg`` absent or asymmetric; no private members.
     Leading zero octets in n or e are tolerated: they do not change the
