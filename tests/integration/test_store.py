@@ -473,12 +473,20 @@ async def test_changes_are_notified_on_commit(store: PgStore, fresh_dsn: str) ->
         tid = _slug()
         t = await store.tenants.create(Tenant(id=tid, issuer=f"https://{tid}.example"),
                                        now=_now())
-        assert await next_message() == {"type": "tenant", "tenant": t.id}
+        assert await next_message() == {
+            "type": "tenant", "tenant": t.id, "issuer": t.issuer,
+            "max_token_lifetime_s": t.policy.max_token_lifetime_seconds,
+            "default_token_lifetime_s": t.policy.default_token_lifetime_seconds,
+            "allowed_algorithms": list(t.policy.allowed_algorithms),
+            "key_size": t.policy.key_size,
+        }
         # An update of the row (e.g. by an operator with psql) too.
         await store.revocations.revoke(t.id, "jti", "j-n0", expires_at=_in(), now=_now())
         await conn.execute("UPDATE tenants SET default_token_lifetime_s = 60 WHERE id = $1", t.id)
         assert (await next_message())["type"] == "revocation"
-        assert await next_message() == {"type": "tenant", "tenant": t.id}
+        updated = await next_message()
+        assert (updated["type"], updated["tenant"], updated["default_token_lifetime_s"]) == (
+            "tenant", t.id, 60)
 
         expires = _in()
         await store.revocations.revoke(t.id, "jti", "j-n", expires_at=expires, now=_now())

@@ -196,15 +196,6 @@ async def test_issue_is_refused_when_the_audit_record_cannot_be_made_durable(
     assert acme.store.events("token.issued") == []
 
 
-@pytest.mark.xfail(strict=True, reason="Tokens.issue signs, then records token.issued: the "
-                   "token is withheld, but the HSM has signed it (record first, or drop this)")
-async def test_issue_signs_nothing_when_the_audit_is_unavailable(acme: Services) -> None:
-    acme.audit.fail = True
-    with pytest.raises(AuditUnavailable):
-        await issue(acme)
-    assert acme.signer.signed == []
-
-
 async def test_lifetime_over_the_policy_is_refused_before_signing(acme: Services) -> None:
     with pytest.raises(PolicyViolation) as err:
         await issue(acme, lifetime_seconds=MAX_LIFETIME + 1)
@@ -338,8 +329,6 @@ async def test_revoke_subject_revokes_tokens_issued_before_the_cut(acme: Service
     assert acme.engine.verify(bystander.token, EXPECT).valid
 
 
-@pytest.mark.xfail(strict=True, reason="Tokens.revoke defaults the cut to now and revokes "
-                   "iat < cut, so a token issued in the same second survives (default: now + 1)")
 async def test_revoke_subject_catches_a_token_issued_in_the_same_second(acme: Services) -> None:
     issued = await issue(acme, "alice")
     await acme.tokens.revoke(RevokeParams(tenant="acme", subject="alice"), ADMIN)
@@ -666,8 +655,6 @@ async def test_generate_key_refuses_a_bad_key_size(acme: Services, bits: int) ->
     assert len(acme.signer.generated) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="KeyAdmin.generate_key does not destroy the new HSM "
-                   "key when keys.insert fails (the port's Signer.destroy is never called)")
 async def test_generate_key_destroys_the_hsm_key_when_the_store_refuses_it(
     acme: Services,
 ) -> None:

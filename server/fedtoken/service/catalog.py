@@ -147,8 +147,19 @@ class Catalog:
             return isinstance(kid, str) and self._snap.states.get(kid) is not None \
                 and self._snap.states[kid].value == event.get("state")
         if kind == "tenant":
-            return event.get("tenant") in self._snap.tenants
-        return False
+            # The payload carries the row, so an edit (even by psql) of a
+            # known tenant's issuer or policy is told apart from its creation.
+            tenant = self._snap.tenants.get(str(event.get("tenant")))
+            if tenant is None:
+                return False
+            p = tenant.policy
+            algs = event.get("allowed_algorithms")
+            return (event.get("issuer"), event.get("max_token_lifetime_s"),
+                    event.get("default_token_lifetime_s"), event.get("key_size"),
+                    tuple(algs) if isinstance(algs, list) else algs) == (
+                tenant.issuer, p.max_token_lifetime_seconds, p.default_token_lifetime_seconds,
+                p.key_size, tuple(p.allowed_algorithms))
+        return True  # not ours to reload for
 
     def notice(self, event: Mapping[str, Any]) -> None:
         """A tenant or key changed somewhere (feed callback; never blocks)."""

@@ -9,6 +9,7 @@ own write.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -118,7 +119,13 @@ class KeyAdmin:
             state=KeyState.PENDING, public_jwk=generated.public_jwk,
             hsm_label=generated.hsm_label, created_at=int(now),
         )
-        await self._store.keys.insert(record)
+        try:
+            await self._store.keys.insert(record)
+        except BaseException:
+            # Never leave a private key in the HSM that no record accounts for.
+            with contextlib.suppress(Exception):
+                await self._signer.destroy(generated.hsm_label)
+            raise
         await self._audit.record(AuditEvent(
             event_type="key.generated", tenant=tenant.id, actor=ctx.actor, kid=record.kid,
             outcome="ok", request_id=ctx.request_id,

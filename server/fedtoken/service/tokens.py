@@ -197,8 +197,10 @@ class Tokens:
         else:
             tenant = await self._catalog.tenant(p.tenant)
             check_subject(subject, required=False)
-            not_before = p.issued_before or now
-            if not_before > now + leeway or not_before < 0:
+            # Tokens carry whole-second iat: the default cut is the next
+            # second, so a token issued in this very second is caught too.
+            not_before = p.issued_before or now + 1
+            if not_before > now + max(leeway, 1) or not_before < 0:
                 raise InvalidRequest("issued_before must not be in the future",
                                      field="issued_before")
             kind, value = "subject", subject

@@ -26,7 +26,10 @@ CREATE FUNCTION fedtoken_notify_tenant() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_notify('fedtoken_events', json_build_object(
-        'type', 'tenant', 'tenant', NEW.id)::text);
+        'type', 'tenant', 'tenant', NEW.id, 'issuer', NEW.issuer,
+        'max_token_lifetime_s', NEW.max_token_lifetime_s,
+        'default_token_lifetime_s', NEW.default_token_lifetime_s,
+        'allowed_algorithms', NEW.allowed_algorithms, 'key_size', NEW.key_size)::text);
     RETURN NULL;
 END $$;
 
