@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fedtoken.core.claims import check_claims
 from fedtoken.core.jose import loads_strict
-from fedtoken.core.model import Expectation, Reason, Verdict
+from fedtoken.core.model import MAX_RSA_BITS, Expectation, Reason, Verdict
 from fedtoken.core.ports import VerificationKey
 from fedtoken.verifier._shared import MALFORMED, PARSE_ERRORS, log, log_unexpected
 
@@ -53,7 +53,7 @@ CLAIM_REASONS: Final = (
     Reason.ISSUED_IN_FUTURE,
     Reason.AUDIENCE_MISMATCH,
 )
-_MAX_BITS: Final = 8192
+_MAX_BITS: Final = MAX_RSA_BITS
 
 
 def _load_native() -> Any:
