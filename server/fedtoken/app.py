@@ -43,12 +43,12 @@ from fedtoken_client._pb.fedtoken.v1 import key_admin_pb2_grpc, token_service_pb
 
 log = logging.getLogger("fedtoken")
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-GRPC_OPTIONS = [
-    ("grpc.so_reuseport", 1),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+    ]
 
 
 # Releases one resource; may return an awaitable.
@@ -211,7 +211,9 @@ async def start_app(
         closers.append(introspector.close)
 
         # -- service layer ----------------------------------------------------
-        defaults = TenantDefaults(issuer_for=settings.issuer_for, key_size=settings.key_size)
+        defaults = TenantDefaults(
+            issuer_for=settings.issuer_for, key_size=settings.key_size,
+            grace_margin_seconds=settings.jwks_max_age_seconds + settings.leeway_seconds)
         catalog = Catalog(store, resolver, default_tenant=settings.default_tenant,
                           jwks_max_age=settings.jwks_max_age_seconds)
         closers.append(catalog.close)
@@ -243,7 +245,7 @@ async def start_app(
             log.warning("revocation view not confirmed fresh yet; verdicts fail closed")
 
         # -- boundaries -------------------------------------------------------
-        server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[Boundary()])
+        server = grpc.aio.server(options=grpc_options(settings), interceptors=[Boundary()])
         token_service_pb2_grpc.add_TokenServiceServicer_to_server(
             TokenServicer(tokens, verification, catalog), server)
         key_admin_pb2_grpc.add_KeyAdminServicer_to_server(KeyAdminServicer(keys), server)

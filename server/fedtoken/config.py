@@ -18,6 +18,10 @@ from typing import Any
 from fedtoken.core.errors import InvalidRequest
 from fedtoken.core.policy import check_key_size
 
+# The client package's receive limit (fedtoken_client.client.MAX_RESPONSE_BYTES;
+# tests/e2e/test_hardening_rpc.py keeps the two equal).
+MAX_CLIENT_MESSAGE_BYTES = 128 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -54,8 +58,14 @@ class Settings:
     key_size: int = 2048
     # Verification.
     leeway_seconds: int = 30
-    max_token_bytes: int = 16384
-    max_batch: int = 10000
+    max_token_bytes: int = 8192
+    max_batch: int = 5000
+    # Largest gRPC message either way. A VerifyBatch request carries up to
+    # max_batch tokens and its response up to max_batch verdicts (each at most
+    # two token's worth of claims and ids), so the start refuses settings where
+    # max_batch x (2 x max_token_bytes + 1 KiB) exceeds it. At most 128 MiB,
+    # the client package's receive limit.
+    grpc_max_message_bytes: int = 96 * 1024 * 1024
     verify_threads: int = 2
     # JWKS Cache-Control max-age, seconds.
     jwks_max_age_seconds: int = 300
@@ -183,11 +193,27 @@ def parse_introspection_clients(spec: str) -> dict[str, bytes]:
     return clients
 
 
+def batch_item_bound(max_token_bytes: int) -> int:
+    """Bytes one VerifyBatch item may take, request or response side."""
+    return 2 * max_token_bytes + 1024
+
+
 def _validate(s: Settings) -> None:
     parse_introspection_clients(s.introspection_clients)
     check_key_size(s.key_size)
     if not 1 <= s.max_batch <= 100_000:
         raise InvalidRequest("max_batch must be between 1 and 100000")
+    if not 1024 <= s.max_token_bytes <= 65536:
+        raise InvalidRequest("max_token_bytes must be between 1024 and 65536")
+    if not 1024 * 1024 <= s.grpc_max_message_bytes <= MAX_CLIENT_MESSAGE_BYTES:
+        raise InvalidRequest(f"grpc_max_message_bytes must be between 1 MiB and "
+                             f"{MAX_CLIENT_MESSAGE_BYTES} (the client package's receive limit)")
+    largest = s.max_batch * batch_item_bound(s.max_token_bytes)
+    if largest > s.grpc_max_message_bytes:
+        raise InvalidRequest(
+            f"max_batch x (2 x max_token_bytes + 1024) = {largest} bytes exceeds "
+            f"grpc_max_message_bytes ({s.grpc_max_message_bytes}): lower max_batch or "
+            "max_token_bytes, or raise grpc_max_message_bytes")
     if s.leeway_seconds < 0 or s.leeway_seconds > 300:
         raise InvalidRequest("leeway_seconds must be between 0 and 300")
     if s.revocation_staleness_seconds <= s.revocation_heartbeat_seconds:

@@ -164,7 +164,7 @@ def test_rotation_publishes_first_then_old_tokens_survive_until_retired(
     assert new.kid == pending.kid
     assert client.verify(old.token, AUD).valid  # old key is RETIRING: still verifies
 
-    client.retire_key(old.kid, tid)  # RETIRING -> RETIRED
+    client.retire_key(old.kid, tid, emergency=True)  # RETIRING -> RETIRED before its grace
     v = client.verify(old.token, AUD)
     assert not v.valid and reason_name(v.reason) == "KEY_INACTIVE"
     kids = {k["kid"] for k in json.loads(client.get_keys(tid).jwks_json)["keys"]}

@@ -793,7 +793,8 @@ def build_services(
                                "max_token_size": max_token_size, "threads": 1}
     engine = VerificationEngine(resolver, revocations, **options)
     introspector = VerificationEngine(resolver, NoRevocations(), **options)
-    defaults = TenantDefaults(issuer_for=issuer_for, key_size=key_size)
+    defaults = TenantDefaults(issuer_for=issuer_for, key_size=key_size,
+                              grace_margin_seconds=jwks_max_age + leeway)
     catalog = Catalog(store, resolver, default_tenant=default_tenant, jwks_max_age=jwks_max_age)
     keys = KeyAdmin(catalog=catalog, store=store, signer=signer, audit=audit, clock=clock,
                     defaults=defaults)

@@ -21,6 +21,7 @@ from fedtoken.core.audit import AuditEvent
 from fedtoken.core.errors import (
     AuditUnavailable,
     ErrorReason,
+    FailedPrecondition,
     FedtokenError,
     HsmUnavailable,
     InvalidKeyTransition,
@@ -599,8 +600,15 @@ async def test_key_lifecycle_generate_activate_retire(acme: Services) -> None:
     assert (await issue(acme)).kid == pending.kid
     assert acme.engine.verify(old.token, EXPECT).valid  # retiring keys still verify
 
+    # Within the grace (max lifetime + max-age + leeway) only an emergency retires it.
+    with pytest.raises(FailedPrecondition) as early:
+        await acme.keys.retire_key("acme", first, ADMIN)
+    assert early.value.reason is ErrorReason.GRACE_NOT_OVER
+    assert acme.engine.verify(old.token, EXPECT).valid
+    acme.clock.advance(3600 + 300 + 30 + 1)
     retired = await acme.keys.retire_key("acme", first, ADMIN)
     assert retired.state is KeyState.RETIRED
+    assert "emergency" not in (acme.store.events("key.retired")[-1].details or {})
     assert acme.engine.verify(old.token, EXPECT).reason is Reason.KEY_INACTIVE
     assert [k.kid for k in (await acme.catalog.key_set("acme")).keys] == [pending.kid]
     assert [(e.event_type, e.kid) for e in acme.store.events() if e.actor == ADMIN.actor] == [

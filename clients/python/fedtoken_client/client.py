@@ -20,6 +20,14 @@ from fedtoken_client.errors import from_rpc_error
 
 Verdict = token_service_pb2.Verdict
 
+# Receive limit of the channels this package opens: the largest response a
+# fedtoken server may send (its grpc_max_message_bytes is capped at this).
+MAX_RESPONSE_BYTES = 128 * 1024 * 1024
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+    ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+)
+
 
 @contextmanager
 def _translated() -> Iterator[None]:
@@ -68,7 +76,7 @@ class FedtokenClient:
 
     def __init__(self, target: str, *, caller: str = "", timeout: float = 10.0,
                  channel: grpc.Channel | None = None) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+        self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.tokens = token_service_pb2_grpc.TokenServiceStub(self._channel)
         self.admin = key_admin_pb2_grpc.KeyAdminStub(self._channel)
         self._metadata = (("x-fedtoken-caller", caller),) if caller else ()
@@ -145,8 +153,12 @@ class FedtokenClient:
     def activate_key(self, kid: str, tenant: str = "") -> common_pb2.Key:
         return self._call(self.admin.ActivateKey, key_admin_pb2.KeyRef(tenant=tenant, kid=kid))
 
-    def retire_key(self, kid: str, tenant: str = "") -> common_pb2.Key:
-        return self._call(self.admin.RetireKey, key_admin_pb2.KeyRef(tenant=tenant, kid=kid))
+    def retire_key(self, kid: str, tenant: str = "", *,
+                   emergency: bool = False) -> common_pb2.Key:
+        """PENDING → RETIRING; RETIRING → RETIRED after its grace, or at once
+        with ``emergency`` (every unexpired token it signed then fails)."""
+        return self._call(self.admin.RetireKey, key_admin_pb2.KeyRef(tenant=tenant, kid=kid,
+                                                                      emergency=emergency))
 
     def list_audit(self, *, tenant: str = "", event_type: str = "", subject: str = "",
                    since: int = 0, until: int = 0, after_seq: int = 0,
@@ -163,7 +175,7 @@ class AsyncFedtokenClient:
     """asyncio flavour of the token calls, for services built on grpc.aio."""
 
     def __init__(self, target: str, *, caller: str = "", timeout: float = 10.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.tokens = token_service_pb2_grpc.TokenServiceStub(self._channel)
         self.admin = key_admin_pb2_grpc.KeyAdminStub(self._channel)
         self._metadata = (("x-fedtoken-caller", caller),) if caller else ()

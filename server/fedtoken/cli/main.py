@@ -102,7 +102,7 @@ def cmd_keys(ns: argparse.Namespace) -> int:
         elif ns.action == "activate":
             _print(c.activate_key(ns.kid, ns.tenant))
         elif ns.action == "retire":
-            _print(c.retire_key(ns.kid, ns.tenant))
+            _print(c.retire_key(ns.kid, ns.tenant, emergency=ns.emergency))
     return 0
 
 
@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--activate", action="store_true")
         if name in ("activate", "retire"):
             a.add_argument("kid")
+        if name == "retire":
+            a.add_argument("--emergency", action="store_true",
+                           help="retire a RETIRING key before its grace is over: every "
+                                "unexpired token it signed fails from now on (audited)")
     k.set_defaults(func=cmd_keys)
 
     tok = sub.add_parser("token", help="issue, verify, introspect, revoke or decode tokens")

@@ -24,11 +24,16 @@ MAX_NUMERIC_DATE: Final = 253402300799
 MAX_EXTRA_CLAIMS_BYTES: Final = 8192
 
 # Claims the service sets itself and a caller of Issue may never supply:
-# the registered claims (RFC 7519 section 4.1), the tenant, and the RFC 9068
-# client_id and scope, which build_claims takes from the authenticated
-# request so that extra claims cannot forge them.
+# the registered claims (RFC 7519 section 4.1), the tenant, the RFC 9068
+# client_id and scope (build_claims takes them from the request so extra
+# claims cannot forge them), names of JOSE header members (kid, alg, typ,
+# cty, crit, jku, jwk, x5u, x5c: a verifier that merges header and payload
+# must not be misled), and the RFC 7800 confirmation and RFC 8693 actor
+# claims, which bind a token to a key or a delegation only the service may
+# assert.
 RESERVED_CLAIMS: Final = frozenset(
-    {"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "tenant", "client_id", "scope"}
+    {"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "tenant", "client_id", "scope",
+     "kid", "alg", "typ", "cty", "crit", "jku", "jwk", "x5u", "x5c", "cnf", "act"}
 )
 
 _TIME_CLAIMS: Final = ("exp", "nbf", "iat")

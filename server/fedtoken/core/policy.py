@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Final
 from urllib.parse import urlsplit
 
+from fedtoken.core.claims import MAX_NUMERIC_DATE
 from fedtoken.core.errors import InvalidRequest, PolicyViolation
 from fedtoken.core.model import MAX_RSA_BITS, MIN_RSA_BITS, SIGNING_ALGORITHMS, TenantPolicy
 
@@ -26,9 +27,41 @@ MAX_SCOPE: Final = 1024
 MAX_CLIENT_ID: Final = 255
 MAX_REASON: Final = 200
 MAX_ISSUER_URL: Final = 512
+MAX_KID: Final = 128
+MAX_EVENT_TYPE: Final = 64
+# The latest instant any timestamp field may name: 9999-12-31T23:59:59Z, the
+# same bound as a token's NumericDate claims.
+MAX_TIMESTAMP: Final = MAX_NUMERIC_DATE
 MAX_TOKEN_LIFETIME_CEILING: Final = 7 * 86400
 MIN_TOKEN_LIFETIME_CEILING: Final = 60
 _LOOPBACK: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def is_text(value: str) -> bool:
+    """Printable Unicode only: no NUL, no C0/C1 controls, no format characters
+    (bidi overrides, zero-width joiners), no lone surrogates, no line breaks."""
+    return value.isprintable()
+
+
+def check_text(value: str, field: str, limit: int, *, required: bool = False) -> str:
+    """The one rule for every string a request carries into a token, the
+    store or the audit trail. Messages never echo the value."""
+    if required and not value:
+        raise InvalidRequest(f"{field} is required", field=field)
+    if len(value) > limit:
+        raise InvalidRequest(f"{field} is limited to {limit} characters", field=field)
+    if not is_text(value):
+        raise InvalidRequest(f"{field} must be printable text (no control or format characters)",
+                             field=field)
+    return value
+
+
+def check_timestamp(value: int, field: str, *, allow_zero: bool = True) -> int:
+    """Unix seconds between 1970 and the end of year 9999 (0: unset)."""
+    if not (0 if allow_zero else 1) <= value <= MAX_TIMESTAMP:
+        raise InvalidRequest(f"{field} must be Unix seconds between 1 and {MAX_TIMESTAMP}",
+                             field=field)
+    return value
 
 
 def is_tenant_id(value: str) -> bool:
@@ -45,29 +78,20 @@ def check_tenant_id(value: str, field: str = "id") -> str:
 
 
 def check_subject(value: str, field: str = "subject", *, required: bool = True) -> str:
-    if (required and not value) or len(value) > MAX_SUBJECT:
-        raise InvalidRequest(
-            f"{field} is required (1 to {MAX_SUBJECT} characters)" if required
-            else f"{field} is limited to {MAX_SUBJECT} characters",
-            field=field,
-        )
-    return value
+    return check_text(value, field, MAX_SUBJECT, required=required)
 
 
 def check_audiences(values: Sequence[str], field: str = "audience") -> list[str]:
     audience = list(values)
     if not audience or len(audience) > MAX_AUDIENCES:
         raise InvalidRequest(f"{field}: give 1 to {MAX_AUDIENCES} audiences", field=field)
-    if any(not a or len(a) > MAX_AUDIENCE for a in audience):
-        raise InvalidRequest(f"{field} entries must be 1 to {MAX_AUDIENCE} characters",
-                             field=field)
+    for a in audience:
+        check_text(a, field, MAX_AUDIENCE, required=True)
     return audience
 
 
-def check_length(value: str, field: str, limit: int) -> str:
-    if len(value) > limit:
-        raise InvalidRequest(f"{field} is limited to {limit} characters", field=field)
-    return value
+def check_kid(value: str, field: str = "kid") -> str:
+    return check_text(value, field, MAX_KID)
 
 
 def check_key_size(bits: int, field: str = "key_size") -> int:
@@ -82,10 +106,17 @@ def check_key_size(bits: int, field: str = "key_size") -> int:
 
 def check_issuer_url(url: str, field: str = "issuer") -> str:
     """https, no query or fragment (http only for loopback development)."""
+    check_text(url, field, MAX_ISSUER_URL, required=True)
     parts = urlsplit(url)
-    local = parts.hostname in _LOOPBACK
+    if "@" in parts.netloc:
+        # Never echoed: the userinfo may be a password.
+        raise InvalidRequest("issuer must not contain a user name or password", field=field)
+    try:
+        local = parts.hostname in _LOOPBACK
+    except ValueError:
+        local = False
     if not (parts.scheme == "https" or (parts.scheme == "http" and local)) or not parts.netloc \
-            or parts.query or parts.fragment or len(url) > MAX_ISSUER_URL:
+            or parts.query or parts.fragment or " " in url:
         raise InvalidRequest(
             "issuer must be an https URL without query or fragment (http only for localhost)",
             field=field,

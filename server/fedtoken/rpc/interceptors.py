@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from fedtoken.core.errors import ErrorReason, FedtokenError, StatusClass
+from fedtoken.core.errors import ErrorReason, FedtokenError, InvalidRequest, StatusClass
 from fedtoken.core.ports import CallContext, Principal
 from fedtoken_client._pb.fedtoken.v1 import common_pb2
 
@@ -49,6 +49,28 @@ AUTHENTICATED: contextvars.ContextVar[Principal | None] = contextvars.ContextVar
     "fedtoken_principal", default=None)
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not decode (see ``_safe``)."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that never raises: grpc would answer UNKNOWN naming the
+    Python exception; the boundary answers INVALID_ARGUMENT MALFORMED_REQUEST."""
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, ...
+            return _UNDECODABLE
+
+    return decode
 
 
 def call_context() -> CallContext:
@@ -107,6 +129,9 @@ def wrap_unary(name: str, behavior: Behavior) -> Behavior:
         ctx = CallContext(_principal(metadata, context.peer() or ""), _request_id(metadata))
         token = _CALL.set(ctx)
         try:
+            if request is _UNDECODABLE:
+                raise InvalidRequest("the request message could not be decoded",
+                                     reason=ErrorReason.MALFORMED_REQUEST)
             return await behavior(request, context)
         except FedtokenError as exc:
             status = _STATUS[exc.status]
@@ -152,7 +177,7 @@ class Boundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler  # unknown method (UNIMPLEMENTED) or a streaming one
         wrapped = grpc.unary_unary_rpc_method_handler(
             wrap_unary(method.rpartition("/")[2], handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_safe(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped

@@ -99,7 +99,8 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
 
     async def RetireKey(self, request: key_admin_pb2.KeyRef, context: Ctx) -> common_pb2.Key:
         return convert.key_pb(await self._keys.retire_key(request.tenant, request.kid,
-                                                          call_context()))
+                                                          call_context(),
+                                                          emergency=request.emergency))
 
     async def ListAuditEvents(self, request: key_admin_pb2.ListAuditEventsRequest,
                               context: Ctx) -> key_admin_pb2.ListAuditEventsResponse:

@@ -10,19 +10,32 @@ own write.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from fedtoken.core.audit import AuditEvent, AuditRecord, ChainReport
-from fedtoken.core.errors import InvalidKeyTransition, InvalidRequest, KeyNotFound, TenantExists
+from fedtoken.core.errors import (
+    ErrorReason,
+    FailedPrecondition,
+    InvalidKeyTransition,
+    InvalidRequest,
+    KeyNotFound,
+    TenantExists,
+)
 from fedtoken.core.keys import check_transition
 from fedtoken.core.model import KeyRecord, KeyState, Tenant, TenantPolicy
 from fedtoken.core.policy import (
+    MAX_EVENT_TYPE,
+    MAX_SUBJECT,
     check_issuer_url,
     check_key_size,
+    check_kid,
     check_tenant_id,
     check_tenant_policy,
+    check_text,
+    check_timestamp,
 )
 from fedtoken.core.ports import AuditSink, CallContext, Clock, Signer, Store
 from fedtoken.service.catalog import Catalog
@@ -37,6 +50,10 @@ class TenantDefaults:
 
     issuer_for: Callable[[str], str]
     key_size: int = 2048
+    # A RETIRING key stays published this long past the tenant's maximum
+    # token lifetime (JWKS max-age plus leeway), so caches keep it while any
+    # token it signed can still be valid.
+    grace_margin_seconds: int = 0
 
 
 def _ts(seconds: float) -> datetime:
@@ -143,6 +160,7 @@ class KeyAdmin:
 
     async def own_key(self, tenant_id: str, kid: str) -> KeyRecord:
         """The key ``kid`` of the tenant; KeyNotFound for anyone else's."""
+        check_kid(kid)
         tenant = await self._catalog.tenant(tenant_id)
         key = await self._store.keys.get(kid) if kid else None
         if key is None or key.tenant != tenant.id:
@@ -158,7 +176,11 @@ class KeyAdmin:
         await self._catalog.reload()
         return record
 
-    async def retire_key(self, tenant_id: str, kid: str, ctx: CallContext) -> KeyRecord:
+    async def retire_key(self, tenant_id: str, kid: str, ctx: CallContext, *,
+                         emergency: bool = False) -> KeyRecord:
+        """PENDING → RETIRING; RETIRING → RETIRED once its grace is over (the
+        tenant's maximum token lifetime plus the margin since it stopped
+        signing), or before that only with ``emergency``, audited as such."""
         key = await self.own_key(tenant_id, kid)
         if key.state is KeyState.ACTIVE:
             raise InvalidKeyTransition(
@@ -167,21 +189,41 @@ class KeyAdmin:
             )
         target = KeyState.RETIRING if key.state is KeyState.PENDING else KeyState.RETIRED
         check_transition(key.state, target)
+        now = self._clock.now()
+        early = False
+        if target is KeyState.RETIRED:
+            tenant = await self._catalog.tenant(key.tenant)
+            grace_end = (key.retiring_at + tenant.policy.max_token_lifetime_seconds
+                         + self._defaults.grace_margin_seconds)
+            early = now < grace_end
+            if early and not emergency:
+                raise FailedPrecondition(
+                    f"key is within its grace until {int(grace_end)} (Unix seconds): tokens it "
+                    "signed may still be valid; retire it then, or pass emergency to invalidate "
+                    "them now", reason=ErrorReason.GRACE_NOT_OVER, tenant=key.tenant, kid=kid)
         record = await self._store.keys.set_state(kid, target, expected=[key.state],
-                                                  now=_ts(self._clock.now()))
-        await self._audit.record(_key_event(
-            "key.retired" if target is KeyState.RETIRED else "key.retiring", record, ctx))
+                                                  now=_ts(now))
+        event = _key_event("key.retired" if target is KeyState.RETIRED else "key.retiring",
+                           record, ctx)
+        if early:
+            event = dataclasses.replace(event, details={**(event.details or {}),
+                                                        "emergency": True})
+        await self._audit.record(event)
         await self._catalog.reload()
         return record
 
     # -- audit trail -----------------------------------------------------------------
 
     async def list_audit(self, q: AuditQuery) -> list[AuditRecord]:
-        if not 0 <= q.page_size <= MAX_AUDIT_PAGE or q.after_seq < 0 or q.since < 0 \
-                or q.until < 0:
-            raise InvalidRequest(
-                f"page_size 0..{MAX_AUDIT_PAGE}; after_seq, since, until not negative",
-                field="page_size")
+        if not 0 <= q.page_size <= MAX_AUDIT_PAGE:
+            raise InvalidRequest(f"page_size must be 0..{MAX_AUDIT_PAGE}", field="page_size")
+        if q.after_seq < 0:
+            raise InvalidRequest("after_seq must not be negative", field="after_seq")
+        check_timestamp(q.since, "since")
+        check_timestamp(q.until, "until")
+        check_text(q.tenant, "tenant", 63)
+        check_text(q.event_type, "event_type", MAX_EVENT_TYPE)
+        check_text(q.subject, "subject", MAX_SUBJECT)
         return await self._store.audit.list(
             tenant=q.tenant or None,
             event_type=q.event_type or None,

@@ -32,8 +32,10 @@ from fedtoken.core.policy import (
     MAX_REASON,
     MAX_SCOPE,
     check_audiences,
-    check_length,
+    check_kid,
     check_subject,
+    check_text,
+    check_timestamp,
 )
 from fedtoken.core.ports import (
     AuditSink,
@@ -111,8 +113,8 @@ class Tokens:
                 field="lifetime_seconds",
                 tenant=tenant.id,
             )
-        check_length(params.scope, "scope", MAX_SCOPE)
-        check_length(params.client_id, "client_id", MAX_CLIENT_ID)
+        check_text(params.scope, "scope", MAX_SCOPE)
+        check_text(params.client_id, "client_id", MAX_CLIENT_ID)
         extra = claims_mod.validate_extra_claims(params.extra_claims_json)
         key = self._catalog.active_key(tenant)
         now = int(self._clock.now())
@@ -172,10 +174,13 @@ class Tokens:
         """Revoke one token (by token or jti), a subject's tokens issued before
         a time, or every token of a compromised key. Durable and audited in
         one transaction before it returns."""
-        check_length(p.reason, "reason", MAX_REASON)
+        check_text(p.reason, "reason", MAX_REASON)
+        check_timestamp(p.expires_at, "expires_at")
+        check_timestamp(p.issued_before, "issued_before")
         if sum(bool(x) for x in (p.token, p.jti, p.subject, p.kid)) != 1:
             raise InvalidRequest("give exactly one of token, jti, subject or kid", field="target")
         if p.kid:
+            check_kid(p.kid)
             return await self.compromise(p.tenant, p.kid, p.reason, ctx)
         now = int(self._clock.now())
         leeway = self._leeway
@@ -188,15 +193,18 @@ class Tokens:
                 return Revoked(tenant.id, jti, now, False, "jti", jti)
             kind, value, expires_at = "jti", jti, token_exp
         elif jti:
+            check_text(jti, "jti", MAX_JTI)
             tenant = await self._catalog.tenant(p.tenant)
-            check_length(jti, "jti", MAX_JTI)
             kind, value = "jti", jti
-            expires_at = p.expires_at
-            if expires_at <= 0:
-                expires_at = now + tenant.policy.max_token_lifetime_seconds
+            # The token itself is not at hand, so its exp is unknown: the
+            # revocation lasts as long as any token the tenant can issue now
+            # may live. A caller's expires_at can never shorten that (a
+            # revocation that ended before its token could expire would
+            # silently un-revoke it), and a later one is pointless.
+            expires_at = now + tenant.policy.max_token_lifetime_seconds
         else:
-            tenant = await self._catalog.tenant(p.tenant)
             check_subject(subject, required=False)
+            tenant = await self._catalog.tenant(p.tenant)
             # Tokens carry whole-second iat: the default cut is the next
             # second, so a token issued in this very second is caught too.
             not_before = p.issued_before or now + 1

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from fedtoken.core.errors import ErrorReason, InvalidRequest
 from fedtoken.core.model import Expectation, Verdict
+from fedtoken.core.policy import MAX_AUDIENCE, MAX_ISSUER_URL, check_text
 from fedtoken.core.ports import AuditSink, CallContext, Verifier
 from fedtoken.service.tokens import require_token
 
@@ -47,5 +48,6 @@ class Verification:
 
 
 def _require_audience(expect: Expectation) -> None:
-    if not expect.audience:
-        raise InvalidRequest("audience is required", field="audience")
+    check_text(expect.audience, "audience", MAX_AUDIENCE, required=True)
+    check_text(expect.issuer, "issuer", MAX_ISSUER_URL)
+    check_text(expect.tenant, "tenant", 63)

@@ -53,6 +53,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILED_PRECONDITION: _ClassVar[ErrorReason]
     UNAVAILABLE: _ClassVar[ErrorReason]
     UNAUTHENTICATED: _ClassVar[ErrorReason]
+    MALFORMED_REQUEST: _ClassVar[ErrorReason]
+    GRACE_NOT_OVER: _ClassVar[ErrorReason]
 
 class KeyState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -106,6 +108,8 @@ ALREADY_EXISTS: ErrorReason
 FAILED_PRECONDITION: ErrorReason
 UNAVAILABLE: ErrorReason
 UNAUTHENTICATED: ErrorReason
+MALFORMED_REQUEST: ErrorReason
+GRACE_NOT_OVER: ErrorReason
 KEY_STATE_UNSPECIFIED: KeyState
 PENDING: KeyState
 ACTIVE: KeyState

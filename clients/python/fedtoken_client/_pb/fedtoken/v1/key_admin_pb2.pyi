@@ -158,9 +158,11 @@ class ListKeysResponse(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[_Union[_common_pb2.Key, _Mapping]]] = ...) -> None: ...
 
 class KeyRef(_message.Message):
-    __slots__ = ("tenant", "kid")
+    __slots__ = ("tenant", "kid", "emergency")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     KID_FIELD_NUMBER: _ClassVar[int]
+    EMERGENCY_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     kid: str
-    def __init__(self, tenant: _Optional[str] = ..., kid: _Optional[str] = ...) -> None: ...
+    emergency: bool
+    def __init__(self, tenant: _Optional[str] = ..., kid: _Optional[str] = ..., emergency: _Optional[bool] = ...) -> None: ...

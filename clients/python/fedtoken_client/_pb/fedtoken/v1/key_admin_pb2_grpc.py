@@ -137,8 +137,9 @@ class KeyAdminServicer:
     def RetireKey(self, request, context):
         """RetireKey moves a key towards retirement: ACTIVE or PENDING become
         RETIRING (still published, verify only); RETIRING becomes RETIRED
-        (unpublished). The active key can be retired only when another key is
-        pending (use ActivateKey). Errors as ActivateKey.
+        (unpublished) once its grace is over, or at once with `emergency`
+        (FAILED_PRECONDITION GRACE_NOT_OVER otherwise). The active key cannot be
+        retired directly (use ActivateKey on a pending key). Errors as ActivateKey.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
