@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import logging
 from collections.abc import AsyncIterator
+from dataclasses import fields
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -17,7 +21,7 @@ from fedtoken.config import Settings
 from fedtoken.core.errors import InvalidRequest, StoreUnavailable, TenantNotFound
 from fedtoken.core.model import KeyRecord, KeyState, Reason, Tenant
 from fedtoken.core.ports import CallContext
-from fedtoken.http import combine, create_ops_app, create_public_app, start_site
+from fedtoken.http import HttpLimits, combine, create_ops_app, create_public_app, start_site
 from fedtoken.service.types import Introspection, KeySet
 
 BASE = "https://tokens.example"
@@ -338,3 +342,297 @@ async def test_combine_refuses_what_it_cannot_carry(api: FakeApi) -> None:
     ops.on_startup.append(on_startup)
     with pytest.raises(ValueError, match="routes only"):
         combine(create_public_app(api, SETTINGS), ops)
+
+
+# --- hardening: terse errors, one auth method, absurd tenants, access log ----------
+
+MARK = "zz-echo-marker-7f3a"
+ACCESS = "fedtoken.http.access"
+
+
+class StrictApi(FakeApi):
+    """Like the real service once it chokes on a name it could never hold
+    (the probe's 4,000-character tenant answered 503)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    async def key_set(self, tenant: str) -> KeySet:
+        self.asked.append(tenant)
+        if len(tenant) > 63:
+            raise StoreUnavailable("value too long for type character varying(63)")
+        return await super().key_set(tenant)
+
+
+@pytest.mark.parametrize("route", [".well-known/jwks.json", ".well-known/openid-configuration"])
+async def test_a_tenant_that_cannot_exist_is_404_without_asking_the_service(route: str) -> None:
+    api = StrictApi()
+    async with TestClient(TestServer(create_public_app(api, SETTINGS))) as client:
+        for name in ("a" * 4000, "a" * 64, "UPPER", "-leading"):
+            resp = await client.get(f"/t/{name}/{route}")
+            assert resp.status == 404, name
+            assert await resp.json() == {"error": "tenant_not_found"}
+        assert api.asked == []
+        assert (await client.get(f"/t/acme/{route}")).status == 200
+
+
+@pytest.mark.parametrize("method,path,status,error", [
+    ("GET", f"/{MARK}?token={MARK}", 404, "not_found"),
+    ("GET", f"/t/acme/.well-known/{MARK}", 404, "not_found"),
+    ("DELETE", "/introspect", 405, "method_not_allowed"),
+    ("POST", f"/.well-known/jwks.json?{MARK}", 405, "method_not_allowed"),
+])
+async def test_framework_errors_get_terse_json(http: TestClient[Any, Any], method: str,
+                                               path: str, status: int, error: str) -> None:
+    resp = await http.request(method, path, headers={"X-Probe": MARK})
+    assert resp.status == status
+    assert resp.headers["Content-Type"].startswith("application/json")
+    body = await resp.read()
+    assert json.loads(body) == {"error": error}
+    assert MARK.encode() not in body
+    if status == 405:
+        assert resp.headers["Allow"]
+
+
+async def test_a_handler_crash_is_a_terse_500(api: FakeApi,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    api.key_error = RuntimeError(f"bug with {MARK}")
+    async with TestClient(TestServer(create_public_app(api, SETTINGS))) as client:
+        resp = await client.get("/.well-known/jwks.json")
+        assert resp.status == 500
+        body = await resp.read()
+        assert json.loads(body) == {"error": "server_error"}
+        assert MARK.encode() not in body
+
+
+@pytest.mark.parametrize("form", [
+    {"token": "t", "client_id": "rs-test", "client_secret": SECRET},
+    {"token": "t", "client_secret": SECRET},
+    {"token": "t", "client_id": "rs-test"},
+])
+async def test_basic_and_post_credentials_together_are_refused(
+    http: TestClient[Any, Any], api: FakeApi, form: dict[str, str]
+) -> None:
+    resp = await http.post("/introspect", headers=GOOD, data=form)
+    assert resp.status == 400
+    assert await resp.json() == {"error": "invalid_request"}
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert api.calls == []
+
+
+@pytest.mark.parametrize("body", [
+    f"token=t&client_id=rs-test&client_secret=x&client_secret={SECRET}",
+    "token=t&client_id=nobody&client_id=rs-test&client_secret=" + SECRET,
+    "token=t&token_type_hint=a&token_type_hint=b&client_id=rs-test&client_secret=" + SECRET,
+])
+async def test_repeated_parameters_are_refused(http: TestClient[Any, Any], api: FakeApi,
+                                               body: str) -> None:
+    from urllib.parse import quote
+
+    body = body.replace(SECRET, quote(SECRET, safe=""))
+    resp = await http.post("/introspect", data=body, headers={"Content-Type": FORM})
+    assert resp.status == 400
+    assert await resp.json() == {"error": "invalid_request"}
+    assert api.calls == []
+
+
+async def test_two_authorization_headers_are_refused(http: TestClient[Any, Any],
+                                                     api: FakeApi) -> None:
+    from multidict import CIMultiDict
+
+    headers = CIMultiDict([("Authorization", GOOD["Authorization"]),
+                           ("Authorization", _basic("rs-test", "wrong")["Authorization"])])
+    resp = await http.post("/introspect", data={"token": "t"}, headers=headers)
+    assert resp.status == 400
+    assert api.calls == []
+
+
+def _access(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == ACCESS]
+
+
+async def test_access_log_has_one_line_per_request_and_no_secrets(
+    http: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS)
+    token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJxdWlubiJ9.c2lnbmF0dXJlLWJ5dGVz"
+    assert (await http.post("/introspect", headers=GOOD, data={"token": token})).status == 200
+    assert (await http.post("/introspect", data={"token": token, "client_id": "rs-test",
+                                                 "client_secret": SECRET})).status == 200
+    wrong = _basic("rs-test", "guessed-secret")
+    assert (await http.post("/introspect", headers=wrong, data={"token": token})).status == 401
+    assert (await http.post("/introspect", data={"token": token})).status == 401
+    both = {"token": token, "client_secret": SECRET}
+    assert (await http.post("/introspect", headers=GOOD, data=both)).status == 400
+    assert (await http.get(f"/t/acme/.well-known/jwks.json?token={token}")).status == 200
+    assert (await http.get(f"/{MARK}")).status == 404
+    lines = _access(caplog)
+    assert len(lines) == 7, lines
+    ok, ok_post, bad, anonymous, conflict, jwks, unknown = lines
+    assert ok.startswith("POST /introspect 200 ") and "client=rs-test" in ok
+    assert ok_post.startswith("POST /introspect 200 ") and "client=rs-test" in ok_post
+    assert bad.startswith("POST /introspect 401 ") and "auth=failed" in bad
+    assert "client=-" in bad
+    assert anonymous.startswith("POST /introspect 401 ") and "auth=failed" in anonymous
+    assert conflict.startswith("POST /introspect 400 ") and "auth=conflict" in conflict
+    assert jwks.startswith("GET /t/{tenant}/.well-known/jwks.json 200 ")
+    assert unknown.startswith("GET - 404 ")
+    for line in lines:
+        assert "ms " in line and "127.0.0.1" in line
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for secret in (token, *token.split("."), SECRET, "guessed-secret", MARK, "Basic",
+                   GOOD["Authorization"].split()[1], wrong["Authorization"].split()[1]):
+        assert secret not in text
+
+
+# --- hardening over real sockets: start_site's limits ------------------------------
+
+
+async def _exchange(port: int, data: bytes, *, pause: float = 0.0,
+                    more: bytes = b"") -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        if more:
+            await writer.drain()
+            await asyncio.sleep(pause)
+            writer.write(more)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+def _status_body(raw: bytes) -> tuple[int, bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.fixture
+async def site(api: FakeApi) -> AsyncIterator[int]:
+    app = combine(create_public_app(api, SETTINGS), create_ops_app(_healthy))
+    limits = HttpLimits(read_timeout=0.5, keepalive_timeout=5.0, max_connections=8)
+    runner, port = await start_site(app, "127.0.0.1", 0, limits=limits)
+    yield port
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("raw", [
+    b"GE\x01T / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + MARK.encode() + b" no colon\r\n\r\n",
+    b"GET /t/" + MARK.encode() * 600 + b" HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: " + MARK.encode() * 600 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + b"".join(b"X%d: y\r\n" % i for i in range(200)) + b"\r\n",
+])
+async def test_malformed_http_is_a_terse_400_logged_in_one_line(
+    site: int, caplog: pytest.LogCaptureFixture, raw: bytes
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    status, body = _status_body(await _exchange(site, raw))
+    assert status == 400
+    assert json.loads(body) == {"error": "invalid_request"}
+    records = [r for r in caplog.records if r.name.startswith(("aiohttp", "fedtoken"))]
+    assert all(r.exc_info is None for r in records), [r.getMessage() for r in records]
+    assert all(MARK not in r.getMessage() for r in records)
+    [line] = _access(caplog)
+    assert line.startswith("- - 400 ") and "malformed=" in line
+
+
+async def test_a_body_in_two_segments_is_read_whole(site: int, api: FakeApi) -> None:
+    form = b"token=" + b"t" * 5000
+    head = (b"POST /introspect HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Authorization: " + GOOD["Authorization"].encode() + b"\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(form))
+    status, _ = _status_body(await _exchange(site, head + form[:100], pause=0.1,
+                                             more=form[100:]))
+    assert status == 200
+    assert [t for t, _ in api.calls] == ["t" * 5000]
+
+
+async def test_an_unfinished_body_is_a_408_at_the_read_timeout(site: int,
+                                                               api: FakeApi) -> None:
+    head = (b"POST /introspect HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Authorization: " + GOOD["Authorization"].encode() + b"\r\n"
+            b"Content-Length: 100\r\n\r\ntoken=abc")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    status, body = _status_body(await _exchange(site, head))
+    assert status == 408 and json.loads(body) == {"error": "invalid_request"}
+    assert loop.time() - started < 3
+    assert api.calls == []
+
+
+async def test_half_open_connections_are_closed_and_others_served(site: int) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    conns = [await asyncio.open_connection("127.0.0.1", site) for _ in range(6)]
+    try:
+        for i, (_, writer) in enumerate(conns):
+            writer.write(b"GET /healthz HT"[: i * 3])
+            await writer.drain()
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"http://127.0.0.1:{site}/healthz") as resp:
+            assert resp.status == 200
+        for reader, _ in conns:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.4 <= loop.time() - started < 5
+    finally:
+        for _, writer in conns:
+            writer.close()
+
+
+async def test_a_keepalive_connection_gets_a_fresh_read_timeout(site: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", site)
+    try:
+        for _ in range(3):  # three requests 0.3 s apart: each within its own timeout
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            await asyncio.sleep(0.3)
+            writer.write(b"\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+        writer.write(b"GET /healthz HT")  # and a fourth that never ends
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+
+
+async def test_connections_over_the_limit_get_503_at_once(
+    site: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    conns = [await asyncio.open_connection("127.0.0.1", site) for _ in range(8)]
+    try:
+        await asyncio.sleep(0.05)
+        status, body = _status_body(await _exchange(site, b"GET /healthz HTTP/1.1\r\n\r\n"))
+        assert status == 503 and json.loads(body) == {"error": "temporarily_unavailable"}
+        assert any("limit" in r.getMessage() for r in caplog.records
+                   if r.name.startswith("fedtoken.http"))
+    finally:
+        for _, writer in conns:
+            writer.close()
+    await asyncio.sleep(0.1)
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"http://127.0.0.1:{site}/healthz") as resp:
+        assert resp.status == 200
+
+
+async def test_start_site_takes_its_limits_from_the_settings(api: FakeApi) -> None:
+    settings = SimpleNamespace(**{f.name: getattr(SETTINGS, f.name) for f in fields(SETTINGS)},
+                               http_public_url=SETTINGS.http_public_url,
+                               http_read_timeout_seconds=0.3)
+    app = create_public_app(api, settings)  # type: ignore[arg-type]
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert loop.time() - started < 2
+        writer.close()
+    finally:
+        await runner.cleanup()

@@ -5,25 +5,37 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from fedtoken.http.guard import LIMITS_KEY, GuardedSite, HttpLimits, boundary
 from fedtoken.http.ops import HealthCheck, create_ops_app
 from fedtoken.http.public import PublicApi, create_public_app
 
-__all__ = ["HealthCheck", "PublicApi", "combine", "create_ops_app", "create_public_app",
-           "start_site"]
+__all__ = ["HealthCheck", "HttpLimits", "PublicApi", "combine", "create_ops_app",
+           "create_public_app", "start_site"]
 
 
 async def start_site(app: web.Application, host: str, port: int, *,
-                     reuse_port: bool = False) -> tuple[web.AppRunner, int]:
+                     reuse_port: bool = False,
+                     limits: HttpLimits | None = None) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on host:port; returns the runner (``await runner.cleanup()``
     to stop) and the port actually bound (useful with port 0).
+
+    Every connection is held to ``limits``: those given, else the ones
+    ``create_public_app`` derived from the settings, else the defaults. The
+    app gets the terse-error and access-log middleware if it lacks it.
 
     With port 0, give one address (not a name resolving to several): each
     would get a port of its own and only the first is returned.
     """
-    runner = web.AppRunner(app, access_log=None)
+    if limits is None:
+        limits = app.get(LIMITS_KEY) or HttpLimits()
+    if not app.frozen:
+        app[LIMITS_KEY] = limits  # the handlers' body-read timeout
+        if boundary not in app.middlewares:
+            app.middlewares.append(boundary)
+    runner = web.AppRunner(app, **limits.handler_kwargs())
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        await GuardedSite(runner, host, port, limits=limits, reuse_port=reuse_port).start()
         addresses = runner.addresses
         if not addresses:
             raise OSError(f"cannot listen on {host}:{port}")

@@ -5,10 +5,14 @@ from the catalog's in-memory snapshot, so nothing is cached here. Key sets
 and discovery documents carry a strong ETag (304 on If-None-Match) and a
 Cache-Control max-age taken from the ``KeySet`` (today the
 ``jwks_max_age_seconds`` setting).
+
+Every error body is a fixed {"error": code}; the access log, the read
+timeout and the connection limits are ``fedtoken.http.guard``'s.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -22,7 +26,9 @@ from aiohttp import web
 
 from fedtoken.config import Settings, parse_introspection_clients
 from fedtoken.core.errors import InvalidRequest, NotFound, Unavailable
+from fedtoken.core.policy import is_tenant_id
 from fedtoken.core.ports import CallContext, Principal
+from fedtoken.http.guard import LIMITS_KEY, NOTE_KEY, HttpLimits, Note, boundary, terse
 from fedtoken.service.types import Introspection, KeySet
 
 __all__ = ["PublicApi", "create_public_app"]
@@ -64,6 +70,14 @@ class _ClientAuth:
 
     def __init__(self, clients: dict[str, bytes]) -> None:
         self._clients = clients
+
+    @staticmethod
+    def conflicting(request: web.Request, form: dict[str, str]) -> bool:
+        """More than one authentication method (RFC 6749 section 2.3: "MUST
+        NOT"), or more than one Authorization header."""
+        headers = request.headers.getall("Authorization", [])
+        return len(headers) > 1 or (bool(headers) and ("client_id" in form
+                                                       or "client_secret" in form))
 
     def authenticate(self, request: web.Request, form: dict[str, str]) -> str | None:
         client_id = secret = None
@@ -125,8 +139,12 @@ def create_public_app(api: PublicApi, settings: Settings) -> web.Application:
         return request.match_info.get("tenant", "")
 
     async def load(request: web.Request) -> KeySet:
+        tenant = tenant_of(request)
+        if tenant and not is_tenant_id(tenant):
+            # A name no tenant can have is unknown; the service is not asked.
+            raise _json_error(web.HTTPNotFound, "tenant_not_found")
         try:
-            return await api.key_set(tenant_of(request))
+            return await api.key_set(tenant)
         except (NotFound, InvalidRequest):
             raise _json_error(web.HTTPNotFound, "tenant_not_found") from None
         except Unavailable:
@@ -171,29 +189,56 @@ def create_public_app(api: PublicApi, settings: Settings) -> web.Application:
         body = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
         return web.Response(body=body, headers=headers, content_type="application/json")
 
+    def note_of(request: web.Request) -> Note:
+        note = request.get(NOTE_KEY)
+        return note if note is not None else Note()
+
+    async def read_form(request: web.Request) -> bytes | web.Response:
+        """The whole body, within the read timeout and the size limit."""
+        limits = request.app.get(LIMITS_KEY) or HttpLimits()
+        try:
+            async with asyncio.timeout(limits.read_timeout):
+                return await request.read()
+        except TimeoutError:
+            note_of(request).marks.append("timeout=body")
+            resp = terse(408, "invalid_request", {"Cache-Control": "no-store"})
+            resp.force_close()
+            return resp
+        except web.HTTPRequestEntityTooLarge:
+            return terse(413, "invalid_request", {"Cache-Control": "no-store"})
+
     async def introspect(request: web.Request) -> web.Response:
         headers = {"Cache-Control": "no-store"}
+        note = note_of(request)
         if request.content_length is not None and request.content_length > _MAX_FORM_BYTES:
             return web.json_response({"error": "invalid_request"}, status=413, headers=headers)
         if request.content_type != "application/x-www-form-urlencoded":
             return web.json_response({"error": "invalid_request"}, status=400, headers=headers)
-        raw = await request.content.read(_MAX_FORM_BYTES + 1)
-        if len(raw) > _MAX_FORM_BYTES:
-            return web.json_response({"error": "invalid_request"}, status=413, headers=headers)
+        raw = await read_form(request)
+        if isinstance(raw, web.Response):
+            return raw
         try:
             pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:
             pairs = []
         form = dict(pairs)
+        if len(form) != len(pairs):
+            # RFC 6749 section 3.2 / RFC 7662: no parameter more than once.
+            return web.json_response({"error": "invalid_request"}, status=400, headers=headers)
+        if auth.conflicting(request, form):
+            note.marks.append("auth=conflict")
+            return web.json_response({"error": "invalid_request"}, status=400, headers=headers)
         client = auth.authenticate(request, form)
         if client is None:
             # Unauthenticated callers learn nothing about the token.
+            note.marks.append("auth=failed")
             return web.json_response(
                 {"error": "invalid_client"}, status=401,
                 headers={**headers, "WWW-Authenticate": 'Basic realm="fedtoken"'},
             )
+        note.client = client
         token = form.get("token", "")
-        if not token or len([k for k, _ in pairs if k == "token"]) != 1:
+        if not token:
             return web.json_response({"error": "invalid_request"}, status=400, headers=headers)
         # token_type_hint is optional and ignored: there is one kind of token.
         ctx = CallContext(
@@ -211,7 +256,8 @@ def create_public_app(api: PublicApi, settings: Settings) -> web.Application:
                                      headers={**headers, "Retry-After": "1"})
         return web.json_response(_introspection_body(result), headers=headers)
 
-    app = web.Application(client_max_size=_MAX_FORM_BYTES)
+    app = web.Application(client_max_size=_MAX_FORM_BYTES, middlewares=[boundary])
+    app[LIMITS_KEY] = HttpLimits.from_settings(settings)
     app.router.add_post("/introspect", introspect)
     app.router.add_get("/.well-known/jwks.json", jwks)
     app.router.add_get("/t/{tenant}/.well-known/jwks.json", jwks)
