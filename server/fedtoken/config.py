@@ -36,6 +36,15 @@ class Settings:
     # port (one worker only); a negative port disables the bridge.
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    # HTTP bridge: a request's line and headers, then its body, must each
+    # arrive within this many seconds; slower or half-open requests are closed
+    # (408 for a body).
+    http_read_timeout_seconds: float = 10.0
+    # HTTP bridge: idle keep-alive connections are closed after this many
+    # seconds (keep it above any reverse proxy's idle timeout).
+    http_keepalive_seconds: float = 30.0
+    # HTTP bridge: connections one process holds at once; more get 503.
+    http_max_connections: int = 1024
     # Base URL the HTTP bridge is reachable at; the default tenant's issuer
     # is this URL, tenant T's is <public_url>/t/<T>. Empty: derived from http.
     public_url: str = ""
