@@ -14,7 +14,9 @@ login per token, is ``fedtoken.hsm.session``'s job; in short:
   two worker threads, which take turns on the lock.
 
 There is no software fallback: if the token cannot sign, nothing is signed.
-The PIN is never logged and never put in an exception message.
+After an HSM outage the process heals by itself (the session module logs in
+again and re-initialises the library, rate limited). The PIN is never logged
+and never put in an exception message.
 """
 
 from __future__ import annotations
@@ -309,7 +311,8 @@ class Pkcs11Hsm:
 
     def _call(self, what: str, operation: Callable[[TokenChannel], T]) -> T:
         """Run operation on this token with PKCS11_LOCK held (on the calling
-        thread), with the channel's error translation and one retry."""
+        thread), with the channel's error translation and recovery (log in
+        again, re-initialise the library; see fedtoken.hsm.session)."""
         with PKCS11_LOCK:
             return self._attach().run(what, operation)
 
