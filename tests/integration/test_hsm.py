@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.hashes import SHA256
 
 from fedtoken.core.errors import ErrorReason, HsmUnavailable, InvalidRequest, PolicyViolation
 from fedtoken.core.ports import GeneratedKey, Signer
-from fedtoken.hsm import LABEL_PREFIX, HsmConfig, Pkcs11Hsm
+from fedtoken.hsm import LABEL_PREFIX, HsmConfig, Pkcs11Hsm, devtoken
 from fedtoken.hsm.devtoken import DevToken, ensure_dev_token
 from tests._hsm_fixture import hsm_devtoken  # noqa: F401
 
@@ -202,11 +202,107 @@ def test_dev_token_is_idempotent_and_keeps_the_pin_private(
     assert pin not in repr(hsm_devtoken.hsm_config())
 
 
+def test_the_init_command_line_carries_no_pin() -> None:
+    argv = devtoken._init_token_argv("/usr/lib/softhsm/libsofthsm2.so", "some-label")
+    # The helper, run isolated, with the module and the label: nothing else
+    # (the PINs go to its stdin).
+    assert argv == [
+        sys.executable,
+        "-I",
+        str(SERVER_DIR / "fedtoken" / "hsm" / "_inittoken.py"),
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "some-label",
+    ]
+    assert not any(arg.startswith("--pin") or arg.startswith("--so-pin") for arg in argv)
+
+
+def test_a_fresh_dev_token_is_made_without_a_pin_on_any_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Record every child devtoken starts (argv, environment, stdin), then use
+    # the new token in a fresh process, logging in with the PIN file.
+    calls: list[tuple[list[str], dict[str, Any]]] = []
+    real_run = subprocess.run
+
+    def recording_run(argv: list[str], *args: Any, **kwargs: Any) -> Any:
+        calls.append((list(argv), kwargs))
+        return real_run(argv, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", recording_run)
+    token = ensure_dev_token(tmp_path / "state", "fedtoken-fresh")
+    monkeypatch.undo()
+
+    pin = token.read_pin()
+    so_pin = (token.pin_file.parent / "so-pin").read_text(encoding="ascii").strip()
+    assert len(pin) >= 16 and len(so_pin) >= 16 and pin != so_pin
+    assert calls, "the token was not created through a child process"
+    for argv, kwargs in calls:
+        environment = " ".join(f"{k}={v}" for k, v in (kwargs.get("env") or {}).items())
+        for secret in (pin, so_pin):
+            assert not any(secret in arg for arg in argv), argv[0]
+            assert secret not in environment, argv[0]
+    init_calls = [kwargs for argv, kwargs in calls if argv[2:3] == [str(devtoken._INIT_HELPER)]]
+    assert len(init_calls) == 1
+    assert init_calls[0]["input"] == f"{so_pin}\n{pin}\n"
+
+    script = textwrap.dedent(
+        """
+        import os
+        from pathlib import Path
+        from fedtoken.hsm import HsmConfig, Pkcs11Hsm
+        pin = Path(os.environ["PIN_FILE"]).read_text().strip()
+        with Pkcs11Hsm(HsmConfig(os.environ["MODULE"], os.environ["LABEL"], pin)) as hsm:
+            key = hsm.generate_rsa_keypair("fresh")
+            (signature,) = hsm.sign_many(key.hsm_label, key.kid, [b"fresh token"])
+            print("SIGNED", len(signature), hsm.list_labels() == [key.hsm_label])
+        """
+    )
+    env = {
+        **os.environ,
+        "SOFTHSM2_CONF": str(token.conf_path),
+        "PYTHONPATH": os.pathsep.join(
+            path for path in (str(SERVER_DIR), os.environ.get("PYTHONPATH")) if path
+        ),
+        "MODULE": token.module,
+        "LABEL": token.token_label,
+        "PIN_FILE": str(token.pin_file),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["SIGNED", "256", "True"]
+    # Creating it again changes nothing and starts no initialisation.
+    calls.clear()
+    monkeypatch.setattr(subprocess, "run", recording_run)
+    assert ensure_dev_token(tmp_path / "state", "fedtoken-fresh") == token
+    monkeypatch.undo()
+    assert all(argv[2:3] != [str(devtoken._INIT_HELPER)] for argv, _ in calls)
+
+
+def test_the_init_helper_reports_errors_without_the_pins(tmp_path: Path) -> None:
+    # No free slot can be found in a store that is not there; the message
+    # names the failing call, never a PIN.
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tmp_path / 'missing'}\nobjectstore.backend = file\n")
+    so_pin, pin = "so-pin-Xq81mZt0", "user-pin-Kd93LwQ2"
+    result = subprocess.run(
+        devtoken._init_token_argv(devtoken.find_softhsm_module() or "", "x"),
+        input=f"{so_pin}\n{pin}\n",
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "cannot initialise token 'x'" in result.stderr
+    assert so_pin not in result.stderr + result.stdout
+    assert pin not in result.stderr + result.stdout
+
+
 async def test_async_sign_concurrently(hsm: Pkcs11Hsm, key: GeneratedKey) -> None:
     inputs = [[f"token-{i}-a".encode(), f"token-{i}-b".encode()] for i in range(200)]
-    results = await asyncio.gather(
-        *(hsm.sign(key.hsm_label, key.kid, batch) for batch in inputs)
-    )
+    results = await asyncio.gather(*(hsm.sign(key.hsm_label, key.kid, batch) for batch in inputs))
     for batch, signatures in zip(inputs, results, strict=True):
         for data, signature in zip(batch, signatures, strict=True):
             assert _verifies(key.public_jwk, signature, data)

@@ -5,9 +5,13 @@ commands get the same code path with no root and no manual steps: a SoftHSM
 config and token store under a state directory, and a token whose user and
 SO PINs are random and kept in 0600 files beside it.
 
-softhsm2-util only takes PINs as arguments, so they are briefly visible in
-the process list while a token is initialised; acceptable for a dev token,
-which is exactly why production tokens are never made this way.
+No PIN is ever put on a command line (``/proc/<pid>/cmdline`` is readable
+by every user) or in an environment: softhsm2-util takes PINs only as
+arguments or from a terminal, so the token is initialised over PKCS#11
+itself (``C_InitToken``, then ``C_InitPIN``) by a short-lived child,
+``fedtoken/hsm/_inittoken.py``, that reads both PINs from a pipe on its
+stdin. softhsm2-util is only used to list the slots. Production tokens are
+still never made this way: their PINs are the HSM operator's business.
 """
 
 from __future__ import annotations
@@ -124,16 +128,10 @@ def ensure_dev_token(state_dir: Path, label: str = DEFAULT_LABEL) -> DevToken:
             pin = _read_or_create_secret(pin_file)
             so_pin = _read_or_create_secret(so_pin_file)
             _run(
-                util,
+                _init_token_argv(module, label),
                 conf,
-                "--init-token",
-                "--free",
-                "--label",
-                label,
-                "--pin",
-                pin,
-                "--so-pin",
-                so_pin,
+                "initialise the token",
+                stdin=f"{so_pin}\n{pin}\n",
             )
     return DevToken(module=module, conf_path=conf, token_label=label, pin_file=pin_file)
 
@@ -168,11 +166,21 @@ def _read_or_create_secret(path: Path) -> str:
     return secret
 
 
+_INIT_HELPER = Path(__file__).with_name("_inittoken.py")
+
+
+def _init_token_argv(module: str, label: str) -> list[str]:
+    """The command line that initialises a free token as label: the helper
+    run isolated (standard library only). The PINs go to its stdin, never
+    here."""
+    return [sys.executable, "-I", str(_INIT_HELPER), module, label]
+
+
 def _initialised_labels(util: str, conf: Path) -> set[str]:
     labels: set[str] = set()
     initialised = False
     # --show-slots prints "Initialized: yes|no" before "Label: ..." per slot.
-    for line in _run(util, conf, "--show-slots").splitlines():
+    for line in _run([util, "--show-slots"], conf, "softhsm2-util --show-slots").splitlines():
         key, _, value = line.strip().partition(":")
         if key == "Initialized":
             initialised = value.strip() == "yes"
@@ -181,9 +189,11 @@ def _initialised_labels(util: str, conf: Path) -> set[str]:
     return labels
 
 
-def _run(util: str, conf: Path, *args: str) -> str:
+def _run(argv: list[str], conf: Path, what: str, stdin: str | None = None) -> str:
+    """Run argv with SOFTHSM2_CONF=conf; secrets go through stdin only."""
     result = subprocess.run(
-        [util, *args],
+        argv,
+        input=stdin,
         env={**os.environ, "SOFTHSM2_CONF": str(conf)},
         capture_output=True,
         text=True,
@@ -191,9 +201,8 @@ def _run(util: str, conf: Path, *args: str) -> str:
         timeout=120,
     )
     if result.returncode != 0:
-        # Only the subcommand is named: the arguments may hold PINs.
         raise HsmUnavailable(
-            f"softhsm2-util {args[0]} failed with exit code {result.returncode} "
+            f"{what} failed with exit code {result.returncode} "
             f"(SOFTHSM2_CONF={conf}): {result.stderr.strip() or result.stdout.strip()}"
         )
     return result.stdout
