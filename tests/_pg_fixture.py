@@ -1,8 +1,12 @@
 """A real Postgres for tests: ``FEDTOKEN_TEST_DSN`` or an embedded server.
 
-``pg_dsn`` (session): a superuser DSN of the server. ``fresh_dsn`` (module):
-a new, empty database per test module (no migrations applied), dropped at
-the end. ``create_database`` is synchronous so that sync fixtures can use it.
+``pg_dsn`` (session): a superuser DSN of the server (for the embedded one,
+its password comes from the server's password file, named in the DSN).
+``fresh_dsn`` (module): a new, empty database per test module (no migrations
+applied), dropped at the end. ``create_database`` is synchronous so that
+sync fixtures can use it; the DSNs it returns are the superuser's, which
+migrations need. ``app_dsn`` gives the same database as the service's
+least-privileged role (docs/security.md, "Database roles").
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import uuid
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from fedtoken.store.embedded import EmbeddedPostgres
+from fedtoken.store.migrate import APP_ROLE
 
 T = TypeVar("T")
 
@@ -33,6 +38,20 @@ def dsn_with_database(dsn: str, database: str) -> str:
     """The same server and credentials, another database (URL DSNs only)."""
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def app_dsn(dsn: str) -> str:
+    """The same server and database as the service's role ``fedtoken_app``.
+
+    The embedded server's password file (named in its DSNs) holds that role's
+    password; for a ``FEDTOKEN_TEST_DSN`` server, whose DBA set it, give it in
+    ``FEDTOKEN_TEST_APP_PASSWORD``.
+    """
+    parts = urlsplit(dsn)
+    password = os.environ.get("FEDTOKEN_TEST_APP_PASSWORD", "")
+    user = f"{APP_ROLE}:{quote(password, safe='')}" if password else APP_ROLE
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
 
 
 def create_database(admin_dsn: str, name: str) -> str:
@@ -64,7 +83,9 @@ def drop_database(admin_dsn: str, name: str) -> None:
 
 @pytest.fixture(scope="session")
 def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Superuser DSN of a running Postgres, shared by the whole session."""
+    """Superuser DSN of a running Postgres, shared by the whole session
+    (password logins only; the embedded server's passwords are in its
+    password file beside the data dir)."""
     configured = os.environ.get("FEDTOKEN_TEST_DSN")
     if configured:
         yield configured

@@ -38,6 +38,7 @@ from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Ve
 from fedtoken.service.types import Introspection, KeySet
 from fedtoken.store import PgStore, apply_migrations, create_pool
 from fedtoken.store.embedded import EmbeddedPostgres
+from fedtoken.store.migrate import service_role_problems
 from fedtoken.verifier import LocalKeyResolver, VerificationEngine
 from fedtoken_client._pb.fedtoken.v1 import key_admin_pb2_grpc, token_service_pb2_grpc
 
@@ -138,11 +139,40 @@ def prepare_hsm(settings: Settings) -> HsmConfig:
 
 
 def prepare_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
-    """The DSN to use: the configured one, or an embedded Postgres's."""
+    """The service's DSN: the configured one, or an embedded Postgres's (started
+    here) for its least-privileged role ``fedtoken_app``. Migrations use
+    another DSN: see ``migrate_database``."""
     if settings.database_dsn:
         return settings.database_dsn, None
     pg = EmbeddedPostgres(settings.state_dir.resolve() / "pg")
-    return pg.start(), pg
+    pg.start()
+    return pg.app_dsn, pg
+
+
+def migration_dsn(settings: Settings, dsn: str) -> str:
+    """The DSN migrations run with, for a service that runs with ``dsn``:
+    ``database_migration_dsn`` when set; the embedded server's superuser when
+    ``dsn`` is that server's app DSN; else ``dsn`` itself (one DSN for both)."""
+    configured: str = getattr(settings, "database_migration_dsn", "")
+    if configured:
+        return configured
+    if not settings.database_dsn:
+        admin = EmbeddedPostgres(settings.state_dir.resolve() / "pg").admin_dsn_for(dsn)
+        if admin is not None:
+            return admin
+    return dsn
+
+
+async def migrate_database(settings: Settings, dsn: str) -> list[int]:
+    """Apply the migrations as the schema's owner, before the service's pool
+    exists; warn when the service's own role (``dsn``) could switch the audit
+    protections off (docs/security.md, "Database roles")."""
+    applied = await apply_migrations(migration_dsn(settings, dsn))
+    problems = await service_role_problems(dsn)
+    if problems:
+        log.warning("the service's database role is not least-privileged: %s; see "
+                    "docs/security.md, Database roles", "; ".join(problems))
+    return applied
 
 
 @dataclass(frozen=True)
