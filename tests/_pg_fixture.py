@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import uuid
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -82,20 +84,26 @@ def drop_database(admin_dsn: str, name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_dsn() -> Iterator[str]:
     """Superuser DSN of a running Postgres, shared by the whole session
     (password logins only; the embedded server's passwords are in its
-    password file beside the data dir)."""
+    password file beside the data dir).
+
+    The embedded server lives in a private temporary directory, not under
+    pytest's basetemp: concurrent sessions on the machine rotate basetemps
+    and would delete the data dir and the password file mid-session.
+    """
     configured = os.environ.get("FEDTOKEN_TEST_DSN")
     if configured:
         yield configured
         return
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
-    dsn = pg.start()
-    try:
-        yield dsn
-    finally:
-        pg.stop()
+    with tempfile.TemporaryDirectory(prefix="fedtoken-test-pg-") as name:
+        pg = EmbeddedPostgres(Path(name) / "data")
+        dsn = pg.start()
+        try:
+            yield dsn
+        finally:
+            pg.stop()
 
 
 @pytest.fixture(scope="module")
