@@ -135,7 +135,7 @@ def _admin_dsn(workdir: Path) -> tuple[str, Any]:
 
 def measure_propagation(n: int) -> dict[str, float]:
     """Revoke through A, poll Verify on B; seconds per revocation."""
-    from fedtoken_client import FedtokenClient, reason_name
+    from fedtoken_client import reason_name
 
     with tempfile.TemporaryDirectory(prefix="fedtoken-bench-rev-") as tmp:
         workdir = Path(tmp)
@@ -149,7 +149,7 @@ def measure_propagation(n: int) -> dict[str, float]:
             replicas.append(a)
             b = Service(state, dsn, name="serve-b").start(1)
             replicas.append(b)
-            with FedtokenClient(a.target) as ca, FedtokenClient(b.target) as cb:
+            with a.client() as ca, b.client() as cb:
                 tokens = [ca.issue(f"bench-{i}", AUDIENCE).token for i in range(n + 10)]
                 for t in tokens[:10]:  # warm up both channels and the revoke path
                     cb.verify(t, AUDIENCE)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from urllib.parse import urlsplit
 from pathlib import Path
 
 import grpc
@@ -54,7 +55,8 @@ def create_database(admin_dsn: str) -> str:
             await conn.close()
 
     asyncio.run(create())
-    return admin_dsn.rsplit("/", 1)[0] + "/" + name
+    # Keep the query (the embedded server's passfile=...): only the path changes.
+    return urlsplit(admin_dsn)._replace(path=f"/{name}").geturl()
 
 
 def wait_ready(target: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:

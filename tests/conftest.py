@@ -71,7 +71,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, server_db: str, hsm_config)
 
 @pytest.fixture(scope="session")
 def client(server) -> Iterator[object]:  # type: ignore[no-untyped-def]
-    from fedtoken_client import FedtokenClient
 
-    with FedtokenClient(server.target, caller="pytest") as c:
+    with server.client(caller="pytest") as c:
         yield c

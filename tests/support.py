@@ -16,11 +16,56 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from fedtoken.app import App, start_app
 from fedtoken.config import Settings, load_settings
 from fedtoken.hsm import HsmConfig
+from fedtoken_client import FedtokenClient, Tls
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Tls:
+    """mTLS helpers for a server whose dev PKI lives under ``state``/tls:
+    clients authenticate as the dev operator (a bootstrap admin) unless told
+    otherwise."""
+
+    state: Path
+    target: str
+
+    @property
+    def tls(self) -> Tls:
+        return Tls.from_dir(self.state / "tls", "operator")
+
+    def client(self, *, tls: Tls | None = None, **kwargs: Any) -> FedtokenClient:
+        return FedtokenClient(self.target, tls=tls or self.tls, **kwargs)
+
+    def channel(self, *, tls: Tls | None = None,
+                options: list[tuple[str, Any]] | None = None) -> grpc.Channel:
+        t = tls or self.tls
+        return grpc.secure_channel(self.target, t.credentials(), options=options or [])
+
+    def identity(self, spiffe_id: str, *roles: str, tenants: tuple[str, ...] = (),
+                 audiences: tuple[str, ...] = (), max_lifetime_seconds: int = 0) -> Tls:
+        """A client certificate from the dev CA for ``spiffe_id``, granted
+        ``roles`` by the operator; its Tls settings."""
+        from fedtoken.tls import issue_client_cert
+
+        out = self.state / "identities" / spiffe_id.rpartition("/")[2]
+        files = issue_client_cert(self.state, spiffe_id, out)
+        with self.client() as admin:
+            for role in roles:
+                admin.grant_caller(spiffe_id, role, tenants=tenants,
+                                   audiences=audiences if role == "issuer" else (),
+                                   max_lifetime_seconds=max_lifetime_seconds
+                                   if role == "issuer" else 0)
+        return Tls(self.state / "tls" / "ca.pem", files.cert, files.key)
+
+    def aio_channel(self, *, tls: Tls | None = None,
+                    options: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
+        t = tls or self.tls
+        return grpc.aio.secure_channel(self.target, t.credentials(), options=options or [])
 
 
 def free_port() -> int:
@@ -41,13 +86,14 @@ def make_settings(state_dir: Path, **overrides: Any) -> Settings:
     return load_settings(base, env={})
 
 
-class ServerThread:
+class ServerThread(_Tls):
     """A real fedtoken App on its own event loop in a background thread, so
     tests can use the blocking client (and so tests never share the server's
     loop, as real callers do not)."""
 
     def __init__(self, settings: Settings, dsn: str, hsm: HsmConfig) -> None:
         self.settings = settings
+        self.state = Path(settings.state_dir).resolve()
         self._dsn = dsn
         self._hsm = hsm
         self._loop = asyncio.new_event_loop()
@@ -62,7 +108,7 @@ class ServerThread:
         self.app = fut.result(timeout=60)
         return self
 
-    @property
+    @property  # type: ignore[override]
     def target(self) -> str:
         assert self.app is not None
         return f"127.0.0.1:{self.app.grpc_port}"
@@ -83,7 +129,7 @@ class ServerThread:
         self._thread.join(10)
 
 
-class ServeProcess:
+class ServeProcess(_Tls):
     """A real ``fedtoken serve`` subprocess on free ports.
 
     It sees none of the test process's FEDTOKEN_* settings or SOFTHSM2_CONF:
@@ -96,7 +142,7 @@ class ServeProcess:
         self.log = state / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
+    @property  # type: ignore[override]
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
@@ -125,9 +171,11 @@ class ServeProcess:
 
     def ready(self) -> bool:
         """The service answers GetKeys (subclasses may ask for more)."""
-        from fedtoken_client import FedtokenClient, FedtokenRpcError
+        from fedtoken_client import FedtokenRpcError
 
-        with FedtokenClient(self.target) as c:
+        if not (self.state / "tls" / "operator.pem").exists():
+            return False
+        with self.client() as c:
             try:
                 c.get_keys()
             except FedtokenRpcError:
@@ -149,7 +197,8 @@ class ServeProcess:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "fedtoken.cli.main", "--target", self.target,
-                               *args], capture_output=True, text=True, env=self.env(), timeout=60)
+                               "--state-dir", str(self.state), *args],
+                              capture_output=True, text=True, env=self.env(), timeout=60)
 
     def http_json(self, path: str) -> Any:
         with urllib.request.urlopen(self.http_base + path, timeout=10) as resp:

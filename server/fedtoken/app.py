@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import logging
 import os
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import grpc
 from fedtoken.audit import AuditWriter
 from fedtoken.audit.spill import spill_dir_for
 from fedtoken.config import Settings
-from fedtoken.core.errors import HsmUnavailable
+from fedtoken.core.errors import HsmUnavailable, InvalidRequest
 from fedtoken.core.ports import CallContext, SystemClock
 from fedtoken.events import EventFeed, revocation_loader
 from fedtoken.hsm import HsmConfig, Pkcs11Hsm
@@ -35,10 +36,14 @@ from fedtoken.revocation import InMemoryRevocationView
 from fedtoken.rpc.interceptors import Boundary
 from fedtoken.rpc.servicers import KeyAdminServicer, TokenServicer
 from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Verification
+from fedtoken.service.callers import Callers
 from fedtoken.service.types import Introspection, KeySet
 from fedtoken.store import PgStore, apply_migrations, create_pool
+from fedtoken.store.callers import PgCallers
 from fedtoken.store.embedded import EmbeddedPostgres
 from fedtoken.store.migrate import service_role_problems
+from fedtoken.tls import ServerTls, ensure_dev_pki, server_credentials, spiffe_id_of
+from fedtoken.tls.devca import OPERATOR_ID
 from fedtoken.verifier import LocalKeyResolver, VerificationEngine
 from fedtoken_client._pb.fedtoken.v1 import key_admin_pb2_grpc, token_service_pb2_grpc
 
@@ -65,6 +70,7 @@ class Services:
     verification: Verification
     keys: KeyAdmin
     jobs: Jobs
+    callers: Callers
 
 
 @dataclass
@@ -100,6 +106,32 @@ async def _close_all(closers: list[Closer]) -> None:
             result = closer()
             if inspect.isawaitable(result):
                 await result
+
+
+def _http_tls(settings: Settings) -> ssl.SSLContext | None:
+    """TLS for the bridge listener when configured (no client certificates:
+    JWKS and discovery are public, introspection has its own client auth)."""
+    if not settings.http_tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.http_tls_cert, settings.http_tls_key)
+    return context
+
+
+def _fan_out(catalog: Catalog, callers: Callers) -> Callable[[dict[str, Any]], None]:
+    """The feed's change callback: tenants and keys to the catalog, grants to callers."""
+
+    def on_change(event: dict[str, Any]) -> None:
+        catalog.notice(event)
+        callers.notice(event)
+
+    return on_change
+
+
+async def _reload_all(catalog: Catalog, callers: Callers) -> None:
+    await catalog.reload()
+    await callers.reload()
 
 
 class _NoRevocations:
@@ -138,6 +170,48 @@ def prepare_hsm(settings: Settings) -> HsmConfig:
                      key_size=settings.key_size)
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True)
+class Transport:
+    """How the gRPC port is secured, and who administers a fresh deployment."""
+
+    tls: ServerTls | None  # None: insecure (loopback only, every role denied)
+    bootstrap: tuple[str, ...]
+
+
+def prepare_tls(settings: Settings) -> Transport:
+    """mTLS material for the gRPC port: configured files, or the dev PKI.
+
+    Plaintext only when explicitly configured (``insecure``) and only on a
+    loopback listener; it is logged loudly.
+    """
+    admins = tuple(settings.bootstrap_identities)
+    if settings.insecure:
+        if settings.grpc_host not in _LOOPBACK:
+            raise InvalidRequest(
+                f"insecure gRPC refused on {settings.grpc_host}: plaintext is allowed only on "
+                "a loopback listener; configure tls_cert, tls_key and tls_client_ca")
+        log.warning("INSECURE: gRPC on %s:%s is plaintext and unauthenticated; every call "
+                    "that needs a role is denied. Never run this outside a test.",
+                    settings.grpc_host, settings.grpc_port)
+        return Transport(None, admins)
+    if settings.tls_cert:
+        return Transport(ServerTls(Path(settings.tls_cert), Path(settings.tls_key),
+                                   Path(settings.tls_client_ca)), admins)
+    if not settings.dev_pki:
+        raise InvalidRequest("no TLS certificate: set tls_cert, tls_key and tls_client_ca "
+                             "(or dev_pki for development)")
+    pki = ensure_dev_pki(settings.state_dir.resolve(), [settings.grpc_host])
+    return Transport(ServerTls(pki.server.cert, pki.server.key, pki.ca),
+                     (*admins, OPERATOR_ID) if OPERATOR_ID not in admins else admins)
+
+
+def _authenticate(context: grpc.aio.ServicerContext) -> str:
+    return spiffe_id_of(context.auth_context())
+
+
 def prepare_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
     """The service's DSN: the configured one, or an embedded Postgres's (started
     here) for its least-privileged role ``fedtoken_app``. Migrations use
@@ -153,7 +227,7 @@ def migration_dsn(settings: Settings, dsn: str) -> str:
     """The DSN migrations run with, for a service that runs with ``dsn``:
     ``database_migration_dsn`` when set; the embedded server's superuser when
     ``dsn`` is that server's app DSN; else ``dsn`` itself (one DSN for both)."""
-    configured: str = getattr(settings, "database_migration_dsn", "")
+    configured = settings.database_migration_dsn
     if configured:
         return configured
     if not settings.database_dsn:
@@ -186,7 +260,8 @@ class _PublicApi:
         return await self.catalog.key_set(tenant)
 
     async def introspect(self, token: str, ctx: CallContext) -> Introspection:
-        return await self.tokens.introspect(token, ctx)
+        # The bridge authenticated its RFC 7662 client (client secret) itself.
+        return await self.tokens.introspect(token, ctx, client_authenticated=True)
 
 
 async def start_app(
@@ -210,12 +285,13 @@ async def start_app(
         if hsm_config is None:
             hsm_config = await asyncio.to_thread(prepare_hsm, settings)
         clock = SystemClock()
+        transport = await asyncio.to_thread(prepare_tls, settings)
 
         # -- adapters ---------------------------------------------------------
+        await migrate_database(settings, dsn)
         pool = await create_pool(dsn, min_size=settings.db_pool_min,
                                  max_size=settings.db_pool_max)
         closers.append(pool.close)
-        await apply_migrations(pool)
         store = PgStore(pool)
         # One spill directory per process identity (port and worker index), so
         # a restarted process replays what its predecessor could not write.
@@ -247,15 +323,20 @@ async def start_app(
         catalog = Catalog(store, resolver, default_tenant=settings.default_tenant,
                           jwks_max_age=settings.jwks_max_age_seconds)
         closers.append(catalog.close)
+        callers = Callers(repo=PgCallers.over_pool(pool), audit=audit, clock=clock,
+                          bootstrap=transport.bootstrap)
+        closers.append(callers.close)
+        await callers.reload()
         keys = KeyAdmin(catalog=catalog, store=store, signer=hsm, audit=audit, clock=clock,
-                        defaults=defaults)
+                        defaults=defaults, authz=callers)
         tokens = Tokens(catalog=catalog, store=store, signer=hsm, audit=audit,
                         introspector=introspector, revocations=revocations, keys=keys,
-                        clock=clock, leeway=settings.leeway_seconds)
-        verification = Verification(engine=engine, audit=audit, max_batch=settings.max_batch)
+                        clock=clock, leeway=settings.leeway_seconds, authz=callers)
+        verification = Verification(engine=engine, audit=audit, max_batch=settings.max_batch,
+                                    authz=callers, catalog=catalog)
         jobs = Jobs(catalog=catalog, store=store, keys=keys, revocations=revocations,
                     clock=clock, defaults=defaults)
-        services = Services(catalog, tokens, verification, keys, jobs)
+        services = Services(catalog, tokens, verification, keys, jobs, callers)
         await jobs.bootstrap(settings.default_tenant
                              if bootstrap and settings.create_default_tenant else None)
 
@@ -264,7 +345,8 @@ async def start_app(
             dsn, revocations, revocation_loader(store.revocations, clock.now),
             heartbeat=settings.revocation_heartbeat_seconds,
             resync=settings.revocation_resync_seconds,
-            on_change=catalog.notice, on_resync=catalog.reload,
+            on_change=_fan_out(catalog, callers),
+            on_resync=lambda: _reload_all(catalog, callers),
         )
         await feed.start()
         closers.append(feed.stop)
@@ -275,11 +357,15 @@ async def start_app(
             log.warning("revocation view not confirmed fresh yet; verdicts fail closed")
 
         # -- boundaries -------------------------------------------------------
-        server = grpc.aio.server(options=grpc_options(settings), interceptors=[Boundary()])
+        boundary = Boundary(_authenticate if transport.tls is not None else None)
+        server = grpc.aio.server(options=grpc_options(settings), interceptors=[boundary])
         token_service_pb2_grpc.add_TokenServiceServicer_to_server(
-            TokenServicer(tokens, verification, catalog), server)
-        key_admin_pb2_grpc.add_KeyAdminServicer_to_server(KeyAdminServicer(keys), server)
-        port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+            TokenServicer(tokens, verification), server)
+        key_admin_pb2_grpc.add_KeyAdminServicer_to_server(KeyAdminServicer(keys, callers),
+                                                          server)
+        address = f"{settings.grpc_host}:{settings.grpc_port}"
+        port = (server.add_insecure_port(address) if transport.tls is None
+                else server.add_secure_port(address, server_credentials(transport.tls)))
         if port == 0:
             raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
         await server.start()
@@ -296,7 +382,8 @@ async def start_app(
                               create_ops_app(health))
             runner, app.http_port = await start_site(web_app, settings.http_host,
                                                      settings.http_port,
-                                                     reuse_port=reuse_http_port)
+                                                     reuse_port=reuse_http_port,
+                                                     ssl_context=_http_tls(settings))
             closers.append(runner.cleanup)
         return app
     except BaseException:

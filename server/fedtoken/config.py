@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedtoken.core.authz import is_spiffe_id
 from fedtoken.core.errors import InvalidRequest
 from fedtoken.core.policy import check_key_size
 
@@ -32,6 +33,27 @@ class Settings:
     # gRPC listener. Workers share it through SO_REUSEPORT.
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
+    # mTLS on the gRPC port: the server's certificate chain and key, and the
+    # CA bundle that client certificates must chain to (PEM files; replaced
+    # files are picked up by new connections without a restart). All empty:
+    # with dev_pki, a development CA under state_dir/tls issues them.
+    tls_cert: str = ""
+    tls_key: str = field(default="", repr=False)
+    tls_client_ca: str = ""
+    # Create the development CA, server and operator certificates under
+    # state_dir/tls when no TLS files are configured.
+    dev_pki: bool = True
+    # Plaintext gRPC with no caller authentication: refused unless the gRPC
+    # listener is loopback, and every call needing a role is then denied.
+    insecure: bool = False
+    # SPIFFE IDs that hold every role for every tenant (the operators), so a
+    # fresh deployment can be administered; comma separated. The dev PKI's
+    # operator identity is added when the dev PKI is in use.
+    bootstrap_admins: str = ""
+    # Optional TLS for the HTTP bridge listener (deployments without a
+    # terminating proxy): certificate chain and key, PEM.
+    http_tls_cert: str = ""
+    http_tls_key: str = field(default="", repr=False)
     # HTTP bridge (JWKS, discovery, introspection, /healthz). 0 picks a free
     # port (one worker only); a negative port disables the bridge.
     http_host: str = "127.0.0.1"
@@ -50,6 +72,9 @@ class Settings:
     public_url: str = ""
     # Postgres DSN; empty starts an embedded Postgres under state_dir/pg.
     database_dsn: str = ""
+    # DSN migrations run with (the schema owner, e.g. fedtoken_owner); empty:
+    # the embedded server's superuser, or database_dsn itself.
+    database_migration_dsn: str = field(default="", repr=False)
     db_pool_min: int = 1
     db_pool_max: int = 10
     # PKCS#11 module and token. Empty module: the usual SoftHSM2 paths.
@@ -95,7 +120,12 @@ class Settings:
     def http_public_url(self) -> str:
         if self.public_url:
             return self.public_url.rstrip("/")
-        return f"http://{self.http_host}:{self.http_port}"
+        scheme = "https" if self.http_tls_cert else "http"
+        return f"{scheme}://{self.http_host}:{self.http_port}"
+
+    @property
+    def bootstrap_identities(self) -> list[str]:
+        return [s.strip() for s in self.bootstrap_admins.split(",") if s.strip()]
 
     def issuer_for(self, tenant: str) -> str:
         """The issuer URL a new tenant gets unless the operator names one."""
@@ -209,6 +239,15 @@ def batch_item_bound(max_token_bytes: int) -> int:
 
 def _validate(s: Settings) -> None:
     parse_introspection_clients(s.introspection_clients)
+    tls_files = (s.tls_cert, s.tls_key, s.tls_client_ca)
+    if any(tls_files) and not all(tls_files):
+        raise InvalidRequest("give all of tls_cert, tls_key and tls_client_ca, or none")
+    if bool(s.http_tls_cert) != bool(s.http_tls_key):
+        raise InvalidRequest("give both http_tls_cert and http_tls_key, or neither")
+    for identity in s.bootstrap_identities:
+        if not is_spiffe_id(identity):
+            raise InvalidRequest("bootstrap_admins: each entry must be a SPIFFE ID "
+                                 "(spiffe://trust-domain/path)")
     check_key_size(s.key_size)
     if not 1 <= s.max_batch <= 100_000:
         raise InvalidRequest("max_batch must be between 1 and 100000")

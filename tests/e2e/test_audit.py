@@ -14,7 +14,6 @@ import asyncpg
 import pytest
 
 from fedtoken.hsm import HsmConfig
-from fedtoken_client import FedtokenClient
 from tests._pg_fixture import create_database, drop_database
 from tests.support import ROOT, ServerThread, make_settings
 
@@ -32,26 +31,38 @@ def own_server(
     drop_database(pg_dsn, name)
 
 
-def _cli(target: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(srv: ServerThread, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT / "server"), str(ROOT / "clients/python")]))
-    return subprocess.run([sys.executable, "-m", "fedtoken.cli.main", "--target", target, *args],
+    return subprocess.run([sys.executable, "-m", "fedtoken.cli.main", "--target", srv.target,
+                           "--state-dir", str(srv.state), *args],
                           capture_output=True, text=True, env=env, timeout=60)
+
+
+BILLING = "spiffe://fedtoken.test/ns/billing/sa/api"
+GATEWAY = "spiffe://fedtoken.test/ns/edge/sa/gateway"
 
 
 def test_events_carry_context_and_the_chain_verifies(
     own_server: tuple[ServerThread, str],
 ) -> None:
     srv, _ = own_server
-    with FedtokenClient(srv.target, caller="billing-api") as c:
+    tls = srv.identity(BILLING, "issuer", "revoker", "auditor")
+    with srv.client(tls=tls, caller="billing-api") as c:
         issued = c.issue("olivia", "svc", lifetime_seconds=60)
         c.revoke(token=issued.token, reason="logout")
         page = c.list_audit(subject="olivia", event_type="token.issued")
         (event,) = page.events
         assert (event.tenant, event.jti, event.kid, event.outcome) == (
             "default", issued.jti, issued.kid, "ok")
-        assert event.actor.startswith("billing-api@") and event.request_id
-        assert json.loads(event.details_json)["aud"] == ["svc"]
+        # The actor is the authenticated identity and its peer address; the
+        # self-declared name is kept apart, as an untrusted detail.
+        assert event.actor.startswith(BILLING + "@ipv") and event.request_id
+        details = json.loads(event.details_json)
+        assert details["aud"] == ["svc"] and details["declared_caller"] == "billing-api"
+        (rev,) = [e for e in c.list_audit(event_type="token.revoked").events
+                  if e.jti == issued.jti]
+        assert rev.actor.startswith(BILLING + "@")
         assert issued.token not in event.details_json  # never a full token
         revoked = c.list_audit(event_type="token.revoked").events
         assert any(e.jti == issued.jti and e.reason == "logout" for e in revoked)
@@ -67,9 +78,9 @@ def test_events_carry_context_and_the_chain_verifies(
         report = c.verify_audit_chain()
         assert report.ok and report.rows_checked == len(seen) and report.head_seq == len(seen)
 
-    ok = _cli(srv.target, "audit", "verify")
+    ok = _cli(srv, "audit", "verify")
     assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
-    tail = _cli(srv.target, "audit", "tail", "--subject", "olivia")
+    tail = _cli(srv, "audit", "tail", "--subject", "olivia")
     assert tail.returncode == 0
     assert {json.loads(line)["event_type"] for line in tail.stdout.splitlines()} >= {
         "token.issued"}
@@ -81,7 +92,8 @@ def test_verification_and_introspection_outcomes_are_audited(
     import time
 
     srv, _ = own_server
-    with FedtokenClient(srv.target, caller="gateway") as c:
+    tls = srv.identity(GATEWAY, "issuer", "verifier", "auditor")
+    with srv.client(tls=tls, caller="gateway") as c:
         good = c.issue("victor", "svc")
         verdicts = c.verify_batch([good.token, "junk"], "svc")
         assert [v.valid for v in verdicts] == [True, False]
@@ -92,7 +104,7 @@ def test_verification_and_introspection_outcomes_are_audited(
         introspected = []
         while time.monotonic() < deadline:
             rows = c.list_audit(event_type="token.verified", page_size=1000).events
-            items = [it for r in rows if r.actor.startswith("gateway@")
+            items = [it for r in rows if r.actor.startswith(GATEWAY + "@")
                      for it in json.loads(r.details_json)["items"]]
             introspected = [e for e in c.list_audit(event_type="token.introspected").events
                             if e.jti == good.jti]
@@ -107,7 +119,7 @@ def test_verification_and_introspection_outcomes_are_audited(
         assert any(r["outcome"] == "invalid" and r["reason"] == "MALFORMED" for r in recorded)
         (event,) = introspected
         assert (event.outcome, event.subject, event.actor.split("@")[0]) == (
-            "active", "victor", "gateway")
+            "active", "victor", GATEWAY)
         assert c.verify_audit_chain().ok
 
 
@@ -116,7 +128,7 @@ def test_a_row_edited_with_sql_is_named_by_audit_verify(
     own_server: tuple[ServerThread, str],
 ) -> None:
     srv, dsn = own_server
-    with FedtokenClient(srv.target) as c:
+    with srv.client() as c:
         c.issue("peggy", "svc")
         (victim,) = c.list_audit(subject="peggy").events
 
@@ -133,7 +145,7 @@ def test_a_row_edited_with_sql_is_named_by_audit_verify(
     import asyncio
 
     asyncio.run(tamper())
-    bad = _cli(srv.target, "audit", "verify")
+    bad = _cli(srv, "audit", "verify")
     assert bad.returncode == 1
     report = json.loads(bad.stdout)
     assert report["ok"] is False

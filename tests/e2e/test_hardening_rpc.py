@@ -119,7 +119,7 @@ def test_a_huge_tenant_name_gets_a_small_typed_error(client: FedtokenClient) -> 
 @pytest.mark.parametrize("payload", [b"\x0a\xff\xff\xff\xff\x0f", b"\x0a\x05ab",
                                      b"\x0a\x02\xc3\x28"])
 def test_undecodable_requests_are_invalid_argument(server: ServerThread, payload: bytes) -> None:
-    with grpc.insecure_channel(server.target) as channel:
+    with server.channel() as channel:
         raw = channel.unary_unary("/fedtoken.v1.TokenService/Verify")
         with pytest.raises(grpc.RpcError) as info:
             raw(payload, timeout=10)

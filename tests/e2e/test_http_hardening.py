@@ -233,7 +233,7 @@ class _Services:
         return await self._services.catalog.key_set(tenant)
 
     async def introspect(self, token: str, ctx: CallContext) -> Introspection:
-        return await self._services.tokens.introspect(token, ctx)
+        return await self._services.tokens.introspect(token, ctx, client_authenticated=True)
 
 
 @pytest.fixture

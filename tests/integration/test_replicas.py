@@ -55,8 +55,8 @@ def clients(
     replicas: tuple[ServeProcess, ServeProcess],
 ) -> Iterator[tuple[FedtokenClient, FedtokenClient]]:
     a, b = replicas
-    with FedtokenClient(a.target, caller="replica-test") as ca, \
-            FedtokenClient(b.target, caller="replica-test") as cb:
+    with a.client(caller="replica-test") as ca, \
+            b.client(caller="replica-test") as cb:
         yield ca, cb
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtoken_client import FedtokenClient, reason_name
+from fedtoken_client import reason_name
 from tests._pg_fixture import create_database, drop_database
 from tests.support import ServeProcess
 
@@ -29,7 +29,7 @@ def serve(tmp_path: Path, pg_dsn: str) -> Iterator[ServeProcess]:
 
 def test_restart_keeps_keys_and_revocations(serve: ServeProcess) -> None:
     serve.start()
-    with FedtokenClient(serve.target) as c:
+    with serve.client() as c:
         revoked = c.issue("r1", "svc")
         kept = c.issue("r2", "svc")
         c.revoke(token=revoked.token)
@@ -37,7 +37,7 @@ def test_restart_keeps_keys_and_revocations(serve: ServeProcess) -> None:
     assert serve.stop() == 0  # graceful
 
     serve.start()
-    with FedtokenClient(serve.target) as c:
+    with serve.client() as c:
         assert {k.kid: k.state for k in c.list_keys()} == keys_before
         assert c.verify(kept.token, "svc").valid
         v = c.verify(revoked.token, "svc")

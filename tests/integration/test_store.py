@@ -37,6 +37,7 @@ from fedtoken.store import (
     create_pool,
 )
 from fedtoken.store.embedded import EmbeddedPostgres
+from fedtoken.store.migrate import load_migrations
 from tests._pg_fixture import create_database, drop_database
 
 pytestmark = pytest.mark.integration
@@ -48,7 +49,7 @@ pytestmark = pytest.mark.integration
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def pool(fresh_dsn: str) -> AsyncIterator[asyncpg.Pool]:
     pool = await create_pool(fresh_dsn, min_size=1, max_size=10)
-    assert await apply_migrations(pool) == [1, 2]
+    assert await apply_migrations(pool) == [m.version for m in load_migrations()]
     yield pool
     await pool.close()
 
@@ -128,10 +129,13 @@ def _in(days: float = 1) -> datetime:
 async def test_migrations_apply_once_and_are_idempotent(own_db: str) -> None:
     conn = await asyncpg.connect(own_db)
     try:
-        assert await apply_migrations(conn) == [1, 2]
+        shipped = load_migrations()
+        assert [m.version for m in shipped][:2] == [1, 2]
+        assert await apply_migrations(conn) == [m.version for m in shipped]
         assert await apply_migrations(conn) == []
         rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
-        assert [(r["version"], r["name"]) for r in rows] == [(1, "init"), (2, "tenant_notify")]
+        assert [(r["version"], r["name"]) for r in rows] == [(m.version, m.name) for m in shipped]
+        assert [m.name for m in shipped][:2] == ["init", "tenant_notify"]
         head = await conn.fetchrow("SELECT seq, hash FROM audit_head")
         assert (head["seq"], bytes(head["hash"])) == (0, GENESIS_HASH)
     finally:
@@ -142,8 +146,9 @@ async def test_migrations_race_between_replicas(own_db: str) -> None:
     conns = [await asyncpg.connect(own_db) for _ in range(3)]
     try:
         results = await asyncio.gather(*(apply_migrations(c) for c in conns))
-        assert sorted(results) == [[], [], [1, 2]]
-        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == 2
+        assert sorted(results) == [[], [], [m.version for m in load_migrations()]]
+        assert await conns[0].fetchval("SELECT count(*) FROM schema_migrations") == len(
+            load_migrations())
     finally:
         for c in conns:
             await c.close()
@@ -730,7 +735,7 @@ async def test_embedded_postgres_restart_keeps_data(tmp_path: Path) -> None:
         finally:
             await conn.close()
         db_dsn = await asyncio.to_thread(pg.create_database, "extra_db")
-        assert db_dsn == dsn.rsplit("/", 1)[0] + "/extra_db"
+        assert db_dsn == pg.dsn_for("extra_db")
 
         pool = await create_pool(dsn, min_size=0, connect_timeout=2)
         try:

@@ -10,11 +10,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import psutil
 import pytest
 
-from fedtoken_client import FedtokenClient, reason_name
+from fedtoken_client import reason_name
 from fedtoken_client._pb.fedtoken.v1 import token_service_pb2, token_service_pb2_grpc
 from tests._pg_fixture import create_database, drop_database
 from tests.support import ServeProcess
@@ -74,11 +73,11 @@ def test_two_workers_share_one_port_and_serve(serve: MultiWorkerServe) -> None:
     # The supervisor only supervises; the workers listen.
     assert serve.proc is not None and serve.proc.pid not in listeners
 
-    with FedtokenClient(serve.target, caller="workers-test") as c:
+    with serve.client(caller="workers-test") as c:
         issued = c.issue("alice", "svc")
     # Independent channels: each its own TCP connection (no shared subchannel),
     # all kept open, so the kernel spreads them over the listening workers.
-    channels = [grpc.insecure_channel(serve.target, options=[
+    channels = [serve.channel(options=[
         ("grpc.use_local_subchannel_pool", 1), ("fedtoken.test.channel", i)]) for i in range(24)]
     try:
         for ch in channels:
@@ -103,10 +102,10 @@ def test_two_workers_share_one_port_and_serve(serve: MultiWorkerServe) -> None:
 
 def test_revocation_reaches_every_worker(serve: MultiWorkerServe) -> None:
     serve.start()
-    with FedtokenClient(serve.target) as c:
+    with serve.client() as c:
         token = c.issue("carol", "svc").token
         c.revoke(token=token)
-    channels = [grpc.insecure_channel(serve.target, options=[
+    channels = [serve.channel(options=[
         ("grpc.use_local_subchannel_pool", 1), ("fedtoken.test.channel", i)]) for i in range(16)]
     try:
         # Each worker learns of the revocation from the Postgres feed; the
@@ -151,6 +150,6 @@ def test_a_worker_that_dies_is_replaced(serve: MultiWorkerServe) -> None:
         assert time.monotonic() < deadline, serve.log.read_text()
         time.sleep(0.3)
     assert serve.proc is not None and serve.proc.poll() is None
-    with FedtokenClient(serve.target) as c:
+    with serve.client() as c:
         token = c.issue("dave", "svc").token
         assert c.verify(token, "svc").valid

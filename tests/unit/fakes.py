@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 import enum
 import hashlib
 import json
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from fedtoken.core import ports
 from fedtoken.core.audit import (
     GENESIS_HASH,
     AuditEvent,
@@ -47,6 +49,7 @@ from fedtoken.core.audit import (
     ChainProblem,
     ChainReport,
 )
+from fedtoken.core.authz import Ask, Grant, Role
 from fedtoken.core.errors import (
     AlreadyExists,
     AuditUnavailable,
@@ -65,10 +68,8 @@ from fedtoken.core.policy import check_key_size
 from fedtoken.core.ports import GeneratedKey
 from fedtoken.revocation import InMemoryRevocationView
 from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Verification
+from fedtoken.service.callers import Callers
 from fedtoken.verifier import LocalKeyResolver, VerificationEngine
-
-if TYPE_CHECKING:
-    from fedtoken.core import ports
 
 T = TypeVar("T")
 
@@ -742,6 +743,40 @@ def issuer_for(tenant: str) -> str:
     return f"https://auth.example/t/{tenant}"
 
 
+class AllowAll:
+    """An ``Authorizer`` that lets every call through (for use-case tests that
+    are not about authorization; those build ``Callers`` with MemoryCallers)."""
+
+    async def require(self, ctx: ports.CallContext, ask: Ask) -> None:
+        return None
+
+    def tenants_for(self, ctx: ports.CallContext, role: Role) -> frozenset[str] | None:
+        return None
+
+
+class MemoryCallers:
+    """``CallerRepository`` in memory."""
+
+    def __init__(self) -> None:
+        self.grants: dict[tuple[str, Role], Grant] = {}
+        self.loads = 0
+
+    async def put(self, grant: Grant, *, now: datetime) -> Grant:
+        stored = dataclasses.replace(grant, created_at=int(now.timestamp()))
+        self.grants[(grant.identity, grant.role)] = stored
+        return stored
+
+    async def remove(self, identity: str, role: Role | None) -> int:
+        gone = [k for k in self.grants if k[0] == identity and (role is None or k[1] is role)]
+        for k in gone:
+            del self.grants[k]
+        return len(gone)
+
+    async def list(self) -> list[Grant]:
+        self.loads += 1
+        return sorted(self.grants.values(), key=lambda g: (g.identity, g.role.value))
+
+
 @dataclass
 class Services:
     clock: FakeClock
@@ -757,6 +792,7 @@ class Services:
     tokens: Tokens
     verification: Verification
     jobs: Jobs
+    callers: Callers
 
     async def aclose(self) -> None:
         await self.catalog.close()
@@ -776,6 +812,8 @@ def build_services(
     max_token_size: int = 16 * 1024,
     jwks_max_age: int = 300,
     key_size: int = 2048,
+    authz: ports.Authorizer | None = None,
+    bootstrap: tuple[str, ...] | None = None,
 ) -> Services:
     """The service layer over fakes, built as ``fedtoken.app.start_app`` builds it.
 
@@ -796,16 +834,20 @@ def build_services(
     defaults = TenantDefaults(issuer_for=issuer_for, key_size=key_size,
                               grace_margin_seconds=jwks_max_age + leeway)
     catalog = Catalog(store, resolver, default_tenant=default_tenant, jwks_max_age=jwks_max_age)
+    callers = Callers(repo=MemoryCallers(), audit=audit, clock=clock, bootstrap=bootstrap or ())
+    # The real authorizer only when asked for (bootstrap identities given).
+    authz = authz or (callers if bootstrap is not None else AllowAll())
     keys = KeyAdmin(catalog=catalog, store=store, signer=signer, audit=audit, clock=clock,
-                    defaults=defaults)
+                    defaults=defaults, authz=authz)
     tokens = Tokens(catalog=catalog, store=store, signer=signer, audit=audit,
                     introspector=introspector, revocations=revocations, keys=keys,
-                    clock=clock, leeway=leeway)
-    verification = Verification(engine=engine, audit=audit, max_batch=max_batch)
+                    clock=clock, leeway=leeway, authz=authz)
+    verification = Verification(engine=engine, audit=audit, max_batch=max_batch, authz=authz,
+                                catalog=catalog)
     jobs = Jobs(catalog=catalog, store=store, keys=keys, revocations=revocations, clock=clock,
                 defaults=defaults)
     return Services(clock, store, signer, audit, resolver, revocations, engine, introspector,
-                    catalog, keys, tokens, verification, jobs)
+                    catalog, keys, tokens, verification, jobs, callers)
 
 
 if TYPE_CHECKING:  # mypy checks that the fakes implement the ports exactly

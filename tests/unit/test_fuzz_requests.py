@@ -544,17 +544,17 @@ def fuzz() -> Iterator[Fuzz]:
     # owns that).
     runner = asyncio.Runner(loop_factory=asyncio.new_event_loop)
     svc = build_services(signer=FuzzSigner(), max_batch=MAX_BATCH,
-                         max_token_size=MAX_TOKEN_BYTES)
+                         max_token_size=MAX_TOKEN_BYTES, bootstrap=(fz.FUZZ_IDENTITY,))
 
     async def setup() -> tuple[Pool, Snapshot, dict[str, Any]]:
         pool, snapshot = await _build_world(svc)
         handlers = {
             **await fz.unary_handlers(token_service_pb2_grpc.add_TokenServiceServicer_to_server,
-                                      TokenServicer(svc.tokens, svc.verification, svc.catalog),
+                                      TokenServicer(svc.tokens, svc.verification),
                                       TOKEN_SERVICE,
                                       [m for m, v in METHODS.items() if v[0] == TOKEN_SERVICE]),
             **await fz.unary_handlers(key_admin_pb2_grpc.add_KeyAdminServicer_to_server,
-                                      KeyAdminServicer(svc.keys), KEY_ADMIN,
+                                      KeyAdminServicer(svc.keys, svc.callers), KEY_ADMIN,
                                       [m for m, v in METHODS.items() if v[0] == KEY_ADMIN]),
         }
         return pool, snapshot, handlers

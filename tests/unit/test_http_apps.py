@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import fields
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -621,10 +620,8 @@ async def test_connections_over_the_limit_get_503_at_once(
 
 
 async def test_start_site_takes_its_limits_from_the_settings(api: FakeApi) -> None:
-    settings = SimpleNamespace(**{f.name: getattr(SETTINGS, f.name) for f in fields(SETTINGS)},
-                               http_public_url=SETTINGS.http_public_url,
-                               http_read_timeout_seconds=0.3)
-    app = create_public_app(api, settings)  # type: ignore[arg-type]
+    settings = dataclasses.replace(SETTINGS, http_read_timeout_seconds=0.3)
+    app = create_public_app(api, settings)
     runner, port = await start_site(app, "127.0.0.1", 0)
     try:
         loop = asyncio.get_running_loop()

@@ -166,19 +166,20 @@ async def test_issued_token_verifies_and_is_audited_with_the_callers_identity(
     assert verdict.claims["scope"] == "read"
     assert (issued.issued_at, issued.expires_at) == (NOW, NOW + 600)
     (event,) = acme.store.events("token.issued")
-    assert event.actor == CALLER.identity
+    assert event.actor == CALLER.actor
     assert (event.tenant, event.subject, event.jti, event.kid, event.request_id) == (
         "acme", "alice", issued.jti, issued.kid, "req-1")
     assert acme.signer.signed[-1][0] == issued.kid
 
 
-async def test_actor_without_verified_identity_is_the_declared_name_at_the_peer(
+async def test_a_declared_name_is_never_the_actor_only_an_untrusted_detail(
     acme: Services,
 ) -> None:
     ctx = CallContext(Principal(peer="ipv4:10.0.0.9:4000", declared="batch-job"))
     await acme.tokens.issue(IssueParams(tenant="acme", subject="bob", audience=[AUD]), ctx)
     (event,) = acme.store.events("token.issued")
-    assert event.actor == "batch-job@ipv4:10.0.0.9:4000"
+    assert event.actor == "unauthenticated@ipv4:10.0.0.9:4000"
+    assert (event.details or {})["declared_caller"] == "batch-job"
 
 
 async def test_default_lifetime_comes_from_the_tenant_policy(acme: Services) -> None:
@@ -500,7 +501,7 @@ async def test_introspect_reports_an_active_token(acme: Services) -> None:
     assert result.claims["sub"] == "alice"
     assert result.claims["aud"] == AUD
     (event,) = acme.audit.of_type("token.introspected")
-    assert (event.outcome, event.actor, event.jti) == ("active", CALLER.identity, issued.jti)
+    assert (event.outcome, event.actor, event.jti) == ("active", CALLER.actor, issued.jti)
 
 
 async def test_introspect_asks_the_store_not_the_local_view(acme: Services) -> None:
@@ -541,7 +542,7 @@ async def test_verify_returns_the_verdict_and_records_it(acme: Services) -> None
     verdict = await acme.verification.verify(issued.token, expect, CTX)
     assert verdict.valid
     assert acme.audit.verifications == [
-        VerificationEntry("acme", CALLER.identity, "req-1", (verdict,))]
+        VerificationEntry("acme", CALLER.actor, "req-1", (verdict,))]
 
 
 async def test_verify_batch_keeps_order_and_records_every_verdict(acme: Services) -> None:
@@ -553,7 +554,7 @@ async def test_verify_batch_keeps_order_and_records_every_verdict(acme: Services
     assert [v.reason for v in verdicts] == [Reason.OK, Reason.MALFORMED, Reason.REVOKED]
     (entry,) = acme.audit.verifications
     assert list(entry.verdicts) == verdicts
-    assert (entry.actor, entry.request_id) == (CALLER.identity, "req-1")
+    assert (entry.actor, entry.request_id) == (CALLER.actor, "req-1")
 
 
 async def test_verify_batch_over_the_limit_is_refused(acme: Services) -> None:
@@ -651,7 +652,7 @@ async def test_keys_of_another_tenant_are_not_found(acme: Services) -> None:
                 await call("acme", kid, ADMIN)
             assert err.value.reason is ErrorReason.KEY_NOT_FOUND
     assert acme.store.key_states("beta") == {beta_kid: KeyState.ACTIVE}
-    assert [k.kid for k in await acme.keys.list_keys("beta")] == [beta_kid]
+    assert [k.kid for k in await acme.keys.list_keys("beta", ADMIN)] == [beta_kid]
 
 
 @pytest.mark.parametrize("bits", [1024, 2049, 16384])
@@ -725,7 +726,7 @@ async def test_create_tenant_applies_defaults_audits_and_can_generate_a_key(
     assert (tenant.policy.max_token_lifetime_seconds,
             tenant.policy.default_token_lifetime_seconds) == (600, 600)
     assert tenant.created_at == NOW
-    assert (await svc.keys.get_tenant("beta")) == tenant
+    assert (await svc.keys.get_tenant("beta", ADMIN)) == tenant
     assert list(svc.store.key_states("beta").values()) == [KeyState.ACTIVE]
     (event,) = svc.store.events("tenant.created")
     assert (event.tenant, event.actor) == ("beta", ADMIN.actor)
@@ -745,7 +746,7 @@ async def test_create_tenant_refuses_a_taken_id_or_issuer(acme: Services) -> Non
 
 async def test_list_tenants_reads_through_to_the_store(acme: Services) -> None:
     await acme.store.tenants.create(Tenant("zeta", issuer_for("zeta")), now=ts(NOW))
-    assert [t.id for t in await acme.keys.list_tenants()] == ["acme", "zeta"]
+    assert [t.id for t in await acme.keys.list_tenants(ADMIN)] == ["acme", "zeta"]
 
 
 @pytest.mark.parametrize("query", [
@@ -756,26 +757,26 @@ async def test_list_audit_refuses_out_of_bounds_queries(
     acme: Services, query: AuditQuery,
 ) -> None:
     with pytest.raises(InvalidRequest):
-        await acme.keys.list_audit(query)
+        await acme.keys.list_audit(query, ADMIN)
     assert acme.store.calls["audit.list"] == 0
 
 
 async def test_list_audit_pages_and_filters(acme: Services) -> None:
     await acme.keys.create_tenant(NewTenant(id="beta"), ADMIN)
-    every = await acme.keys.list_audit(AuditQuery(page_size=0))  # 0: the default page
+    every = await acme.keys.list_audit(AuditQuery(page_size=0), ADMIN)  # 0: the default page
     assert [r.event.event_type for r in every] == [
         "tenant.created", "key.generated", "key.activated", "tenant.created"]
     assert [r.seq for r in every] == [1, 2, 3, 4]
-    assert len(await acme.keys.list_audit(AuditQuery(page_size=1000))) == 4
+    assert len(await acme.keys.list_audit(AuditQuery(page_size=1000), ADMIN)) == 4
 
-    page = await acme.keys.list_audit(AuditQuery(page_size=2))
-    rest = await acme.keys.list_audit(AuditQuery(page_size=2, after_seq=page[-1].seq))
+    page = await acme.keys.list_audit(AuditQuery(page_size=2), ADMIN)
+    rest = await acme.keys.list_audit(AuditQuery(page_size=2, after_seq=page[-1].seq), ADMIN)
     assert [r.seq for r in page + rest] == [1, 2, 3, 4]
-    beta = await acme.keys.list_audit(AuditQuery(tenant="beta"))
+    beta = await acme.keys.list_audit(AuditQuery(tenant="beta"), ADMIN)
     assert [(r.event.tenant, r.event.event_type) for r in beta] == [("beta", "tenant.created")]
-    generated = await acme.keys.list_audit(AuditQuery(event_type="key.generated"))
+    generated = await acme.keys.list_audit(AuditQuery(event_type="key.generated"), ADMIN)
     assert [r.seq for r in generated] == [2]
-    assert (await acme.keys.verify_audit_chain()).ok
+    assert (await acme.keys.verify_audit_chain(ADMIN)).ok
 
 
 # --- jobs -------------------------------------------------------------------------

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,6 +30,69 @@ CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
     ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
 )
+
+
+@dataclass(frozen=True)
+class Tls:
+    """mTLS settings: fedtoken authenticates every caller by the SPIFFE ID in
+    its client certificate (exactly one ``spiffe://`` URI SAN).
+
+    ``ca`` is the bundle the server's certificate chains to; ``cert`` and
+    ``key`` are the caller's own certificate chain and private key (PEM
+    files). ``server_name`` overrides the name checked against the server's
+    certificate (e.g. when dialing an IP the certificate does not list).
+    """
+
+    ca: str | Path
+    cert: str | Path
+    key: str | Path
+    server_name: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Tls | None:
+        """FEDTOKEN_TLS_CA, FEDTOKEN_TLS_CERT, FEDTOKEN_TLS_KEY (all or none)."""
+        env = os.environ if env is None else env
+        values = [env.get(f"FEDTOKEN_TLS_{n}", "") for n in ("CA", "CERT", "KEY")]
+        if not any(values):
+            return None
+        if not all(values):
+            raise ValueError("set all of FEDTOKEN_TLS_CA, FEDTOKEN_TLS_CERT, FEDTOKEN_TLS_KEY")
+        ca, cert, key = values
+        return cls(ca, cert, key, server_name=env.get("FEDTOKEN_TLS_SERVER_NAME", ""))
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, name: str = "client") -> Tls:
+        """``ca.pem`` plus ``<name>.pem`` / ``<name>.key`` in one directory
+        (the layout of ``fedtoken dev-cert`` and of the dev PKI)."""
+        d = Path(directory)
+        ca = d / "ca.pem"
+        if not ca.exists() and (d.parent / "ca.pem").exists():
+            ca = d.parent / "ca.pem"
+        return cls(ca, d / f"{name}.pem", d / f"{name}.key")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(self.ca).read_bytes(),
+            private_key=Path(self.key).read_bytes(),
+            certificate_chain=Path(self.cert).read_bytes(),
+        )
+
+    def options(self) -> tuple[tuple[str, Any], ...]:
+        if self.server_name:
+            return (*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", self.server_name))
+        return CHANNEL_OPTIONS
+
+
+def _channel(target: str, tls: Tls | None, insecure: bool, aio: bool) -> Any:
+    tls = tls or (None if insecure else Tls.from_env())
+    if tls is None:
+        if not insecure:
+            raise ValueError("fedtoken requires mTLS: pass tls=Tls(ca, cert, key), set "
+                             "FEDTOKEN_TLS_CA/CERT/KEY, or insecure=True for a test server")
+        return (grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) if aio
+                else grpc.insecure_channel(target, options=CHANNEL_OPTIONS))
+    factory = grpc.aio.secure_channel if aio else grpc.secure_channel
+    return factory(target, tls.credentials(), options=tls.options())
 
 
 @contextmanager
@@ -74,9 +140,10 @@ class FedtokenClient:
     ``caller`` is sent as ``x-fedtoken-caller`` and lands in the audit trail.
     """
 
-    def __init__(self, target: str, *, caller: str = "", timeout: float = 10.0,
+    def __init__(self, target: str, *, tls: Tls | None = None, insecure: bool = False,
+                 caller: str = "", timeout: float = 10.0,
                  channel: grpc.Channel | None = None) -> None:
-        self._channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = channel or _channel(target, tls, insecure, aio=False)
         self.tokens = token_service_pb2_grpc.TokenServiceStub(self._channel)
         self.admin = key_admin_pb2_grpc.KeyAdminStub(self._channel)
         self._metadata = (("x-fedtoken-caller", caller),) if caller else ()
@@ -170,12 +237,30 @@ class FedtokenClient:
     def verify_audit_chain(self) -> key_admin_pb2.AuditChainReport:
         return self._call(self.admin.VerifyAuditChain, key_admin_pb2.VerifyAuditChainRequest())
 
+    # -- callers -------------------------------------------------------------------
+
+    def grant_caller(self, identity: str, role: str, *, tenants: Sequence[str] = (),
+                     audiences: Sequence[str] = (),
+                     max_lifetime_seconds: int = 0) -> key_admin_pb2.CallerGrant:
+        return self._call(self.admin.GrantCaller, key_admin_pb2.GrantCallerRequest(
+            identity=identity, role=role, tenants=list(tenants), audiences=list(audiences),
+            max_lifetime_seconds=max_lifetime_seconds))
+
+    def revoke_caller(self, identity: str, role: str = "") -> int:
+        resp = self._call(self.admin.RevokeCaller,
+                          key_admin_pb2.RevokeCallerRequest(identity=identity, role=role))
+        return int(resp.removed)
+
+    def list_callers(self) -> list[key_admin_pb2.CallerGrant]:
+        return list(self._call(self.admin.ListCallers, key_admin_pb2.ListCallersRequest()).grants)
+
 
 class AsyncFedtokenClient:
     """asyncio flavour of the token calls, for services built on grpc.aio."""
 
-    def __init__(self, target: str, *, caller: str = "", timeout: float = 10.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    def __init__(self, target: str, *, tls: Tls | None = None, insecure: bool = False,
+                 caller: str = "", timeout: float = 10.0) -> None:
+        self._channel = _channel(target, tls, insecure, aio=True)
         self.tokens = token_service_pb2_grpc.TokenServiceStub(self._channel)
         self.admin = key_admin_pb2_grpc.KeyAdminStub(self._channel)
         self._metadata = (("x-fedtoken-caller", caller),) if caller else ()

@@ -20,13 +20,14 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from fedtoken.core.errors import FedtokenError
-from fedtoken_client import FedtokenClient, FedtokenRpcError
+from fedtoken_client import FedtokenClient, FedtokenRpcError, Tls
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -43,12 +44,25 @@ def _print(msg: Message | dict[str, Any] | list[Any]) -> None:
 # -- serve -----------------------------------------------------------------------
 
 
+def _duration(text: str) -> int:
+    """Seconds from 900, 90s, 15m, 12h or 30d."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return int(text[:-1]) * units[text[-1]]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (e.g. 90s, 15m, 12h, 30d)") from None
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from fedtoken.config import load_settings
     from fedtoken.serve import run
 
     overrides = {
-        "state_dir": ns.state_dir,
+        "state_dir": ns.state_dir or ns.global_state_dir,
         "grpc_host": ns.grpc_host,
         "grpc_port": ns.grpc_port,
         "http_host": ns.http_host,
@@ -68,8 +82,61 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 # -- client commands ----------------------------------------------------------------
 
 
+def _state_dir(ns: argparse.Namespace) -> Path:
+    return Path(ns.global_state_dir or os.environ.get("FEDTOKEN_STATE_DIR") or ".state")
+
+
+def _tls(ns: argparse.Namespace) -> Tls | None:
+    """--tls-* options, else FEDTOKEN_TLS_*, else the dev PKI's operator
+    certificate under the state directory; None only with --insecure."""
+    if ns.insecure:
+        return None
+    given = (ns.tls_ca, ns.tls_cert, ns.tls_key)
+    if any(given):
+        if not all(given):
+            raise FedtokenError("give all of --tls-ca, --tls-cert and --tls-key")
+        return Tls(ns.tls_ca, ns.tls_cert, ns.tls_key, server_name=ns.tls_server_name)
+    from_env = Tls.from_env()
+    if from_env is not None:
+        return from_env
+    dev = _state_dir(ns) / "tls"
+    if (dev / "operator.pem").exists():
+        return Tls(dev / "ca.pem", dev / "operator.pem", dev / "operator.key",
+                   server_name=ns.tls_server_name)
+    raise FedtokenError(
+        f"no client certificate: give --tls-ca/--tls-cert/--tls-key (or FEDTOKEN_TLS_CA/CERT/"
+        f"KEY), or run `fedtoken serve` once so the dev certificates exist under {dev}")
+
+
 def _client(ns: argparse.Namespace) -> FedtokenClient:
-    return FedtokenClient(ns.target, caller=ns.caller or f"cli:{os.getenv('USER', 'unknown')}")
+    return FedtokenClient(ns.target, tls=_tls(ns), insecure=ns.insecure,
+                          caller=ns.caller or f"cli:{os.getenv('USER', 'unknown')}")
+
+
+def cmd_callers(ns: argparse.Namespace) -> int:
+    with _client(ns) as c:
+        if ns.action == "list":
+            _print([MessageToDict(g, preserving_proto_field_name=True)
+                    for g in c.list_callers()])
+        elif ns.action == "grant":
+            _print(c.grant_caller(ns.identity, ns.role, tenants=ns.tenant or (),
+                                  audiences=ns.audience or (),
+                                  max_lifetime_seconds=ns.max_lifetime))
+        else:
+            _print({"removed": c.revoke_caller(ns.identity, ns.role or "")})
+    return 0
+
+
+def cmd_dev_cert(ns: argparse.Namespace) -> int:
+    from fedtoken.tls import issue_client_cert
+
+    out = Path(ns.out)
+    files = issue_client_cert(_state_dir(ns), ns.identity, out, days=ns.days)
+    ca = _state_dir(ns) / "tls" / "ca.pem"
+    (out / "ca.pem").write_bytes(ca.read_bytes())
+    _print({"identity": ns.identity, "cert": str(files.cert), "key": str(files.key),
+            "ca": str(out / "ca.pem")})
+    return 0
 
 
 def cmd_tenants(ns: argparse.Namespace) -> int:
@@ -207,7 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtoken", description=__doc__.splitlines()[0])
     p.add_argument("--target", default=os.environ.get("FEDTOKEN_TARGET", DEFAULT_TARGET),
                    help="gRPC address of a fedtoken server (env FEDTOKEN_TARGET)")
-    p.add_argument("--caller", default="", help="name recorded as the actor in the audit trail")
+    p.add_argument("--caller", default="",
+                   help="self-declared name, recorded beside the authenticated identity")
+    p.add_argument("--state-dir", dest="global_state_dir", default=None,
+                   help="state directory whose dev certificates the CLI uses by default "
+                        "(env FEDTOKEN_STATE_DIR, default .state)")
+    p.add_argument("--tls-ca", default="", help="CA bundle of the server's certificate")
+    p.add_argument("--tls-cert", default="", help="client certificate (one SPIFFE ID URI SAN)")
+    p.add_argument("--tls-key", default="", help="client private key")
+    p.add_argument("--tls-server-name", default="",
+                   help="name to check the server's certificate against")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext, no client certificate (only an insecure test server)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gRPC server and the HTTP bridge")
@@ -301,6 +379,28 @@ def build_parser() -> argparse.ArgumentParser:
     hs.add_argument("--stdin", action="store_true", help="read the secret from stdin "
                     "instead of generating one")
     hs.set_defaults(func=cmd_hash_secret)
+
+    cl = sub.add_parser("callers", help="grant, list or revoke caller roles (SPIFFE IDs)")
+    csub = cl.add_subparsers(dest="action", required=True)
+    csub.add_parser("list")
+    g = csub.add_parser("grant")
+    g.add_argument("identity", help="SPIFFE ID, e.g. spiffe://example.org/ns/pay/sa/api")
+    g.add_argument("--role", required=True,
+                   choices=["admin", "issuer", "verifier", "revoker", "auditor"])
+    g.add_argument("--tenant", action="append", help="limit to this tenant (repeatable)")
+    g.add_argument("--audience", action="append", help="issuer: allowed audience (repeatable)")
+    g.add_argument("--max-lifetime", type=_duration, default=0,
+                   help="issuer: longest token lifetime, e.g. 900, 15m, 1h")
+    rv = csub.add_parser("revoke")
+    rv.add_argument("identity")
+    rv.add_argument("--role", default="", help="one role (default: every role)")
+    cl.set_defaults(func=cmd_callers)
+
+    dc = sub.add_parser("dev-cert", help="issue a client certificate from the dev CA")
+    dc.add_argument("identity", help="SPIFFE ID for the certificate's URI SAN")
+    dc.add_argument("--out", required=True, help="directory for client.pem, client.key, ca.pem")
+    dc.add_argument("--days", type=int, default=90)
+    dc.set_defaults(func=cmd_dev_cert)
 
     j = sub.add_parser("jwks", help="print a tenant's JWKS")
     j.add_argument("--tenant", default="")

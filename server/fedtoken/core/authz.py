@@ -118,12 +118,22 @@ def decide(policy: Policy, identity: str, ask: Ask) -> Denial | None:
     return denial
 
 
+_DOMAIN_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
+_PATH_CHARS: Final = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
 def is_spiffe_id(value: str) -> bool:
-    """A syntactically acceptable SPIFFE ID: spiffe://trust-domain/path."""
+    """A SPIFFE ID as the SPIFFE standard defines it: ``spiffe://`` + a
+    lowercase trust domain + an optional path of non-empty segments of
+    letters, digits, ``.``, ``-``, ``_`` (no ``.`` or ``..`` segment, no
+    query, fragment, port, user info or percent-encoding)."""
     if not value.startswith(SPIFFE_PREFIX) or len(value) > MAX_SPIFFE_ID:
         return False
-    rest = value[len(SPIFFE_PREFIX):]
-    domain, _, path = rest.partition("/")
-    if not domain or not all(c.isalnum() or c in "-._" for c in domain) or domain != domain.lower():
+    domain, slash, path = value[len(SPIFFE_PREFIX):].partition("/")
+    if not domain or not set(domain) <= _DOMAIN_CHARS:
         return False
-    return all(c.isprintable() and c not in " ?#%" for c in path)
+    if not slash:
+        return True
+    segments = path.split("/")
+    return all(s and s not in (".", "..") and set(s) <= _PATH_CHARS for s in segments)

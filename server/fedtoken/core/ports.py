@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from fedtoken.core.audit import AuditEvent, AuditRecord, ChainReport
+from fedtoken.core.authz import Ask, Grant, Role
 from fedtoken.core.model import KeyRecord, KeyState, Reason, Tenant, Verdict
 
 T = TypeVar("T")
@@ -59,10 +60,12 @@ class Principal:
 
     @property
     def actor(self) -> str:
-        """The audit actor: the verified identity when there is one."""
+        """The audit actor: the verified identity (when there is one) and the
+        peer address, as ``identity@peer``. The self-declared name is never
+        part of it (see ``CallContext.untrusted``)."""
         if self.identity:
-            return self.identity
-        return f"{self.declared}@{self.peer}" if self.declared else self.peer
+            return f"{self.identity}@{self.peer}" if self.peer else self.identity
+        return f"unauthenticated@{self.peer}" if self.peer else "unauthenticated"
 
 
 SYSTEM = Principal(identity="fedtoken:system")
@@ -74,10 +77,17 @@ class CallContext:
 
     principal: Principal = SYSTEM
     request_id: str = ""
+    method: str = ""  # the RPC name, for the audit record of a denial
 
     @property
     def actor(self) -> str:
         return self.principal.actor
+
+    @property
+    def untrusted(self) -> dict[str, str]:
+        """Audit details for what the caller claimed about itself (recorded,
+        never trusted): its self-declared name."""
+        return {"declared_caller": self.principal.declared} if self.principal.declared else {}
 
 
 # --- signing ----------------------------------------------------------------------
@@ -297,6 +307,28 @@ class AuditLog(Protocol):
     ) -> list[AuditRecord]: ...
 
     async def verify_chain(self) -> ChainReport: ...
+
+
+class CallerRepository(Protocol):
+    """Grants of roles to workload identities."""
+
+    async def put(self, grant: Grant, *, now: datetime) -> Grant: ...
+
+    async def remove(self, identity: str, role: Role | None) -> int: ...
+
+    async def list(self) -> list[Grant]: ...
+
+
+class Authorizer(Protocol):
+    """Deny by default: may this call's principal do what it asks?"""
+
+    async def require(self, ctx: CallContext, ask: Ask) -> None:
+        """Return, or raise PermissionDenied (and audit the denial)."""
+        ...
+
+    def tenants_for(self, ctx: CallContext, role: Role) -> frozenset[str] | None:
+        """The tenants the principal holds ``role`` for (None: all)."""
+        ...
 
 
 class Store(Protocol):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 from aiohttp import web
 
 from fedtoken.http.guard import LIMITS_KEY, GuardedSite, HttpLimits, boundary
@@ -15,7 +17,8 @@ __all__ = ["HealthCheck", "HttpLimits", "PublicApi", "combine", "create_ops_app"
 
 async def start_site(app: web.Application, host: str, port: int, *,
                      reuse_port: bool = False,
-                     limits: HttpLimits | None = None) -> tuple[web.AppRunner, int]:
+                     limits: HttpLimits | None = None,
+                     ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on host:port; returns the runner (``await runner.cleanup()``
     to stop) and the port actually bound (useful with port 0).
 
@@ -35,7 +38,8 @@ async def start_site(app: web.Application, host: str, port: int, *,
     runner = web.AppRunner(app, **limits.handler_kwargs())
     await runner.setup()
     try:
-        await GuardedSite(runner, host, port, limits=limits, reuse_port=reuse_port).start()
+        await GuardedSite(runner, host, port, limits=limits, reuse_port=reuse_port,
+                          ssl_context=ssl_context).start()
         addresses = runner.addresses
         if not addresses:
             raise OSError(f"cannot listen on {host}:{port}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -352,8 +353,10 @@ class GuardedSite(web.TCPSite):
     __slots__ = ("_limits", "_listener")
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *, limits: HttpLimits,
-                 reuse_port: bool = False, backlog: int = 1024) -> None:
-        super().__init__(runner, host, port, reuse_port=reuse_port, backlog=backlog)
+                 reuse_port: bool = False, backlog: int = 1024,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(runner, host, port, reuse_port=reuse_port, backlog=backlog,
+                         ssl_context=ssl_context)
         self._limits = limits
         self._listener: _Listener | None = None
 
@@ -369,7 +372,7 @@ class GuardedSite(web.TCPSite):
             return _Connection(server, listener, loop=loop, **kwargs)
 
         self._server = await loop.create_server(
-            connection, self._host, self._port, backlog=self._backlog,
+            connection, self._host, self._port, backlog=self._backlog, ssl=self._ssl_context,
             reuse_address=self._reuse_address, reuse_port=self._reuse_port)
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

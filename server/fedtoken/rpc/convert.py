@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedtoken.core.audit import AuditRecord, ChainReport
+from fedtoken.core.authz import Grant
 from fedtoken.core.claims import is_numeric_date
 from fedtoken.core.model import Expectation, KeyRecord, KeyState, Reason, Tenant, Verdict
 from fedtoken.service.types import (
@@ -229,6 +230,14 @@ def chain_report_pb(report: ChainReport) -> key_admin_pb2.AuditChainReport:
         head_hash=report.head_hash.hex(),
         first_bad_seq=report.first_bad_seq or 0,
         problem=report.problem.name if report.problem else "",
+    )
+
+
+def grant_pb(g: Grant) -> key_admin_pb2.CallerGrant:
+    return key_admin_pb2.CallerGrant(
+        identity=g.identity, role=g.role.value, tenants=sorted(g.tenants),
+        audiences=sorted(g.audiences), max_lifetime_seconds=g.max_lifetime_seconds,
+        created_at=g.created_at, granted_by=g.granted_by,
     )
 
 

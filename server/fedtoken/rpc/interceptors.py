@@ -5,9 +5,11 @@ method, so the per-call cost is one dict lookup):
 
 1. it makes the call's ``CallContext`` exactly once: a request id (the
    caller's ``x-request-id`` when it is short and printable, else a new one)
-   and a ``Principal`` (peer address and self-declared name, plus the
-   verified identity an authentication interceptor placed before it has put
-   in ``AUTHENTICATED``);
+   and a ``Principal``: the verified identity (``authenticate``: the SPIFFE
+   ID of the mTLS client certificate; a call without one is UNAUTHENTICATED
+   before the servicer runs), the peer address and the self-declared name
+   (recorded, never trusted). gRPC's aio interceptors cannot see the peer's
+   certificate, so authentication happens here, in the wrapped handler;
 2. it runs the servicer with that context available through
    ``call_context()``;
 3. it maps errors: a ``FedtokenError`` becomes its status with a typed
@@ -44,9 +46,6 @@ MAX_MESSAGE_IN_DETAIL = 512
 
 _STATUS = {s: getattr(grpc.StatusCode, s.value) for s in StatusClass}
 _CALL: contextvars.ContextVar[CallContext] = contextvars.ContextVar("fedtoken_call")
-# Set by an authenticating interceptor that runs before Boundary (mTLS, later).
-AUTHENTICATED: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
-    "fedtoken_principal", default=None)
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -86,15 +85,16 @@ def _request_id(metadata: Any) -> str:
     return uuid.uuid4().hex
 
 
-def _principal(metadata: Any, peer: str) -> Principal:
-    authenticated = AUTHENTICATED.get()
-    declared = ""
+def _declared(metadata: Any) -> str:
     for key, value in metadata or ():
         if key == CALLER_KEY and isinstance(value, str):
-            declared = value[:128]
-    if authenticated is not None:
-        return Principal(authenticated.identity, peer, declared)
-    return Principal("", peer, declared)
+            return "".join(c for c in value[:128] if c.isprintable())
+    return ""
+
+
+# Reads the caller's verified identity from the call (the mTLS client
+# certificate's SPIFFE ID); raises Unauthenticated when there is none.
+Authenticate = Callable[[grpc.aio.ServicerContext], str]
 
 
 def detail_for(exc: FedtokenError, request_id: str) -> common_pb2.ErrorDetail:
@@ -121,14 +121,25 @@ async def _abort(context: grpc.aio.ServicerContext, status: grpc.StatusCode,
     )
 
 
-def wrap_unary(name: str, behavior: Behavior) -> Behavior:
-    """``behavior`` with a CallContext and error mapping around it."""
+def wrap_unary(name: str, behavior: Behavior,
+               authenticate: Authenticate | None = None) -> Behavior:
+    """``behavior`` with authentication, a CallContext and error mapping around it.
+
+    Without ``authenticate`` (insecure mode, explicitly configured, loopback
+    only) the principal has no identity, so the authorizer denies every call
+    that needs a role.
+    """
 
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         metadata = context.invocation_metadata()
-        ctx = CallContext(_principal(metadata, context.peer() or ""), _request_id(metadata))
+        peer = context.peer() or ""
+        ctx = CallContext(Principal("", peer, _declared(metadata)), _request_id(metadata), name)
         token = _CALL.set(ctx)
         try:
+            if authenticate is not None:
+                ctx = CallContext(Principal(authenticate(context), peer, ctx.principal.declared),
+                                  ctx.request_id, name)
+                _CALL.set(ctx)
             if request is _UNDECODABLE:
                 raise InvalidRequest("the request message could not be decoded",
                                      reason=ErrorReason.MALFORMED_REQUEST)
@@ -160,7 +171,8 @@ def wrap_unary(name: str, behavior: Behavior) -> Behavior:
 class Boundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Request id, principal and error mapping for every unary method."""
 
-    def __init__(self) -> None:
+    def __init__(self, authenticate: Authenticate | None = None) -> None:
+        self._authenticate = authenticate
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -176,7 +188,7 @@ class Boundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or handler.unary_unary is None:
             return handler  # unknown method (UNIMPLEMENTED) or a streaming one
         wrapped = grpc.unary_unary_rpc_method_handler(
-            wrap_unary(method.rpartition("/")[2], handler.unary_unary),
+            wrap_unary(method.rpartition("/")[2], handler.unary_unary, self._authenticate),
             request_deserializer=_safe(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )

@@ -13,7 +13,8 @@ import grpc
 
 from fedtoken.rpc import convert
 from fedtoken.rpc.interceptors import call_context
-from fedtoken.service import Catalog, KeyAdmin, Tokens, Verification
+from fedtoken.service import KeyAdmin, Tokens, Verification
+from fedtoken.service.callers import Callers
 from fedtoken_client._pb.fedtoken.v1 import (
     common_pb2,
     key_admin_pb2,
@@ -26,10 +27,9 @@ Ctx: TypeAlias = grpc.aio.ServicerContext
 
 
 class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
-    def __init__(self, tokens: Tokens, verification: Verification, catalog: Catalog) -> None:
+    def __init__(self, tokens: Tokens, verification: Verification) -> None:
         self._tokens = tokens
         self._verification = verification
-        self._catalog = catalog
 
     async def Issue(self, request: token_service_pb2.IssueRequest,
                     context: Ctx) -> token_service_pb2.IssueResponse:
@@ -60,12 +60,14 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
 
     async def GetKeys(self, request: token_service_pb2.GetKeysRequest,
                       context: Ctx) -> token_service_pb2.GetKeysResponse:
-        return convert.keys_response(await self._catalog.key_set(request.tenant))
+        return convert.keys_response(await self._verification.key_set(request.tenant,
+                                                                      call_context()))
 
 
 class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
-    def __init__(self, keys: KeyAdmin) -> None:
+    def __init__(self, keys: KeyAdmin, callers: Callers) -> None:
         self._keys = keys
+        self._callers = callers
 
     async def CreateTenant(self, request: key_admin_pb2.CreateTenantRequest,
                            context: Ctx) -> key_admin_pb2.Tenant:
@@ -74,11 +76,11 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
 
     async def GetTenant(self, request: key_admin_pb2.GetTenantRequest,
                         context: Ctx) -> key_admin_pb2.Tenant:
-        return convert.tenant_pb(await self._keys.get_tenant(request.id))
+        return convert.tenant_pb(await self._keys.get_tenant(request.id, call_context()))
 
     async def ListTenants(self, request: key_admin_pb2.ListTenantsRequest,
                           context: Ctx) -> key_admin_pb2.ListTenantsResponse:
-        tenants = await self._keys.list_tenants()
+        tenants = await self._keys.list_tenants(call_context())
         return key_admin_pb2.ListTenantsResponse(tenants=[convert.tenant_pb(t) for t in tenants])
 
     async def GenerateKey(self, request: key_admin_pb2.GenerateKeyRequest,
@@ -89,7 +91,7 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
 
     async def ListKeys(self, request: key_admin_pb2.ListKeysRequest,
                        context: Ctx) -> key_admin_pb2.ListKeysResponse:
-        keys = await self._keys.list_keys(request.tenant)
+        keys = await self._keys.list_keys(request.tenant, call_context())
         return key_admin_pb2.ListKeysResponse(keys=[convert.key_pb(k) for k in keys])
 
     async def ActivateKey(self, request: key_admin_pb2.KeyRef,
@@ -105,8 +107,26 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
     async def ListAuditEvents(self, request: key_admin_pb2.ListAuditEventsRequest,
                               context: Ctx) -> key_admin_pb2.ListAuditEventsResponse:
         query = convert.audit_query(request)
-        return convert.audit_page(await self._keys.list_audit(query), query.page_size)
+        return convert.audit_page(await self._keys.list_audit(query, call_context()),
+                                  query.page_size)
 
     async def VerifyAuditChain(self, request: key_admin_pb2.VerifyAuditChainRequest,
                                context: Ctx) -> key_admin_pb2.AuditChainReport:
-        return convert.chain_report_pb(await self._keys.verify_audit_chain())
+        return convert.chain_report_pb(await self._keys.verify_audit_chain(call_context()))
+
+    async def GrantCaller(self, request: key_admin_pb2.GrantCallerRequest,
+                          context: Ctx) -> key_admin_pb2.CallerGrant:
+        grant = await self._callers.grant(
+            request.identity, request.role, list(request.tenants), list(request.audiences),
+            request.max_lifetime_seconds, call_context())
+        return convert.grant_pb(grant)
+
+    async def RevokeCaller(self, request: key_admin_pb2.RevokeCallerRequest,
+                           context: Ctx) -> key_admin_pb2.RevokeCallerResponse:
+        removed = await self._callers.revoke(request.identity, request.role, call_context())
+        return key_admin_pb2.RevokeCallerResponse(removed=removed)
+
+    async def ListCallers(self, request: key_admin_pb2.ListCallersRequest,
+                          context: Ctx) -> key_admin_pb2.ListCallersResponse:
+        grants = await self._callers.list(call_context())
+        return key_admin_pb2.ListCallersResponse(grants=[convert.grant_pb(g) for g in grants])

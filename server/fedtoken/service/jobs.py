@@ -49,7 +49,7 @@ class Jobs:
                     BOOTSTRAP,
                 )
             if not any(k.state is KeyState.ACTIVE for k in self._catalog.keys_of(default_tenant)):
-                await self._keys.generate_key(default_tenant, 0, True, BOOTSTRAP)
+                await self._keys.replace_key(default_tenant, BOOTSTRAP)
 
     async def purge_expired(self) -> int:
         """Forget revocations whose tokens have expired anyway (store and memory)."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from fedtoken.core.audit import AuditEvent, AuditRecord, ChainReport
+from fedtoken.core.authz import Ask, Role
 from fedtoken.core.errors import (
     ErrorReason,
     FailedPrecondition,
@@ -37,7 +38,7 @@ from fedtoken.core.policy import (
     check_text,
     check_timestamp,
 )
-from fedtoken.core.ports import AuditSink, CallContext, Clock, Signer, Store
+from fedtoken.core.ports import AuditSink, Authorizer, CallContext, Clock, Signer, Store
 from fedtoken.service.catalog import Catalog
 from fedtoken.service.types import AuditQuery, NewTenant
 
@@ -62,13 +63,14 @@ def _ts(seconds: float) -> datetime:
 
 class KeyAdmin:
     def __init__(self, *, catalog: Catalog, store: Store, signer: Signer, audit: AuditSink,
-                 clock: Clock, defaults: TenantDefaults) -> None:
+                 clock: Clock, defaults: TenantDefaults, authz: Authorizer) -> None:
         self._catalog = catalog
         self._store = store
         self._signer = signer
         self._audit = audit
         self._clock = clock
         self._defaults = defaults
+        self._authz = authz
 
     # -- tenants -----------------------------------------------------------------
 
@@ -89,11 +91,13 @@ class KeyAdmin:
         )
 
     async def create_tenant(self, req: NewTenant, ctx: CallContext) -> Tenant:
+        await self._authz.require(ctx, Ask(Role.ADMIN))
         return await self.add_tenant(self.tenant_from_request(req), ctx,
                                      generate_key=req.generate_key)
 
     async def add_tenant(self, tenant: Tenant, ctx: CallContext, *,
                          generate_key: bool = False) -> Tenant:
+        """Create ``tenant`` (already authorized: bootstrap and create_tenant)."""
         check_tenant_id(tenant.id)
         check_issuer_url(tenant.issuer)
         check_tenant_policy(tenant.policy)
@@ -104,17 +108,20 @@ class KeyAdmin:
             raise
         await self._audit.record(AuditEvent(
             event_type="tenant.created", tenant=created.id, actor=ctx.actor, outcome="ok",
-            request_id=ctx.request_id, details={"issuer": created.issuer},
+            request_id=ctx.request_id, details={"issuer": created.issuer, **ctx.untrusted},
         ))
         await self._catalog.reload()
         if generate_key:
-            await self.generate_key(created.id, 0, True, ctx)
+            await self._generate(created.id, 0, True, ctx)
         return created
 
-    async def get_tenant(self, tenant_id: str) -> Tenant:
-        return await self._catalog.tenant(tenant_id)
+    async def get_tenant(self, tenant_id: str, ctx: CallContext) -> Tenant:
+        tenant = await self._catalog.tenant(tenant_id)
+        await self._authz.require(ctx, Ask(Role.ADMIN, tenant.id))
+        return tenant
 
-    async def list_tenants(self) -> list[Tenant]:
+    async def list_tenants(self, ctx: CallContext) -> list[Tenant]:
+        await self._authz.require(ctx, Ask(Role.ADMIN))
         # Read through: an operator listing tenants expects every replica's.
         await self._catalog.reload()
         return self._catalog.tenants()
@@ -123,6 +130,17 @@ class KeyAdmin:
 
     async def generate_key(self, tenant_id: str, key_size: int, activate: bool,
                            ctx: CallContext) -> KeyRecord:
+        tenant = await self._catalog.tenant(tenant_id)
+        await self._authz.require(ctx, Ask(Role.ADMIN, tenant.id))
+        return await self._generate(tenant.id, key_size, activate, ctx)
+
+    async def replace_key(self, tenant_id: str, ctx: CallContext) -> KeyRecord:
+        """A new active key at once (after a compromise, or on first start);
+        the caller was authorized for what led here."""
+        return await self._generate(tenant_id, 0, True, ctx)
+
+    async def _generate(self, tenant_id: str, key_size: int, activate: bool,
+                        ctx: CallContext) -> KeyRecord:
         tenant = await self._catalog.tenant(tenant_id)
         try:
             bits = check_key_size(key_size or tenant.policy.key_size)
@@ -146,7 +164,7 @@ class KeyAdmin:
         await self._audit.record(AuditEvent(
             event_type="key.generated", tenant=tenant.id, actor=ctx.actor, kid=record.kid,
             outcome="ok", request_id=ctx.request_id,
-            details={"key_size": bits, "hsm_label": record.hsm_label},
+            details={"key_size": bits, "hsm_label": record.hsm_label, **ctx.untrusted},
         ))
         if activate:
             record = await self._store.keys.activate(tenant.id, record.kid, now=_ts(now))
@@ -154,8 +172,9 @@ class KeyAdmin:
         await self._catalog.reload()
         return record
 
-    async def list_keys(self, tenant_id: str) -> list[KeyRecord]:
+    async def list_keys(self, tenant_id: str, ctx: CallContext) -> list[KeyRecord]:
         tenant = await self._catalog.tenant(tenant_id)
+        await self._authz.require(ctx, Ask(Role.ADMIN, tenant.id))
         return await self._store.keys.list(tenant.id)
 
     async def own_key(self, tenant_id: str, kid: str) -> KeyRecord:
@@ -169,6 +188,7 @@ class KeyAdmin:
         return key
 
     async def activate_key(self, tenant_id: str, kid: str, ctx: CallContext) -> KeyRecord:
+        await self._authorize_tenant(tenant_id, ctx)
         key = await self.own_key(tenant_id, kid)
         check_transition(key.state, KeyState.ACTIVE)
         record = await self._store.keys.activate(key.tenant, kid, now=_ts(self._clock.now()))
@@ -181,6 +201,7 @@ class KeyAdmin:
         """PENDING → RETIRING; RETIRING → RETIRED once its grace is over (the
         tenant's maximum token lifetime plus the margin since it stopped
         signing), or before that only with ``emergency``, audited as such."""
+        await self._authorize_tenant(tenant_id, ctx)
         key = await self.own_key(tenant_id, kid)
         if key.state is KeyState.ACTIVE:
             raise InvalidKeyTransition(
@@ -214,7 +235,11 @@ class KeyAdmin:
 
     # -- audit trail -----------------------------------------------------------------
 
-    async def list_audit(self, q: AuditQuery) -> list[AuditRecord]:
+    async def _authorize_tenant(self, tenant_id: str, ctx: CallContext) -> None:
+        tenant = await self._catalog.tenant(tenant_id)
+        await self._authz.require(ctx, Ask(Role.ADMIN, tenant.id))
+
+    async def list_audit(self, q: AuditQuery, ctx: CallContext) -> list[AuditRecord]:
         if not 0 <= q.page_size <= MAX_AUDIT_PAGE:
             raise InvalidRequest(f"page_size must be 0..{MAX_AUDIT_PAGE}", field="page_size")
         if q.after_seq < 0:
@@ -224,6 +249,8 @@ class KeyAdmin:
         check_text(q.tenant, "tenant", 63)
         check_text(q.event_type, "event_type", MAX_EVENT_TYPE)
         check_text(q.subject, "subject", MAX_SUBJECT)
+        # An auditor of some tenants reads only their events (name one).
+        await self._authz.require(ctx, Ask(Role.AUDITOR, q.tenant))
         return await self._store.audit.list(
             tenant=q.tenant or None,
             event_type=q.event_type or None,
@@ -234,12 +261,13 @@ class KeyAdmin:
             limit=q.page_size or 100,
         )
 
-    async def verify_audit_chain(self) -> ChainReport:
+    async def verify_audit_chain(self, ctx: CallContext) -> ChainReport:
+        await self._authz.require(ctx, Ask(Role.AUDITOR))
         return await self._store.audit.verify_chain()
 
 
 def _key_event(event_type: str, key: KeyRecord, ctx: CallContext) -> AuditEvent:
     return AuditEvent(
         event_type=event_type, tenant=key.tenant, actor=ctx.actor, kid=key.kid, outcome="ok",
-        request_id=ctx.request_id, details={"state": key.state.value},
+        request_id=ctx.request_id, details={"state": key.state.value, **ctx.untrusted},
     )

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from fedtoken.core import claims as claims_mod
 from fedtoken.core import jose
 from fedtoken.core.audit import AuditEvent
+from fedtoken.core.authz import Ask, Role
 from fedtoken.core.errors import (
     ErrorReason,
     InvalidRequest,
@@ -39,6 +40,7 @@ from fedtoken.core.policy import (
 )
 from fedtoken.core.ports import (
     AuditSink,
+    Authorizer,
     CallContext,
     Clock,
     LocalRevocations,
@@ -83,6 +85,7 @@ class Tokens:
         keys: KeyAdmin,
         clock: Clock,
         leeway: int,
+        authz: Authorizer,
     ) -> None:
         """``introspector`` is a verification engine that checks everything
         but revocation (introspection asks the store for that itself)."""
@@ -95,6 +98,7 @@ class Tokens:
         self._keys = keys
         self._clock = clock
         self._leeway = leeway
+        self._authz = authz
 
     # -- issue -------------------------------------------------------------------
 
@@ -115,6 +119,7 @@ class Tokens:
             )
         check_text(params.scope, "scope", MAX_SCOPE)
         check_text(params.client_id, "client_id", MAX_CLIENT_ID)
+        await self._authz.require(ctx, Ask(Role.ISSUER, tenant.id, audience, lifetime))
         extra = claims_mod.validate_extra_claims(params.extra_claims_json)
         key = self._catalog.active_key(tenant)
         now = int(self._clock.now())
@@ -131,18 +136,31 @@ class Tokens:
         await self._audit.record(AuditEvent(
             event_type="token.issued", tenant=tenant.id, actor=ctx.actor, subject=subject,
             jti=jti, kid=key.kid, outcome="ok", request_id=ctx.request_id,
-            details={"aud": audience, "exp": now + lifetime},
+            details={"aud": audience, "exp": now + lifetime, **ctx.untrusted},
         ))
         return Issued(token, jti, key.kid, tenant.id, tenant.issuer, now, now + lifetime)
 
     # -- introspect ----------------------------------------------------------------
 
-    async def introspect(self, token: str, ctx: CallContext) -> Introspection:
-        """Real-time check: engine verdict, then revocation straight from the store."""
+    async def introspect(self, token: str, ctx: CallContext, *,
+                         client_authenticated: bool = False) -> Introspection:
+        """Real-time check: engine verdict, then revocation straight from the store.
+
+        A gRPC caller needs the verifier role, and learns only about tokens of
+        the tenants it holds it for (others are inactive). The HTTP bridge has
+        authenticated its RFC 7662 client itself (``client_authenticated``).
+        """
         require_token(token)
+        allowed: frozenset[str] | None = None
+        if not client_authenticated:
+            allowed = self._authz.tenants_for(ctx, Role.VERIFIER)
+            if allowed is not None and not allowed:
+                await self._authz.require(ctx, Ask(Role.VERIFIER))
         verdict = self._introspector.verify(token, _ANY_AUDIENCE)
         result: Introspection
-        if not verdict.valid or verdict.claims is None:
+        if allowed is not None and verdict.tenant not in allowed:
+            result = Introspection(False, Reason.TENANT_MISMATCH)
+        elif not verdict.valid or verdict.claims is None:
             result = Introspection(False, verdict.reason, tenant=verdict.tenant, kid=verdict.kid)
         else:
             iat = verdict.claims.get("iat")
@@ -181,13 +199,16 @@ class Tokens:
             raise InvalidRequest("give exactly one of token, jti, subject or kid", field="target")
         if p.kid:
             check_kid(p.kid)
-            return await self.compromise(p.tenant, p.kid, p.reason, ctx)
+            tenant = await self._catalog.tenant(p.tenant)
+            await self._authz.require(ctx, Ask(Role.REVOKER, tenant.id))
+            return await self.compromise(tenant.id, p.kid, p.reason, ctx)
         now = int(self._clock.now())
         leeway = self._leeway
         not_before: int | None = None
         jti, subject = p.jti, p.subject
         if p.token:
             tenant, jti, token_exp = self._authenticate_for_revocation(p.token)
+            await self._authz.require(ctx, Ask(Role.REVOKER, tenant.id))
             if token_exp <= now - leeway:
                 # An expired token is already rejected everywhere: nothing to store.
                 return Revoked(tenant.id, jti, now, False, "jti", jti)
@@ -214,11 +235,12 @@ class Tokens:
             kind, value = "subject", subject
             # Every token issued before the cut has expired by then.
             expires_at = not_before + tenant.policy.max_token_lifetime_seconds
+        await self._authz.require(ctx, Ask(Role.REVOKER, tenant.id))
         expires_at += leeway
         event = AuditEvent(
             event_type="token.revoked", tenant=tenant.id, actor=ctx.actor, subject=subject,
             jti=jti, outcome="ok", reason=p.reason, request_id=ctx.request_id,
-            details={"kind": kind, "expires_at": expires_at,
+            details={"kind": kind, "expires_at": expires_at, **ctx.untrusted,
                      **({"issued_before": not_before} if not_before is not None else {})},
         )
 
@@ -250,7 +272,8 @@ class Tokens:
         event = AuditEvent(
             event_type="key.compromised", tenant=tenant.id, actor=ctx.actor, kid=kid,
             outcome="ok", reason=reason, request_id=ctx.request_id,
-            details={"previous_state": key.state.value, "expires_at": expires_at},
+            details={"previous_state": key.state.value, "expires_at": expires_at,
+                     **ctx.untrusted},
         )
 
         async def write(audit: AuditEvent | None) -> tuple[bool, datetime]:
@@ -268,7 +291,7 @@ class Tokens:
         if key.state is KeyState.ACTIVE:
             log.warning("active key %s of tenant %s compromised; activating a replacement",
                         kid, tenant.id)
-            await self._keys.generate_key(tenant.id, 0, True, ctx)
+            await self._keys.replace_key(tenant.id, ctx)
         return Revoked(tenant.id, "", int(revoked_at.timestamp()), created, "key", kid)
 
     def _authenticate_for_revocation(self, token: str) -> tuple[Tenant, str, int]:

@@ -55,6 +55,11 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNAUTHENTICATED: _ClassVar[ErrorReason]
     MALFORMED_REQUEST: _ClassVar[ErrorReason]
     GRACE_NOT_OVER: _ClassVar[ErrorReason]
+    ROLE_NOT_GRANTED: _ClassVar[ErrorReason]
+    TENANT_NOT_GRANTED: _ClassVar[ErrorReason]
+    AUDIENCE_NOT_GRANTED: _ClassVar[ErrorReason]
+    LIFETIME_NOT_GRANTED: _ClassVar[ErrorReason]
+    GRANT_NOT_FOUND: _ClassVar[ErrorReason]
 
 class KeyState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -110,6 +115,11 @@ UNAVAILABLE: ErrorReason
 UNAUTHENTICATED: ErrorReason
 MALFORMED_REQUEST: ErrorReason
 GRACE_NOT_OVER: ErrorReason
+ROLE_NOT_GRANTED: ErrorReason
+TENANT_NOT_GRANTED: ErrorReason
+AUDIENCE_NOT_GRANTED: ErrorReason
+LIFETIME_NOT_GRANTED: ErrorReason
+GRANT_NOT_FOUND: ErrorReason
 KEY_STATE_UNSPECIFIED: KeyState
 PENDING: KeyState
 ACTIVE: KeyState

@@ -166,3 +166,59 @@ class KeyRef(_message.Message):
     kid: str
     emergency: bool
     def __init__(self, tenant: _Optional[str] = ..., kid: _Optional[str] = ..., emergency: _Optional[bool] = ...) -> None: ...
+
+class CallerGrant(_message.Message):
+    __slots__ = ("identity", "role", "tenants", "audiences", "max_lifetime_seconds", "created_at", "granted_by")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LIFETIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_BY_FIELD_NUMBER: _ClassVar[int]
+    identity: str
+    role: str
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    audiences: _containers.RepeatedScalarFieldContainer[str]
+    max_lifetime_seconds: int
+    created_at: int
+    granted_by: str
+    def __init__(self, identity: _Optional[str] = ..., role: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ..., audiences: _Optional[_Iterable[str]] = ..., max_lifetime_seconds: _Optional[int] = ..., created_at: _Optional[int] = ..., granted_by: _Optional[str] = ...) -> None: ...
+
+class GrantCallerRequest(_message.Message):
+    __slots__ = ("identity", "role", "tenants", "audiences", "max_lifetime_seconds")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LIFETIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    identity: str
+    role: str
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    audiences: _containers.RepeatedScalarFieldContainer[str]
+    max_lifetime_seconds: int
+    def __init__(self, identity: _Optional[str] = ..., role: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ..., audiences: _Optional[_Iterable[str]] = ..., max_lifetime_seconds: _Optional[int] = ...) -> None: ...
+
+class RevokeCallerRequest(_message.Message):
+    __slots__ = ("identity", "role")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    identity: str
+    role: str
+    def __init__(self, identity: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class RevokeCallerResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: int
+    def __init__(self, removed: _Optional[int] = ...) -> None: ...
+
+class ListCallersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListCallersResponse(_message.Message):
+    __slots__ = ("grants",)
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    grants: _containers.RepeatedCompositeFieldContainer[CallerGrant]
+    def __init__(self, grants: _Optional[_Iterable[_Union[CallerGrant, _Mapping]]] = ...) -> None: ...

@@ -80,6 +80,21 @@ class KeyAdminStub:
                 request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.VerifyAuditChainRequest.SerializeToString,
                 response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.AuditChainReport.FromString,
                 _registered_method=True)
+        self.GrantCaller = channel.unary_unary(
+                '/fedtoken.v1.KeyAdmin/GrantCaller',
+                request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.GrantCallerRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.CallerGrant.FromString,
+                _registered_method=True)
+        self.RevokeCaller = channel.unary_unary(
+                '/fedtoken.v1.KeyAdmin/RevokeCaller',
+                request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.RevokeCallerRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.RevokeCallerResponse.FromString,
+                _registered_method=True)
+        self.ListCallers = channel.unary_unary(
+                '/fedtoken.v1.KeyAdmin/ListCallers',
+                request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.ListCallersRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.ListCallersResponse.FromString,
+                _registered_method=True)
 
 
 class KeyAdminServicer:
@@ -161,6 +176,29 @@ class KeyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrantCaller(self, request, context):
+        """Callers (zero trust): every RPC needs a role granted to the caller's
+        SPIFFE ID (from its mTLS client certificate). Deny by default.
+        GrantCaller gives one role (replacing that role's earlier scope).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCaller(self, request, context):
+        """RevokeCaller removes one role, or every role when role is empty.
+        NOT_FOUND GRANT_NOT_FOUND when there was none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCallers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +246,21 @@ def add_KeyAdminServicer_to_server(servicer, server):
                     servicer.VerifyAuditChain,
                     request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.VerifyAuditChainRequest.FromString,
                     response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.AuditChainReport.SerializeToString,
+            ),
+            'GrantCaller': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantCaller,
+                    request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.GrantCallerRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.CallerGrant.SerializeToString,
+            ),
+            'RevokeCaller': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCaller,
+                    request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.RevokeCallerRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.RevokeCallerResponse.SerializeToString,
+            ),
+            'ListCallers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCallers,
+                    request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.ListCallersRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.ListCallersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -453,6 +506,87 @@ class KeyAdmin:
             '/fedtoken.v1.KeyAdmin/VerifyAuditChain',
             fedtoken_dot_v1_dot_key__admin__pb2.VerifyAuditChainRequest.SerializeToString,
             fedtoken_dot_v1_dot_key__admin__pb2.AuditChainReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantCaller(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.KeyAdmin/GrantCaller',
+            fedtoken_dot_v1_dot_key__admin__pb2.GrantCallerRequest.SerializeToString,
+            fedtoken_dot_v1_dot_key__admin__pb2.CallerGrant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCaller(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.KeyAdmin/RevokeCaller',
+            fedtoken_dot_v1_dot_key__admin__pb2.RevokeCallerRequest.SerializeToString,
+            fedtoken_dot_v1_dot_key__admin__pb2.RevokeCallerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCallers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.KeyAdmin/ListCallers',
+            fedtoken_dot_v1_dot_key__admin__pb2.ListCallersRequest.SerializeToString,
+            fedtoken_dot_v1_dot_key__admin__pb2.ListCallersResponse.FromString,
             options,
             channel_credentials,
             insecure,
