@@ -13,6 +13,7 @@ import asyncio
 import multiprocessing
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -49,6 +50,18 @@ class Load:
     warmup: float
     count_valid: bool = True
     server_pid: int = 0  # its CPU time (and its children's) is measured
+    # mTLS (ca, client cert, client key PEM paths); None: plaintext.
+    tls: tuple[str, str, str] | None = None
+
+
+def open_channel(target: str, tls: tuple[str, str, str] | None,
+                 options: list[tuple[str, object]]) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    ca, cert, key = (Path(p).read_bytes() for p in tls)
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                         certificate_chain=cert)
+    return grpc.aio.secure_channel(target, creds, options=options)
 
 
 def _parse_valid(method: str, data: bytes) -> int:
@@ -61,11 +74,11 @@ def _parse_valid(method: str, data: bytes) -> int:
 
 async def _drive(load: Load) -> LoadResult:
     channels = [
-        grpc.aio.insecure_channel(load.target, options=[
+        open_channel(load.target, load.tls, [
             ("grpc.use_local_subchannel_pool", 1),
             ("fedtoken.bench.channel", i),  # distinct args: distinct connections
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", 128 << 20),
+            ("grpc.max_send_message_length", 128 << 20),
         ])
         for i in range(load.connections)
     ]
@@ -173,11 +186,12 @@ def batch_requests(tokens: Sequence[str], size: int, audience: str) -> list[byte
     ]
 
 
-async def issue_tokens(target: str, count: int, audience: str, concurrency: int = 32) -> list[str]:
+async def issue_tokens(target: str, count: int, audience: str, concurrency: int = 32,
+                       tls: tuple[str, str, str] | None = None) -> list[str]:
     """``count`` distinct tokens from the service's Issue RPC."""
     from fedtoken_client._pb.fedtoken.v1 import token_service_pb2 as pb
 
-    channels = [grpc.aio.insecure_channel(target, options=[
+    channels = [open_channel(target, tls, [
         ("grpc.use_local_subchannel_pool", 1), ("fedtoken.bench.channel", i)]) for i in range(8)]
     stubs = [ch.unary_unary(SERVICE + "Issue", request_serializer=pb.IssueRequest.SerializeToString,
                             response_deserializer=pb.IssueResponse.FromString) for ch in channels]

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from bench import baselines
 from bench.load import Load, LoadResult, batch_requests, issue_tokens, run_load
-from bench.service import EmptyServer, Service, create_database
+from bench.service import EmptyServer, Service, create_database, sync_channel
 
 if TYPE_CHECKING:
     from fedtoken_client._pb.fedtoken.v1.token_service_pb2 import GetKeysResponse
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             admin = pg.start()
         service = Service(state / "svc", create_database(admin))
         service.state.mkdir()
-        empty = EmptyServer(state)
+        empty = EmptyServer(state, pki=state / "svc" / "tls")
         try:
             rows = _measure(service, empty, n_tokens, seconds, warmup, ossl_seconds, batches,
                             cmdline, say)
@@ -251,7 +251,6 @@ def _measure(service: Service, empty: EmptyServer, n_tokens: int, seconds: float
 def _measure_rows(service: Service, empty: EmptyServer, n_tokens: int, seconds: float,
                   warmup: float, ossl_seconds: int, batches: Sequence[int], cmdline: str,
                   log: Callable[[str], None], native: bool) -> list[Row]:
-    import grpc
 
     from fedtoken_client._pb.fedtoken.v1 import token_service_pb2 as pb
     from fedtoken_client._pb.fedtoken.v1 import token_service_pb2_grpc
@@ -272,9 +271,9 @@ def _measure_rows(service: Service, empty: EmptyServer, n_tokens: int, seconds: 
     log("starting fedtoken serve --workers 2")
     service.start(2)
     t0 = time.perf_counter()
-    tokens = asyncio.run(issue_tokens(service.target, n_tokens, AUDIENCE))
+    tokens = asyncio.run(issue_tokens(service.target, n_tokens, AUDIENCE, tls=service.tls))
     log(f"issued {len(set(tokens))} distinct tokens in {time.perf_counter() - t0:.1f} s")
-    with grpc.insecure_channel(service.target) as ch:
+    with sync_channel(service.target, service.tls) as ch:
         keys = token_service_pb2_grpc.TokenServiceStub(ch).GetKeys(pb.GetKeysRequest())
     jwks = baselines.jwks_by_kid([k.public_jwk_json for k in keys.keys])
 
@@ -308,7 +307,8 @@ def _measure_rows(service: Service, empty: EmptyServer, n_tokens: int, seconds: 
             log(f"{method} batch {b}, {workers} worker(s)")
             assert service.proc is not None
             res = run_load(Load(service.target, method, requests[b], b, conns,
-                                in_flight, seconds, warmup, server_pid=service.proc.pid))
+                                in_flight, seconds, warmup, server_pid=service.proc.pid,
+                                tls=service.tls))
             if res.errors or res.valid != res.tokens:
                 raise RuntimeError(f"{method} batch {b}: {res.errors} errors, "
                                    f"{res.valid} valid of {res.tokens}")
@@ -329,16 +329,29 @@ def _measure_rows(service: Service, empty: EmptyServer, n_tokens: int, seconds: 
     service.start(1)
     one = grpc_rows(1)
     service.stop()
+    # What mTLS costs: the same rows with the service and the empty handler in
+    # plaintext (insecure mode, every caller taken to be the dev operator).
+    tls_sizes = [b for b in (1, 1000) if b in batches]
+    plain_one: dict[int, LoadResult] = {}
+    if tls_sizes:
+        log("restarting fedtoken serve --workers 1 in plaintext (TLS cost)")
+        service.start(1, insecure=True)
+        plain_one = grpc_rows(1, tls_sizes)
+        service.stop()
+
+    def empty_load(insecure: bool) -> LoadResult:
+        empty.start(insecure=insecure)
+        assert empty.proc is not None
+        res = run_load(Load(empty.target, "Verify", requests[1], 1, 8, 8, seconds, warmup,
+                            count_valid=False, server_pid=empty.proc.pid, tls=empty.tls))
+        empty.stop()
+        return res
 
     if 1 in batches:
-        log("empty grpc.aio unary handler")
-        empty.start()
-        assert empty.proc is not None
-        unary_load = Load(empty.target, "Verify", requests[1], 1, 8, 8, seconds, warmup,
-                          count_valid=False, server_pid=empty.proc.pid)
-        empty_res = run_load(unary_load)
+        log("empty grpc.aio unary handler over mTLS, then in plaintext")
+        empty_res = empty_load(insecure=False)
         empty_rate = empty_res.calls_per_s
-        empty.stop()
+        empty_plain = empty_load(insecure=True)
 
     serve_cmd = "fedtoken serve --workers {w}; " + cmdline
     for workers, results in ((2, two), (1, one)):
@@ -362,8 +375,8 @@ def _measure_rows(service: Service, empty: EmptyServer, n_tokens: int, seconds: 
                         two[best_b].tokens_per_s, baseline="PyJWT loop", baseline_value=pyjwt,
                         target=">= 6x", command=serve_cmd.format(w=2)))
     if 1 in batches:
-        rows.append(Row("empty grpc.aio unary handler, 1 process", empty_rate, unit="calls/s",
-                        command=f"{cmdline}  # 8 connections x 8 in flight"))
+        rows.append(Row("empty grpc.aio unary handler, 1 process, mTLS", empty_rate,
+                        unit="calls/s", command=f"{cmdline}  # 8 connections x 8 in flight"))
         rows.append(Row("unary Verify, 1 worker", one[1].calls_per_s, unit="calls/s",
                         baseline="empty handler", baseline_value=empty_rate, target=">= 0.8x",
                         command=serve_cmd.format(w=1)))
@@ -382,4 +395,18 @@ def _measure_rows(service: Service, empty: EmptyServer, n_tokens: int, seconds: 
                         two[1].calls_per_cpu_s, unit="calls/CPU-s",
                         baseline="1 worker", baseline_value=one[1].calls_per_cpu_s,
                         command=serve_cmd.format(w=2)))
+        # The TLS cost: each plaintext figure against its mTLS twin.
+        rows.append(Row("empty handler in plaintext (mTLS off)", empty_plain.calls_per_s,
+                        unit="calls/s", baseline="empty handler over mTLS",
+                        baseline_value=empty_rate, command=f"{cmdline}  # plaintext"))
+        if 1 in plain_one:
+            rows.append(Row("unary Verify, 1 worker, plaintext (mTLS off)",
+                            plain_one[1].calls_per_s, unit="calls/s",
+                            baseline="the same over mTLS", baseline_value=one[1].calls_per_s,
+                            command="FEDTOKEN_INSECURE=1 " + serve_cmd.format(w=1)))
+    if 1000 in plain_one:
+        rows.append(Row("VerifyBatch batch 1000, 1 worker, plaintext (mTLS off)",
+                        plain_one[1000].tokens_per_s, baseline="the same over mTLS",
+                        baseline_value=one[1000].tokens_per_s,
+                        command="FEDTOKEN_INSECURE=1 " + serve_cmd.format(w=1)))
     return rows

@@ -17,10 +17,15 @@ import subprocess
 import sys
 import time
 import uuid
-from urllib.parse import urlsplit
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import grpc
+
+if TYPE_CHECKING:
+    from fedtoken_client import FedtokenClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,20 +64,32 @@ def create_database(admin_dsn: str) -> str:
     return urlsplit(admin_dsn)._replace(path=f"/{name}").geturl()
 
 
-def wait_ready(target: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+def sync_channel(target: str, tls: tuple[str, str, str] | None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(target)
+    ca, cert, key = (Path(p).read_bytes() for p in tls)
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(ca, key, cert))
+
+
+def wait_ready(target: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120,
+               tls: Callable[[], tuple[str, str, str] | None] = lambda: None) -> None:
+    """GetKeys answers (over mTLS once the dev PKI exists, when ``tls`` names it)."""
     from fedtoken_client._pb.fedtoken.v1 import token_service_pb2, token_service_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = token_service_pb2_grpc.TokenServiceStub(channel)
-        while True:
-            try:
-                stub.GetKeys(token_service_pb2.GetKeysRequest(), timeout=2)
-                return
-            except grpc.RpcError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start; log:\n{log.read_text()}") from None
-                time.sleep(0.3)
+    while True:
+        files = tls()
+        if files is None or all(Path(p).exists() for p in files):
+            with sync_channel(target, files) as channel:
+                stub = token_service_pb2_grpc.TokenServiceStub(channel)
+                try:
+                    stub.GetKeys(token_service_pb2.GetKeysRequest(), timeout=2)
+                    return
+                except grpc.RpcError:
+                    pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server did not start; log:\n{log.read_text()}")
+        time.sleep(0.3)
 
 
 class Service:
@@ -81,6 +98,7 @@ class Service:
 
     def __init__(self, state: Path, dsn: str, *, name: str = "serve") -> None:
         self.state, self.dsn = state, dsn
+        self.insecure = False
         self.grpc_port, self.http_port = free_port(), free_port()
         self.log = state / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -90,17 +108,41 @@ class Service:
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def tls(self) -> tuple[str, str, str] | None:
+        """The dev operator's mTLS files (None while serving insecure)."""
+        if self.insecure:
+            return None
+        d = self.state / "tls"
+        return (str(d / "ca.pem"), str(d / "operator.pem"), str(d / "operator.key"))
+
+    def client(self) -> FedtokenClient:
+        """A blocking client authenticated as the dev operator."""
+        from fedtoken_client import FedtokenClient, Tls
+
+        files = self.tls
+        return FedtokenClient(self.target, tls=Tls(*files) if files else None,
+                              insecure=files is None)
+
     def command(self, workers: int) -> list[str]:
         return [sys.executable, "-m", "fedtoken.cli.main", "serve",
                 "--state-dir", str(self.state), "--dsn", self.dsn,
                 "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
                 "--workers", str(workers), "--log-level", "warning"]
 
-    def start(self, workers: int) -> Service:
+    def start(self, workers: int, *, insecure: bool = False) -> Service:
+        """``insecure``: plaintext with every caller taken to be the dev
+        operator, to measure what mTLS costs in the same run."""
+        self.insecure = insecure
+        env = child_env()
+        if insecure:
+            operator = "spiffe://fedtoken.dev/operator"
+            env.update(FEDTOKEN_INSECURE="1", FEDTOKEN_INSECURE_IDENTITY=operator,
+                       FEDTOKEN_BOOTSTRAP_ADMINS=operator)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(self.command(workers), stdout=out,
-                                         stderr=subprocess.STDOUT, env=child_env())
-        wait_ready(self.target, self.proc, self.log)
+                                         stderr=subprocess.STDOUT, env=env)
+        wait_ready(self.target, self.proc, self.log, tls=lambda: self.tls)
         if workers > 1:
             # Every worker must be listening before the load starts, or the
             # kernel spreads the first connections over fewer of them.
@@ -161,7 +203,13 @@ async def main(port):
             response_serializer=pb.GetKeysResponse.SerializeToString),
     })
     server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    if len(sys.argv) > 2:  # mTLS: server cert, key, client CA (the same as fedtoken's)
+        cert, key, ca = (open(p, "rb").read() for p in sys.argv[2:5])
+        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                            require_client_auth=True)
+        server.add_secure_port(f"127.0.0.1:{port}", creds)
+    else:
+        server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
 
@@ -172,20 +220,36 @@ asyncio.run(main(int(sys.argv[1])))
 class EmptyServer:
     """A grpc.aio server, one process, whose Verify handler does nothing."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, pki: Path | None = None) -> None:
+        """``pki``: a dev PKI directory (ca.pem, server.pem/key, operator.pem/key)
+        whose certificates it serves mTLS with, exactly as fedtoken does."""
         self.port = free_port()
         self.log = state / "empty.log"
+        self.pki = pki
+        self.insecure = False
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> EmptyServer:
+    @property
+    def tls(self) -> tuple[str, str, str] | None:
+        if self.pki is None or self.insecure:
+            return None
+        d = self.pki
+        return (str(d / "ca.pem"), str(d / "operator.pem"), str(d / "operator.key"))
+
+    def start(self, *, insecure: bool = False) -> EmptyServer:
+        self.insecure = insecure
+        args = [sys.executable, "-c", EMPTY_SERVER, str(self.port)]
+        if self.pki is not None and not insecure:
+            args += [str(self.pki / "server.pem"), str(self.pki / "server.key"),
+                     str(self.pki / "ca.pem")]
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-c", EMPTY_SERVER, str(self.port)],
-                                         stdout=out, stderr=subprocess.STDOUT, env=child_env())
-        wait_ready(self.target, self.proc, self.log)
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                         env=child_env())
+        wait_ready(self.target, self.proc, self.log, tls=lambda: self.tls)
         return self
 
     def stop(self) -> None:

@@ -193,9 +193,10 @@ def prepare_tls(settings: Settings) -> Transport:
             raise InvalidRequest(
                 f"insecure gRPC refused on {settings.grpc_host}: plaintext is allowed only on "
                 "a loopback listener; configure tls_cert, tls_key and tls_client_ca")
-        log.warning("INSECURE: gRPC on %s:%s is plaintext and unauthenticated; every call "
-                    "that needs a role is denied. Never run this outside a test.",
-                    settings.grpc_host, settings.grpc_port)
+        log.warning("INSECURE: gRPC on %s:%s is plaintext and unauthenticated; %s. Never run "
+                    "this outside a test.", settings.grpc_host, settings.grpc_port,
+                    f"every caller is taken to be {settings.insecure_identity}"
+                    if settings.insecure_identity else "every call that needs a role is denied")
         return Transport(None, admins)
     if settings.tls_cert:
         return Transport(ServerTls(Path(settings.tls_cert), Path(settings.tls_key),
@@ -210,6 +211,13 @@ def prepare_tls(settings: Settings) -> Transport:
 
 def _authenticate(context: grpc.aio.ServicerContext) -> str:
     return spiffe_id_of(context.auth_context())
+
+
+def _assumed(identity: str) -> Callable[[grpc.aio.ServicerContext], str] | None:
+    """Insecure mode: every caller is ``identity`` (tests and benchmarks only)."""
+    if not identity:
+        return None
+    return lambda _context: identity
 
 
 def prepare_database(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
@@ -357,7 +365,8 @@ async def start_app(
             log.warning("revocation view not confirmed fresh yet; verdicts fail closed")
 
         # -- boundaries -------------------------------------------------------
-        boundary = Boundary(_authenticate if transport.tls is not None else None)
+        boundary = Boundary(_authenticate if transport.tls is not None
+                            else _assumed(settings.insecure_identity))
         server = grpc.aio.server(options=grpc_options(settings), interceptors=[boundary])
         token_service_pb2_grpc.add_TokenServiceServicer_to_server(
             TokenServicer(tokens, verification), server)

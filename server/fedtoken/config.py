@@ -46,6 +46,10 @@ class Settings:
     # Plaintext gRPC with no caller authentication: refused unless the gRPC
     # listener is loopback, and every call needing a role is then denied.
     insecure: bool = False
+    # With insecure only (tests and benchmarks that measure what TLS costs):
+    # the identity every plaintext caller is taken to be. Empty: none, so every
+    # call that needs a role is denied.
+    insecure_identity: str = ""
     # SPIFFE IDs that hold every role for every tenant (the operators), so a
     # fresh deployment can be administered; comma separated. The dev PKI's
     # operator identity is added when the dev PKI is in use.
@@ -244,6 +248,10 @@ def _validate(s: Settings) -> None:
         raise InvalidRequest("give all of tls_cert, tls_key and tls_client_ca, or none")
     if bool(s.http_tls_cert) != bool(s.http_tls_key):
         raise InvalidRequest("give both http_tls_cert and http_tls_key, or neither")
+    if s.insecure_identity and not s.insecure:
+        raise InvalidRequest("insecure_identity applies only with insecure")
+    if s.insecure_identity and not is_spiffe_id(s.insecure_identity):
+        raise InvalidRequest("insecure_identity must be a SPIFFE ID")
     for identity in s.bootstrap_identities:
         if not is_spiffe_id(identity):
             raise InvalidRequest("bootstrap_admins: each entry must be a SPIFFE ID "
