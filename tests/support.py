@@ -32,7 +32,10 @@ class _Tls:
     otherwise."""
 
     state: Path
-    target: str
+
+    @property
+    def target(self) -> str:
+        raise NotImplementedError
 
     @property
     def tls(self) -> Tls:
@@ -108,7 +111,7 @@ class ServerThread(_Tls):
         self.app = fut.result(timeout=60)
         return self
 
-    @property  # type: ignore[override]
+    @property
     def target(self) -> str:
         assert self.app is not None
         return f"127.0.0.1:{self.app.grpc_port}"
@@ -142,7 +145,7 @@ class ServeProcess(_Tls):
         self.log = state / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    @property  # type: ignore[override]
+    @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 

@@ -35,11 +35,6 @@ pytestmark = pytest.mark.integration
 PROPAGATION = 5.0  # seconds: a grant revoked on A is refused on B within this
 NO_RESYNC = 600.0  # the periodic full resync, far beyond any test's duration
 
-FEED_WIRING_PENDING = (
-    "events/feed.py relays only 'keys' and 'tenant' notifications to on_change; the "
-    "'callers' notifications of migration 0004 never reach Callers.notice, so replica B "
-    "keeps its old grants until the periodic resync (revocation_resync_seconds)"
-)
 
 
 @dataclass
@@ -131,7 +126,6 @@ def test_grants_are_stored_once_and_read_by_both(pair: Pair) -> None:
         assert _outcome(ca.get_keys) == DENIED
 
 
-@pytest.mark.xfail(strict=True, reason=FEED_WIRING_PENDING)
 def test_a_grant_made_on_a_works_on_b(pair: Pair) -> None:
     spiffe_id, tls = _identity(pair, "granted")
     with pair.a.client(tls=tls) as ca, pair.b.client(tls=tls) as cb:
@@ -142,7 +136,6 @@ def test_a_grant_made_on_a_works_on_b(pair: Pair) -> None:
         assert _outcome(lambda: cb.issue("s", "svc", lifetime_seconds=60)) == DENIED
 
 
-@pytest.mark.xfail(strict=True, reason=FEED_WIRING_PENDING)
 def test_a_grant_revoked_on_a_stops_working_on_b_within_the_bound(pair: Pair) -> None:
     spiffe_id, tls = _identity(pair, "revoked")
     pair.admin_a.grant_caller(spiffe_id, "verifier")
