@@ -26,7 +26,7 @@ import grpc
 from fedtoken.audit import AuditWriter
 from fedtoken.audit.spill import spill_dir_for
 from fedtoken.config import Settings
-from fedtoken.core.errors import HsmUnavailable, InvalidRequest
+from fedtoken.core.errors import FedtokenError, HsmUnavailable, InvalidRequest
 from fedtoken.core.ports import CallContext, SystemClock
 from fedtoken.events import EventFeed, revocation_loader
 from fedtoken.hsm import HsmConfig, Pkcs11Hsm
@@ -37,6 +37,7 @@ from fedtoken.rpc.interceptors import Boundary
 from fedtoken.rpc.servicers import KeyAdminServicer, TokenServicer
 from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Verification
 from fedtoken.service.callers import Callers
+from fedtoken.service.checkpoints import Checkpoints, FileCheckpointJournal
 from fedtoken.service.types import Introspection, KeySet
 from fedtoken.store import PgStore, apply_migrations, create_pool
 from fedtoken.store.callers import PgCallers
@@ -361,6 +362,18 @@ async def start_app(
         maintenance = asyncio.create_task(jobs.maintain(settings.revocation_resync_seconds),
                                           name="maintenance")
         closers.append(maintenance.cancel)
+        if worker == 0 and settings.audit_checkpoint_seconds > 0:
+            checkpoints = Checkpoints(store=store, signer=hsm, clock=clock, journal=(
+                FileCheckpointJournal(settings.state_dir.resolve() / "audit")))
+            try:
+                await checkpoints.prepare()
+            except (FedtokenError, OSError) as exc:
+                log.warning("audit checkpoint key not ready (%s); trying again every %.0f s",
+                            exc, settings.audit_checkpoint_seconds)
+            checkpointing = asyncio.create_task(
+                jobs.checkpoint_audit(checkpoints, settings.audit_checkpoint_seconds),
+                name="audit-checkpoints")
+            closers.append(checkpointing.cancel)
         if not await feed.wait_ready(10):
             log.warning("revocation view not confirmed fresh yet; verdicts fail closed")
 

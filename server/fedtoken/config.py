@@ -116,6 +116,11 @@ class Settings:
     # as "client_id:sha256-hex-of-secret" entries separated by commas (see
     # `fedtoken hash-secret`). Empty: every introspection request gets 401.
     introspection_clients: str = field(default="", repr=False)
+    # Signed audit checkpoints (docs/security.md, Audit trail): every this
+    # many seconds the audit chain's head is signed with the HSM's checkpoint
+    # key and appended to state_dir/audit/checkpoints.jsonl and the log (by
+    # worker 0 only). 0 disables them.
+    audit_checkpoint_seconds: float = 60.0
     # Worker processes for `serve` (0: one per core).
     workers: int = 0
     log_level: str = "INFO"
@@ -274,6 +279,8 @@ def _validate(s: Settings) -> None:
         raise InvalidRequest("leeway_seconds must be between 0 and 300")
     if s.revocation_staleness_seconds <= s.revocation_heartbeat_seconds:
         raise InvalidRequest("revocation_staleness_seconds must exceed the heartbeat interval")
+    if s.audit_checkpoint_seconds < 0:
+        raise InvalidRequest("audit_checkpoint_seconds must not be negative (0: no checkpoints)")
 
 
 def replace(settings: Settings, **changes: Any) -> Settings:

@@ -21,13 +21,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from fedtoken.core.errors import FedtokenError
 from fedtoken_client import FedtokenClient, FedtokenRpcError, Tls
+
+if TYPE_CHECKING:
+    from fedtoken_client._pb.fedtoken.v1 import key_admin_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -214,6 +217,8 @@ def cmd_audit(ns: argparse.Namespace) -> int:
     with _client(ns) as c:
         if ns.action == "verify":
             report = c.verify_audit_chain()
+            if ns.checkpoints:
+                return _verify_checkpoints(ns, c, report)
             _print(report)
             return 0 if report.ok else 1
         after = ns.after
@@ -228,6 +233,35 @@ def cmd_audit(ns: argparse.Namespace) -> int:
                 return 0
             if not page.events:
                 time.sleep(1.0)
+
+
+def _verify_checkpoints(ns: argparse.Namespace, c: FedtokenClient,
+                        chain: key_admin_pb2.AuditChainReport) -> int:
+    """Every signed checkpoint in --checkpoints must verify with the pinned
+    key and still be in the chain (the row at its seq has its hash), and the
+    chain must verify; exit 0, else 1 naming the first failing checkpoint."""
+    from fedtoken.core.checkpoint import pinned_keys, verify_checkpoints
+
+    key_file = Path(ns.checkpoint_key) if ns.checkpoint_key else (
+        _state_dir(ns) / "audit" / "checkpoint-key.jwk")
+    keys = pinned_keys(json.loads(key_file.read_text()))
+    hashes: dict[int, bytes | None] = {}
+
+    def row_hash(seq: int) -> bytes | None:
+        if seq not in hashes:
+            events = c.list_audit(after_seq=seq - 1, page_size=1).events
+            hashes[seq] = (bytes.fromhex(events[0].hash)
+                           if events and events[0].seq == seq else None)
+        return hashes[seq]
+
+    with Path(ns.checkpoints).open(encoding="utf-8", errors="replace") as lines:
+        report = verify_checkpoints(
+            lines, keys, row_hash, chain_ok=chain.ok,
+            chain_detail=f"row {chain.first_bad_seq}: {chain.problem}")
+    _print({**report.as_dict(), "pinned_kids": sorted(keys),
+            "chain": MessageToDict(chain, preserving_proto_field_name=True,
+                                   always_print_fields_with_no_presence=True)})
+    return 0 if report.ok else 1
 
 
 def cmd_hash_secret(ns: argparse.Namespace) -> int:
@@ -371,7 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--after", type=int, default=0, help="start after this seq")
     tail.add_argument("--limit", type=int, default=100, help="page size (max 1000)")
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
-    ausub.add_parser("verify", help="walk the hash chain; exit 1 naming the first bad record")
+    av = ausub.add_parser("verify", help="walk the hash chain; exit 1 naming the first bad record")
+    av.add_argument("--checkpoints", default="", metavar="FILE",
+                    help="also prove the chain extends every signed checkpoint in FILE "
+                         "(state_dir/audit/checkpoints.jsonl, one JSON checkpoint a line)")
+    av.add_argument("--checkpoint-key", default="", metavar="JWK_FILE",
+                    help="the pinned checkpoint public key, a JWK or a JWKS (default: "
+                         "state_dir/audit/checkpoint-key.jwk)")
     au.set_defaults(func=cmd_audit)
 
     hs = sub.add_parser("hash-secret", help="make an introspection_clients entry")

@@ -120,6 +120,43 @@ class Signer(Protocol):
         ...
 
 
+class CheckpointSigner(Protocol):
+    """Signs audit checkpoints (``core.checkpoint``) with the HSM's one
+    dedicated checkpoint key, never with a tenant key."""
+
+    async def checkpoint_key(self, *, create: bool = True) -> GeneratedKey | None:
+        """The checkpoint key (labelled ``CHECKPOINT_LABEL_PREFIX + kid``);
+        generated (RSA-2048, sign-only, non-extractable) when there is none and
+        ``create``, else None."""
+        ...
+
+    async def sign_checkpoint(self, hsm_label: str, kid: str, data: bytes) -> bytes:
+        """The RS256 signature of ``data`` by the checkpoint key."""
+        ...
+
+
+class CheckpointJournal(Protocol):
+    """Where signed audit checkpoints are kept outside Postgres."""
+
+    @property
+    def where(self) -> str:
+        """For log messages: the journal's location."""
+        ...
+
+    async def last(self) -> str | None:
+        """The newest checkpoint line written, if any."""
+        ...
+
+    async def append(self, line: str) -> None:
+        """Append one checkpoint line, durable before returning."""
+        ...
+
+    async def publish_key(self, jwk: dict[str, Any]) -> str:
+        """Keep the checkpoint key's public JWK next to the checkpoints; where
+        it is (for the log)."""
+        ...
+
+
 # --- verification -----------------------------------------------------------------
 
 

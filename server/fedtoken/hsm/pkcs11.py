@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 
+from fedtoken.core.checkpoint import CHECKPOINT_LABEL_PREFIX
 from fedtoken.core.errors import HsmUnavailable, InvalidRequest
 from fedtoken.core.jwk import rsa_public_jwk, rsa_thumbprint
 from fedtoken.core.policy import check_key_size
@@ -43,7 +44,7 @@ from fedtoken.core.ports import GeneratedKey
 from fedtoken.hsm.session import PKCS11_LOCK, TokenChannel, channel_for
 
 if TYPE_CHECKING:
-    from fedtoken.core.ports import Signer
+    from fedtoken.core.ports import CheckpointSigner, Signer
 
 __all__ = ["LABEL_PREFIX", "HsmConfig", "Pkcs11Hsm"]
 
@@ -58,6 +59,9 @@ LABEL_PREFIX = "fedtoken/"
 # A freshly generated pair carries this prefix until its kid is known; one
 # left behind by a crash is not listed and never signs.
 _PENDING_PREFIX = "fedtoken-pending/"
+
+# The audit checkpoint key (fedtoken.core.checkpoint): one per token.
+CHECKPOINT_KEY_BITS = 2048
 
 _PUBLIC_EXPONENT = 65537
 _RS256 = Mechanism.SHA256_RSA_PKCS
@@ -173,6 +177,17 @@ class Pkcs11Hsm:
         """destroy_key on this instance's worker thread."""
         await self._offload(functools.partial(self.destroy_key, hsm_label))
 
+    # --- the CheckpointSigner port: the audit checkpoint key ---------------------
+
+    async def checkpoint_key(self, *, create: bool = True) -> GeneratedKey | None:
+        """find_checkpoint_key on this instance's worker thread."""
+        return await self._offload(functools.partial(self.find_checkpoint_key, create=create))
+
+    async def sign_checkpoint(self, hsm_label: str, kid: str, data: bytes) -> bytes:
+        """sign_with_checkpoint_key on this instance's worker thread."""
+        return await self._offload(
+            functools.partial(self.sign_with_checkpoint_key, hsm_label, kid, bytes(data)))
+
     async def _offload(self, call: Callable[[], T]) -> T:
         # One worker per instance: it, not the event loop, waits for
         # PKCS11_LOCK. The lock, not this executor, is what keeps PKCS#11
@@ -198,11 +213,22 @@ class Pkcs11Hsm:
                 "tenant must be non-empty and printable, without '/'", field="tenant"
             )
 
+        generated = self._generate_pair(
+            f"{_PENDING_PREFIX}{tenant}/{secrets.token_hex(8)}", bits,
+            lambda kid: f"{LABEL_PREFIX}{tenant}/{kid}")
+        _log.info("generated RSA-%d key %s in %s", bits, generated.hsm_label, self._channel.where)
+        return generated
+
+    def _generate_pair(self, pending_label: str, bits: int,
+                       final_label: Callable[[str], str]) -> GeneratedKey:
+        """A protected key pair under ``pending_label``, renamed to
+        ``final_label(kid)`` once its kid (thumbprint) is known."""
+
         def generate(channel: TokenChannel) -> GeneratedKey:
             public, private = channel.session().generate_keypair(
                 KeyType.RSA,
                 bits,
-                label=f"{_PENDING_PREFIX}{tenant}/{secrets.token_hex(8)}",
+                label=pending_label,
                 store=True,
                 capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
                 public_template=_PUBLIC_TEMPLATE,
@@ -212,7 +238,7 @@ class Pkcs11Hsm:
                 _require_protected(channel, private)
                 n, e = _rsa_numbers(public)
                 kid = rsa_thumbprint(n, e)
-                label = f"{LABEL_PREFIX}{tenant}/{kid}"
+                label = final_label(kid)
                 # The private key is renamed last: a private key under the
                 # final label is always complete.
                 for obj in (public, private):
@@ -229,9 +255,7 @@ class Pkcs11Hsm:
                 kid=kid, hsm_label=label, public_jwk=rsa_public_jwk(n, e), key_size=n.bit_length()
             )
 
-        generated = self._call("generate an RSA key pair", generate)
-        _log.info("generated RSA-%d key %s in %s", bits, generated.hsm_label, self._channel.where)
-        return generated
+        return self._call("generate an RSA key pair", generate)
 
     def sign_many(self, hsm_label: str, kid: str, inputs: Sequence[bytes]) -> list[bytes]:
         """RS256 signatures, one per input, by the HSM key with this label and kid.
@@ -290,6 +314,73 @@ class Pkcs11Hsm:
 
         self._call("destroy a key", destroy)
         _log.info("destroyed key %s in %s", hsm_label, self._channel.where)
+
+    # --- the audit checkpoint key: sync, under PKCS11_LOCK ---------------------
+
+    def checkpoint_key_labels(self) -> list[str]:
+        """Labels of the audit checkpoint private keys in the token, sorted."""
+
+        def read_labels(channel: TokenChannel) -> list[str]:
+            objects = channel.session().get_objects(
+                {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.RSA}
+            )
+            labels = (str(obj[Attribute.LABEL]) for obj in objects)
+            return sorted(label for label in labels if label.startswith(CHECKPOINT_LABEL_PREFIX))
+
+        return self._call("list checkpoint keys", read_labels)
+
+    def find_checkpoint_key(self, *, create: bool = True) -> GeneratedKey | None:
+        """The audit checkpoint key: RSA-2048 labelled
+        f"{CHECKPOINT_LABEL_PREFIX}{kid}" (CKA_ID = kid), with the same
+        protection as tenant keys. Generated when the token has none and
+        ``create``; with several, the first label in sorted order (every
+        process picks the same one). Never a tenant key: the prefixes differ
+        and neither path accepts the other's labels."""
+        labels = self.checkpoint_key_labels()
+        if not labels:
+            if not create:
+                return None
+            generated = self._generate_pair(
+                f"{_PENDING_PREFIX}{CHECKPOINT_LABEL_PREFIX}{secrets.token_hex(8)}",
+                CHECKPOINT_KEY_BITS, lambda kid: f"{CHECKPOINT_LABEL_PREFIX}{kid}")
+            _log.info("generated RSA-%d audit checkpoint key %s in %s", CHECKPOINT_KEY_BITS,
+                      generated.hsm_label, self._channel.where)
+            labels = self.checkpoint_key_labels()
+        if len(labels) > 1:
+            _log.warning("%d audit checkpoint keys in %s; using %s", len(labels),
+                         self._channel.where, labels[0])
+        label = labels[0]
+        kid = label[len(CHECKPOINT_LABEL_PREFIX):]
+
+        def read(channel: TokenChannel) -> tuple[int, int]:
+            # The pair whose CKA_ID is the kid the label names, both halves,
+            # and a private half that never was and cannot be exported.
+            actual = _protection(channel.private_key(label, kid))
+            weak = sorted(attr.name for attr, want in _REQUIRED_PRIVATE.items()
+                          if actual[attr.name] != want)
+            if weak:
+                raise HsmUnavailable(f"{channel.where}: checkpoint key {label!r} lacks the "
+                                     f"required protection ({', '.join(weak)}); not used")
+            return _rsa_numbers(channel.find_key(ObjectClass.PUBLIC_KEY, label, kid))
+
+        n, e = self._call("read the checkpoint key", read)
+        jwk = rsa_public_jwk(n, e)
+        if jwk["kid"] != kid:
+            raise HsmUnavailable(f"{self._channel.where}: checkpoint key {label!r} does not "
+                                 "carry its public key's thumbprint; refusing to use it")
+        return GeneratedKey(kid=kid, hsm_label=label, public_jwk=jwk, key_size=n.bit_length())
+
+    def sign_with_checkpoint_key(self, hsm_label: str, kid: str, data: bytes) -> bytes:
+        """RS256 signature of ``data`` by the checkpoint key with this label and kid."""
+        if not hsm_label.startswith(CHECKPOINT_LABEL_PREFIX):
+            raise InvalidRequest(
+                f"checkpoint key labels start with {CHECKPOINT_LABEL_PREFIX!r}; "
+                "a tenant key never signs a checkpoint", field="hsm_label")
+
+        def sign(channel: TokenChannel) -> bytes:
+            return bytes(channel.private_key(hsm_label, kid).sign(data, mechanism=_RS256))
+
+        return self._call("sign an audit checkpoint", sign)
 
     def private_key_attributes(self, hsm_label: str) -> dict[str, bool]:
         """The protection attributes of a private key as the token reports them,
@@ -356,3 +447,6 @@ if TYPE_CHECKING:
 
     def _implements(hsm: Pkcs11Hsm) -> Signer:
         return hsm  # mypy checks the port
+
+    def _implements_checkpoints(hsm: Pkcs11Hsm) -> CheckpointSigner:
+        return hsm

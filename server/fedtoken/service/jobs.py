@@ -1,5 +1,6 @@
-"""Background and once-only work: first-start bootstrap and the purge of
-expired revocations. (Scheduled key rotation will live here too.)"""
+"""Background and once-only work: first-start bootstrap, the purge of
+expired revocations and the signed audit checkpoints. (Scheduled key
+rotation will live here too.)"""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from fedtoken.core.errors import FedtokenError
 from fedtoken.core.model import KeyState, Tenant, TenantPolicy
 from fedtoken.core.ports import CallContext, Clock, LocalRevocations, Principal, Store
 from fedtoken.service.catalog import Catalog
+from fedtoken.service.checkpoints import ChainRewritten, Checkpoints
 from fedtoken.service.keyadmin import KeyAdmin, TenantDefaults
 
 log = logging.getLogger(__name__)
@@ -69,3 +71,19 @@ class Jobs:
                 continue
             if removed:
                 log.info("purged %d expired revocations", removed)
+
+    async def checkpoint_audit(self, checkpoints: Checkpoints, every: float) -> None:
+        """Sign the audit chain's head every ``every`` seconds
+        (``service.checkpoints``). A failed round is logged and tried again
+        the next period; the loop never ends on its own."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await checkpoints.checkpoint()
+            except FedtokenError as exc:
+                # A rewritten chain is an alarm; an unavailable store or HSM is not.
+                level = logging.ERROR if isinstance(exc, ChainRewritten) else logging.WARNING
+                log.log(level, "audit checkpoint not signed (%s): %s", exc.reason.value,
+                        exc.message)
+            except Exception:  # a bug must not end the job either
+                log.exception("audit checkpoint failed; trying again in %.0f s", every)

@@ -1,0 +1,305 @@
+"""Signed checkpoints of the audit chain, kept outside Postgres
+(``fedtoken.core.checkpoint``: what is signed and how it is checked).
+
+Every period, ``Checkpoints.checkpoint`` reads the newest row of the chain
+and, when the chain moved, signs ``(seq, hash)`` with the HSM's checkpoint
+key and appends it to the journal (``<state_dir>/audit/checkpoints.jsonl``)
+and to the log. ``fedtoken audit verify --checkpoints`` later proves the
+chain still extends every checkpoint, which a database superuser who rewrote
+the chain cannot fake: the key is in the HSM, the checkpoints are not in the
+database.
+
+Before signing, the previous checkpoint must still hold (the row at its seq
+has its hash); if it does not, the chain was rewritten or truncated since,
+nothing more is signed and an error is logged every period. The first
+checkpoint of a journal is signed only after a full walk of the chain
+verified it.
+
+``FileCheckpointJournal`` is the journal: one JSON line per checkpoint,
+appended with one write and fsync'ed (file and directory), and the public
+JWK of the key next to it so an operator can pin it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from fedtoken.core.audit import AuditRecord
+from fedtoken.core.checkpoint import (
+    MAX_LINE,
+    Checkpoint,
+    CheckpointFormatError,
+    SignedCheckpoint,
+    parse_line,
+    signing_input,
+)
+from fedtoken.core.errors import FailedPrecondition, HsmUnavailable
+from fedtoken.core.jwk import b64url_encode
+from fedtoken.core.ports import (
+    AuditLog,
+    CheckpointJournal,
+    CheckpointSigner,
+    Clock,
+    GeneratedKey,
+    Store,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY_LOCK: Final = 0x6665_6474_6F6C  # advisory lock: one key generation at a time
+CHECKPOINTS_FILE: Final = "checkpoints.jsonl"
+KEY_FILE: Final = "checkpoint-key.jwk"
+
+
+@dataclass(frozen=True, slots=True)
+class _Anchor:
+    """The newest checkpoint: the chain must still have ``hash`` at ``seq``."""
+
+    seq: int
+    hash: bytes
+
+
+class ChainRewritten(FailedPrecondition):
+    """The chain no longer extends the newest checkpoint."""
+
+
+class Checkpoints:
+    """Signs the audit chain's head now and then (see the module docstring)."""
+
+    def __init__(self, *, store: Store, signer: CheckpointSigner, journal: CheckpointJournal,
+                 clock: Clock) -> None:
+        self._store = store
+        self._log: AuditLog = store.audit
+        self._signer = signer
+        self._journal = journal
+        self._clock = clock
+        self._key: GeneratedKey | None = None
+        self._anchor: _Anchor | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def key(self) -> GeneratedKey | None:
+        return self._key
+
+    async def prepare(self) -> GeneratedKey:
+        """Find (or, once per HSM, generate) the checkpoint key, publish its
+        public JWK, and take the newest journal entry as the anchor."""
+        async with self._lock:
+            if self._key is None:
+                key = await self._signer.checkpoint_key(create=False)
+                if key is None:
+                    # Replicas sharing the database (and so, usually, the HSM)
+                    # generate one key between them.
+                    async with self._store.advisory_lock(CHECKPOINT_KEY_LOCK):
+                        key = await self._signer.checkpoint_key(create=True)
+                if key is None:  # pragma: no cover - a signer that ignores create=True
+                    raise HsmUnavailable("no audit checkpoint key, and none was created")
+                published = await self._journal.publish_key(key.public_jwk)
+                log.info("audit checkpoint key: thumbprint (kid) %s, HSM label %s, public JWK "
+                         "in %s; pin it to verify checkpoints", key.kid, key.hsm_label,
+                         published)
+                self._anchor = await self._read_anchor()
+                self._key = key
+            return self._key
+
+    async def _read_anchor(self) -> _Anchor | None:
+        line = await self._journal.last()
+        if line is None:
+            return None
+        try:
+            cp = parse_line(line).checkpoint
+        except CheckpointFormatError as exc:
+            log.warning("the last line of %s is not a checkpoint (%s); the next checkpoint "
+                        "is signed after a full chain walk", self._journal.where, exc)
+            return None
+        return _Anchor(cp.seq, cp.hash)
+
+    async def checkpoint(self) -> SignedCheckpoint | None:
+        """Sign the newest row of the chain if it moved since the last
+        checkpoint; None when it did not. Raises ChainRewritten when the
+        previous checkpoint no longer holds, FedtokenError when the store or
+        the HSM fails (nothing is written then)."""
+        key = await self.prepare()
+        async with self._lock:
+            anchor = self._anchor
+            if anchor is None:
+                report = await self._log.verify_chain()
+                if not report.ok:
+                    raise ChainRewritten(
+                        f"the audit chain does not verify (row {report.first_bad_seq}: "
+                        f"{report.problem.value if report.problem else '?'}); no checkpoint "
+                        "is signed over a broken chain")
+                if report.head_seq == 0:
+                    return None
+                head = _Anchor(report.head_seq, report.head_hash)
+            else:
+                await self._still_holds(anchor)
+                newest = await self._newest_after(anchor.seq)
+                if newest is None:
+                    return None
+                head = _Anchor(newest.seq, newest.hash)
+            checkpoint = Checkpoint(seq=head.seq, hash=head.hash, time=int(self._clock.now()),
+                                    kid=key.kid)
+            sig = await self._signer.sign_checkpoint(key.hsm_label, key.kid,
+                                                     signing_input(checkpoint))
+            signed = SignedCheckpoint(checkpoint, sig)
+            line = signed.line()
+            await self._journal.append(line)
+            self._anchor = head
+        # The whole line too: the log is the second copy outside Postgres.
+        log.info("audit checkpoint seq=%d hash=%s sig=%s...: %s", head.seq, head.hash.hex(),
+                 b64url_encode(sig)[:16], line)
+        return signed
+
+    async def _still_holds(self, anchor: _Anchor) -> None:
+        row = await self._row_from(anchor.seq)
+        if row is None or row.seq != anchor.seq:
+            raise ChainRewritten(
+                f"the audit chain has no row {anchor.seq}, which the last checkpoint in "
+                f"{self._journal.where} signed: rows were deleted or the chain replaced; "
+                "run `fedtoken audit verify --checkpoints`")
+        if row.hash != anchor.hash:
+            raise ChainRewritten(
+                f"row {anchor.seq} of the audit chain has hash {row.hash.hex()}, the last "
+                f"checkpoint in {self._journal.where} signed {anchor.hash.hex()}: the chain "
+                "was rewritten; run `fedtoken audit verify --checkpoints`")
+
+    async def _row_from(self, seq: int) -> AuditRecord | None:
+        """The first row with a seq of at least ``seq``."""
+        rows = await self._log.list(after_seq=seq - 1, limit=1)
+        return rows[0] if rows else None
+
+    async def _newest_after(self, known: int) -> AuditRecord | None:
+        """The newest row after seq ``known`` (which exists), or None.
+
+        Seqs are gapless, so "some row at or after s" is monotone in s: an
+        exponential then a binary search over it takes about 2 log2(new rows)
+        one-row reads. (A store read of the newest row, ``SELECT seq, hash
+        FROM audit_events ORDER BY seq DESC LIMIT 1``, would make it one.)
+        """
+        newest: AuditRecord | None = None
+        low, step = known, 1  # a row at low exists (or low == known)
+        while True:
+            row = await self._row_from(low + step)
+            if row is None:
+                high = low + step  # no row at or after high
+                break
+            newest, low, step = row, row.seq, step * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            row = await self._row_from(middle)
+            if row is None:
+                high = middle
+            else:
+                newest, low = row, row.seq
+        return newest
+
+
+# --- the journal: a file under the state directory --------------------------------
+
+
+class FileCheckpointJournal:
+    """Checkpoint lines in ``directory/checkpoints.jsonl`` (0644) and the key's
+    public JWK in ``directory/checkpoint-key.jwk`` (0644); nothing in them is
+    secret. Appends are one write each (O_APPEND) and fsync'ed with the
+    directory, so processes sharing the directory never interleave a line."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / CHECKPOINTS_FILE
+        self.key_path = directory / KEY_FILE
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    async def last(self) -> str | None:
+        return await asyncio.to_thread(self._last)
+
+    async def append(self, line: str) -> None:
+        await asyncio.to_thread(self._append, line)
+
+    async def publish_key(self, jwk: dict[str, Any]) -> str:
+        await asyncio.to_thread(self._publish_key, jwk)
+        return str(self.key_path)
+
+    def _mkdir(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _last(self) -> str | None:
+        """The last complete line. A torn last line (a crash mid-write, so
+        never durable) is cut off, or it would make the file unverifiable."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            # A line is at most MAX_LINE + 1 bytes: a torn one and a whole one fit.
+            start = max(0, size - 3 * (MAX_LINE + 1))
+            f.seek(start)
+            tail = f.read()
+            end = tail.rfind(b"\n") + 1  # after the last complete line (0: none)
+            if end < len(tail):
+                log.warning("%s ends in a torn line (%d bytes); cutting it off", self.path,
+                            len(tail) - end)
+                f.truncate(start + end)
+                os.fsync(f.fileno())
+            lines = tail[:end].split(b"\n")
+            if start:
+                lines = lines[1:]  # the first may be the end of an earlier line
+        whole = [line for line in lines if line.strip()]
+        return whole[-1].decode("utf-8", "replace") if whole else None
+
+    def _append(self, line: str) -> None:
+        if "\n" in line:
+            raise ValueError("a checkpoint line holds no newline")
+        self._mkdir()
+        data = (line + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(f"short write to {self.path} ({written} of {len(data)} bytes)")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.directory)
+
+    def _publish_key(self, jwk: dict[str, Any]) -> None:
+        self._mkdir()
+        data = (json.dumps(jwk, indent=2, sort_keys=True) + "\n").encode("ascii")
+        try:
+            if self.key_path.read_bytes() == data:
+                return
+        except FileNotFoundError:
+            pass
+        tmp = self.key_path.with_name(f".{KEY_FILE}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.key_path)
+        _fsync_dir(self.directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+if TYPE_CHECKING:
+
+    def _implements(journal: FileCheckpointJournal) -> CheckpointJournal:
+        return journal
