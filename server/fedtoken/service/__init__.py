@@ -8,7 +8,9 @@ injects them.
 - ``tokens``: issue, revoke, compromise, introspect;
 - ``verification``: verify, verify_batch;
 - ``keyadmin``: tenants, key lifecycle, audit reading;
-- ``jobs``: bootstrap, purge (later: rotation).
+- ``jobs``: bootstrap, purge, signed audit checkpoints (later: rotation);
+- ``callers``: the zero-trust policy (grants) and the authorization decision;
+- ``checkpoints``: signing the audit chain head with the HSM checkpoint key.
 """
 
 from fedtoken.service.catalog import Catalog
