@@ -29,7 +29,13 @@ from fedtoken.core.audit import (
     ChainReport,
 )
 from fedtoken.core.errors import InvalidRequest, StoreUnavailable
-from fedtoken.store.pool import ConnectionSource, db_errors
+from fedtoken.store.pool import (
+    ConnectionSource,
+    db_errors,
+    guarded_transaction,
+    intact_after,
+    terminate,
+)
 
 MAX_AUDIT_PAGE: Final = 10_000
 
@@ -165,6 +171,7 @@ class PgAuditLog:
         events: Sequence[AuditEvent],
         *,
         before_commit: Callable[[int], Awaitable[None]] | None = None,
+        timeout: float | None = None,
     ) -> int:
         """Append events in order in one transaction; return the seq of the last.
 
@@ -178,6 +185,10 @@ class PgAuditLog:
 
         Inside ``PgStore.transaction()`` the rows go into that transaction (a
         savepoint) and commit or roll back with it.
+
+        ``timeout`` bounds the whole append (None: the request-path bound);
+        when it expires the connection is terminated and the append raises
+        StoreUnavailable, or AuditCommitUncertain if it expired during COMMIT.
         """
         if not events:
             raise InvalidRequest("no audit events to append", field="events")
@@ -189,29 +200,32 @@ class PgAuditLog:
                     if before_commit is not None:
                         await before_commit(last)
             return last
-        return await self._append_and_commit(records, before_commit)
+        return await self._append_and_commit(records, before_commit, timeout)
 
     async def _append_and_commit(
         self,
         records: builtins.list[tuple[Any, ...]],
         before_commit: Callable[[int], Awaitable[None]] | None,
+        timeout: float | None,
     ) -> int:
         last = 0
         committed = False
         with db_errors("append audit chunk"):
             try:
-                async with self._source.connection() as conn:
+                async with self._source.connection(timeout) as conn:
                     tx = conn.transaction()
                     await tx.start()
                     try:
                         last = await _insert_rows(conn, records)
                         if before_commit is not None:
                             await before_commit(last)
-                    except BaseException:
-                        # A lost connection detaches the pool proxy: even is_closed() may fail.
-                        with contextlib.suppress(Exception):
-                            if not conn.is_closed():
+                    except BaseException as exc:
+                        if intact_after(exc):
+                            # A lost connection detaches the pool proxy: rollback may fail.
+                            with contextlib.suppress(Exception):
                                 await tx.rollback()
+                        else:  # a ROLLBACK would wait on a statement that may never end
+                            terminate(conn)
                         raise
                     try:
                         await tx.commit()
@@ -251,15 +265,17 @@ class PgAuditLog:
         Runs in one REPEATABLE READ snapshot so concurrent appends do not
         disturb the walk. Stops at the first problem, which is reported with
         the seq where the chain first breaks.
+
+        A long operation: bounded by the source's long bound, each page by its
+        page bound.
         """
+        source = self._source
+        options: dict[str, Any] = (
+            {} if source.in_transaction else {"isolation": "repeatable_read", "readonly": True})
         with db_errors("verify audit chain"):
-            async with self._source.connection() as conn:
-                if self._source.in_transaction:
-                    tx = conn.transaction()
-                else:
-                    tx = conn.transaction(isolation="repeatable_read", readonly=True)
-                async with tx:
-                    return await _walk_chain(conn, page_size)
+            async with source.connection(source.long_timeout) as conn, \
+                    guarded_transaction(conn, **options):
+                return await _walk_chain(conn, page_size, source.page_timeout)
 
     async def list(
         self,
@@ -302,8 +318,10 @@ class PgAuditLog:
         return [_record(r) for r in rows]
 
 
-async def _walk_chain(conn: asyncpg.Connection, page_size: int) -> ChainReport:
-    head = await conn.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1")
+async def _walk_chain(conn: asyncpg.Connection, page_size: int, page_timeout: float
+                      ) -> ChainReport:
+    head = await conn.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1",
+                               timeout=page_timeout)
     if head is None:  # only a superuser bypassing the guard trigger can do this
         return ChainReport(
             ok=False,
@@ -328,7 +346,7 @@ async def _walk_chain(conn: asyncpg.Connection, page_size: int) -> ChainReport:
 
     prev_hash, next_seq, checked = GENESIS_HASH, 1, 0
     while True:
-        rows = await conn.fetch(_VERIFY_PAGE_SQL, next_seq - 1, page_size)
+        rows = await conn.fetch(_VERIFY_PAGE_SQL, next_seq - 1, page_size, timeout=page_timeout)
         for row in rows:
             if row["seq"] != next_seq:
                 return report(next_seq, ChainProblem.GAP, checked)

@@ -12,7 +12,13 @@ import asyncpg
 from fedtoken.core.audit import AuditEvent
 from fedtoken.core.errors import InvalidRequest
 from fedtoken.store.audit_log import insert_event
-from fedtoken.store.pool import ConnectionSource, aware, db_errors, row_count
+from fedtoken.store.pool import (
+    ConnectionSource,
+    aware,
+    db_errors,
+    guarded_transaction,
+    row_count,
+)
 
 REVOCATION_KINDS: Final = frozenset({"jti", "subject", "key"})
 
@@ -134,13 +140,20 @@ class PgRevocations:
         """Revocations in force at ``now`` as compact rows (tenant, kind, value,
         expires_at, not_before as Unix seconds rounded up), streamed in chunks
         through a server-side cursor: a million rows never sit in memory at
-        once, and no single statement runs long enough to hit the timeout."""
+        once, and no single statement runs long enough to hit the timeout.
+
+        A long operation: the whole stream (including the time the consumer
+        takes between chunks) is bounded by the source's long bound, each
+        chunk by its page bound.
+        """
         aware(now, "now")
+        source = self._source
+        page = source.page_timeout
         with db_errors("stream revocations"):
-            async with self._source.connection() as conn, self._read_tx(conn):
-                cursor = await conn.cursor(_ACTIVE_SQL, now)
+            async with source.connection(source.long_timeout) as conn, self._read_tx(conn):
+                cursor = await conn.cursor(_ACTIVE_SQL, now, timeout=page)
                 while True:
-                    rows = await cursor.fetch(chunk)
+                    rows = await cursor.fetch(chunk, timeout=page)
                     if not rows:
                         return
                     yield [tuple(r) for r in rows]
@@ -148,15 +161,13 @@ class PgRevocations:
     def _read_tx(self, conn: asyncpg.Connection) -> AbstractAsyncContextManager[object]:
         # A savepoint inside a transaction cannot change its access mode.
         if self._source.in_transaction:
-            tx: AbstractAsyncContextManager[object] = conn.transaction()
-        else:
-            tx = conn.transaction(readonly=True)
-        return tx
+            return guarded_transaction(conn)
+        return guarded_transaction(conn, readonly=True)
 
     async def purge_expired(self, now: datetime) -> int:
         """Delete revocations that expired by ``now``; return how many."""
-        with db_errors("purge revocations"):
-            async with self._source.connection() as conn:
+        with db_errors("purge revocations"):  # housekeeping: a long operation
+            async with self._source.connection(self._source.long_timeout) as conn:
                 status = await conn.execute(
                     "DELETE FROM revocations WHERE expires_at <= $1", aware(now, "now")
                 )

@@ -10,7 +10,15 @@ import asyncpg
 
 from fedtoken.store.audit_log import PgAuditLog
 from fedtoken.store.keys import PgKeys
-from fedtoken.store.pool import BoundSource, ConnectionSource, PoolSource, db_errors
+from fedtoken.store.pool import (
+    LONG_TIMEOUT,
+    PAGE_TIMEOUT,
+    REQUEST_TIMEOUT,
+    BoundSource,
+    ConnectionSource,
+    PoolSource,
+    db_errors,
+)
 from fedtoken.store.revocations import PgRevocations
 from fedtoken.store.tenants import PgTenants
 
@@ -24,10 +32,26 @@ class PgStore:
     ``PgStore(pool)`` borrows a pool connection per operation; the store that
     ``transaction()`` yields runs everything on one connection, in one
     transaction.
+
+    Bounds (seconds; see ``fedtoken.store.pool``): each request-path
+    operation, acquire to release, ends within ``request_timeout`` (or the
+    caller's deadline, if sooner); long operations (snapshot streams, chain
+    walks, purges) within ``long_timeout``, each of their pages within
+    ``page_timeout``; ``acquire_timeout`` caps the wait for a pool connection.
     """
 
-    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout: float = 5.0) -> None:
-        self._setup(PoolSource(pool, acquire_timeout=acquire_timeout))
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        acquire_timeout: float = 5.0,
+        request_timeout: float = REQUEST_TIMEOUT,
+        long_timeout: float = LONG_TIMEOUT,
+        page_timeout: float = PAGE_TIMEOUT,
+    ) -> None:
+        self._setup(PoolSource(pool, acquire_timeout=acquire_timeout,
+                               request_timeout=request_timeout, long_timeout=long_timeout,
+                               page_timeout=page_timeout))
 
     @classmethod
     def _over(cls, source: ConnectionSource) -> PgStore:
@@ -41,6 +65,11 @@ class PgStore:
         self._keys = PgKeys(source)
         self._revocations = PgRevocations(source)
         self._audit = PgAuditLog(source)
+
+    @property
+    def request_timeout(self) -> float:
+        """The bound of one request-path operation (before the caller's deadline)."""
+        return self._source.request_timeout
 
     @property
     def tenants(self) -> PgTenants:
@@ -76,16 +105,21 @@ class PgStore:
 
         For once-only work across replicas (e.g. first-start bootstrap). The
         lock lives on one held connection; the block's own statements may use
-        other pool connections.
+        other pool connections. Waiting for the lock is bounded by the long
+        bound, releasing it by the request bound (a connection that cannot
+        release it is terminated, which releases it too).
         """
+        source = self._source
         with db_errors("advisory lock"):
-            async with self._source.connection() as conn:
-                await conn.execute("SELECT pg_advisory_lock($1)", key)
+            async with source.held_connection() as conn:
+                await conn.execute("SELECT pg_advisory_lock($1)", key,
+                                   timeout=source.long_timeout)
                 try:
                     yield
                 finally:
                     if not conn.is_closed():
-                        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                        await conn.execute("SELECT pg_advisory_unlock($1)", key,
+                                           timeout=source.request_timeout)
 
 
 if TYPE_CHECKING:  # mypy checks that the adapters implement the ports exactly
