@@ -66,10 +66,23 @@ class ModeControl:
         if self.mode is AuditMode.SPILL:
             self.wake.set()
 
-    async def pass_gate(self) -> None:
-        """Return once the gate is open (without awaiting if it is)."""
-        if not self.gate.is_set():
+    async def pass_gate(self, timeout: float | None = None) -> None:
+        """Return once the gate is open (without awaiting if it is), or after
+        ``timeout`` seconds (None: no limit) with the gate still closed.
+
+        The gate only guarantees that the final replay ends under steady
+        load; order does not depend on it (while it is closed the mode is
+        SPILL, and an event appended then is replayed in its turn), so a
+        request may pass a gate held closed too long, e.g. by a replay
+        waiting for a frozen Postgres.
+        """
+        if self.gate.is_set():
+            return
+        if timeout is None:
             await self.gate.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.gate.wait(), max(timeout, 0.0))
 
     def idle(self) -> bool:
         """Whether the spill holds nothing: no backlog, nothing submitted or being written."""

@@ -48,7 +48,7 @@ async def not_yet_stored(audit: PgAuditLog, items: list[M]) -> list[M]:
     maybe = [i.maybe_seq for i in items if i.maybe_seq]
     if not maybe:
         return items
-    stored = await audit.events_at(maybe)
+    stored = await audit.events_at(maybe)  # a few rows by primary key: the request bound
     return [i for i in items if not (i.maybe_seq and stored.get(i.maybe_seq) == i.event)]
 
 
@@ -104,10 +104,12 @@ class SpillReplay:
         max_rows: int,
         reject: Callable[[list[SpillRecord], Exception], Awaitable[None]],
         stopping: Callable[[], bool],
+        timeout: float | None = None,
     ) -> None:
         self._spill = spill
         self._audit = audit
         self._max_rows = max_rows
+        self._timeout = timeout  # of one chunk's transaction (None: the store's request bound)
         self._reject = reject
         self._stopping = stopping
         self._corrupt_seen: set[Path] = set()
@@ -165,7 +167,8 @@ class SpillReplay:
                     await asyncio.to_thread(spill.mark_pending, segment, start, end, seq, line)
 
                 await self._audit.append_chunk(
-                    [r.replay_event() for r in records], before_commit=before_commit
+                    [r.replay_event() for r in records], before_commit=before_commit,
+                    timeout=self._timeout,
                 )
                 self.replayed += len(records)
             await mark_done(end)

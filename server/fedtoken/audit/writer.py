@@ -50,6 +50,16 @@ returned at all rather than returned unaudited.
 
 A spilled event's replayed row gains ``details["spilled_at"]`` (unix
 seconds): its ``ts`` is the time of the replay.
+
+**Time bounds.** A durable append on the request path (``record``, the
+direct-mode write of ``record_with``) is bounded by the store's request
+bound and the caller's deadline (``fedtoken.store.pool``): against a frozen
+Postgres ``record`` falls back to the spill within that bound, exactly as for
+a refused connection, so Issue still answers and stays audited, while
+``record_with`` raises StoreUnavailable (a revocation must be in Postgres
+before Revoke returns). Waiting at the replay's gate is bounded the same
+way. The writer task's appends and the replay's chunks are background work,
+bounded by ``background_timeout`` each.
 """
 
 from __future__ import annotations
@@ -76,6 +86,7 @@ from fedtoken.audit.spill import (
 from fedtoken.core.audit import AuditEvent
 from fedtoken.core.errors import AuditUnavailable, FedtokenError, StoreUnavailable
 from fedtoken.store import AuditCommitUncertain, PgStore
+from fedtoken.store.pool import caller_time_left, within_caller_deadline
 
 if TYPE_CHECKING:
     from fedtoken.core.ports import AuditSink
@@ -111,13 +122,19 @@ class AuditWriter:
         max_retry_interval: float = 5.0,
         max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES,
         clock: Callable[[], float] = time.time,
+        background_timeout: float = 10.0,
     ) -> None:
         if max_queue < 1 or max_rows_per_copy < 1 or max_items_per_row < 1:
             raise ValueError("max_queue, max_rows_per_copy and max_items_per_row must be >= 1")
+        if background_timeout <= 0:
+            raise ValueError("background_timeout must be positive")
         self._audit = store.audit
         self._spill = SpillLog(Path(spill_dir), max_segment_bytes)
         self._replay = SpillReplay(self._spill, self._audit, max_rows=max_rows_per_copy,
-                                   reject=self._reject, stopping=lambda: self._stopping)
+                                   reject=self._reject, stopping=lambda: self._stopping,
+                                   timeout=background_timeout)
+        self._request_timeout = store.request_timeout
+        self._background_timeout = background_timeout
         self._max_queue = max_queue
         self._flush_interval = flush_interval
         self._max_rows = max_rows_per_copy
@@ -301,7 +318,7 @@ class AuditWriter:
         if not self._running:
             raise AuditUnavailable("the audit writer is not running", tenant=event.tenant)
         event = clean_event(event)
-        await self._modes.pass_gate()
+        await self._pass_gate()
         if self._modes.mode is AuditMode.DIRECT:
             result = await write(event)
             self.written += 1
@@ -319,7 +336,14 @@ class AuditWriter:
         if not self._running:
             raise AuditUnavailable("the audit writer is not running", tenant=event.tenant)
         event = clean_event(event)
-        await self._modes.pass_gate()
+        await self._pass_gate()
+        left = caller_time_left()
+        if left is not None and left <= 0:
+            # The caller has gone: refuse without touching Postgres, rather than
+            # take the lapsed deadline for an outage and switch to the spill.
+            self.failed += 1
+            raise AuditUnavailable("the caller's deadline passed before the audit record "
+                                   "was written", tenant=event.tenant)
         maybe_seq = 0
         if self._modes.mode is AuditMode.DIRECT:
             try:
@@ -353,6 +377,10 @@ class AuditWriter:
                 tenant=event.tenant,
             ) from exc
         self.spilled += 1
+
+    async def _pass_gate(self) -> None:
+        """The replay's gate, waited for no longer than a request-path operation."""
+        await self._modes.pass_gate(within_caller_deadline(self._request_timeout))
 
     # --- the writer task -----------------------------------------------------------
 
@@ -424,7 +452,8 @@ class AuditWriter:
         try:
             todo = await not_yet_stored(self._audit, list(chunk))
             if todo:
-                await self._audit.append_chunk([r.event for r in todo])
+                await self._audit.append_chunk([r.event for r in todo],
+                                               timeout=self._background_timeout)
         except AuditCommitUncertain as exc:
             first = exc.seq - len(todo) + 1
             for k, row in enumerate(todo):
