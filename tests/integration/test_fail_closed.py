@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -40,7 +41,7 @@ from fedtoken.hsm import HsmConfig
 from fedtoken.revocation.view import InMemoryRevocationView, RevocationEntry
 from fedtoken.store.embedded import EmbeddedPostgres
 from fedtoken_client import FedtokenClient, FedtokenRpcError, reason_name
-from tests._pg_fixture import create_database, dsn_with_database
+from tests._pg_fixture import create_database
 from tests.support import ServerThread, make_settings
 
 pytestmark = pytest.mark.integration
@@ -132,6 +133,13 @@ class Proxy:
             writer.close()
 
 
+def via_port(dsn: str, port: int) -> str:
+    """The same DSN (credentials, database, options) on another local port."""
+    parts = urlsplit(dsn)
+    host = parts.netloc.rpartition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{host}:{port}"))
+
+
 @dataclass
 class Env:
     pg: EmbeddedPostgres
@@ -151,14 +159,14 @@ def env(tmp_path_factory: pytest.TempPathFactory, hsm_config: HsmConfig) -> Iter
         name = f"fc_{uuid.uuid4().hex[:8]}"
         direct = create_database(admin, name)
         proxy = Proxy(lambda: pg.port).start()
-        via_proxy = dsn_with_database(f"postgresql://postgres@127.0.0.1:{proxy.port}/x", name)
+        via_proxy = via_port(direct, proxy.port)
         fast = {"revocation_staleness_seconds": 1.5, "revocation_heartbeat_seconds": 0.3}
         a = ServerThread(make_settings(root / "a", **fast), via_proxy, hsm_config).start()
         servers.append(a)
         b = ServerThread(make_settings(root / "b", **fast), direct, hsm_config).start()
         servers.append(b)
-        with FedtokenClient(a.target, caller="fail-closed-a", timeout=20) as ca, \
-                FedtokenClient(b.target, caller="fail-closed-b", timeout=20) as cb:
+        with a.client(caller="fail-closed-a", timeout=20) as ca, \
+                b.client(caller="fail-closed-b", timeout=20) as cb:
             yield Env(pg, proxy, ca, cb)
     finally:
         if proxy is not None:
