@@ -43,6 +43,7 @@ from fedtoken.store import PgStore, apply_migrations, create_pool
 from fedtoken.store.callers import PgCallers
 from fedtoken.store.embedded import EmbeddedPostgres
 from fedtoken.store.migrate import service_role_problems
+from fedtoken.store.pool import caller_deadline
 from fedtoken.tls import ServerTls, ensure_dev_pki, server_credentials, spiffe_id_of
 from fedtoken.tls.devca import OPERATOR_ID
 from fedtoken.verifier import LocalKeyResolver, VerificationEngine
@@ -301,7 +302,8 @@ async def start_app(
         pool = await create_pool(dsn, min_size=settings.db_pool_min,
                                  max_size=settings.db_pool_max)
         closers.append(pool.close)
-        store = PgStore(pool)
+        store = PgStore(pool, request_timeout=settings.db_request_timeout_seconds,
+                        long_timeout=settings.db_long_timeout_seconds)
         # One spill directory per process identity (port and worker index), so
         # a restarted process replays what its predecessor could not write.
         audit = AuditWriter(store, spill_dir_for(settings.state_dir.resolve(),
@@ -379,7 +381,8 @@ async def start_app(
 
         # -- boundaries -------------------------------------------------------
         boundary = Boundary(_authenticate if transport.tls is not None
-                            else _assumed(settings.insecure_identity))
+                            else _assumed(settings.insecure_identity),
+                            deadline_scope=caller_deadline)
         server = grpc.aio.server(options=grpc_options(settings), interceptors=[boundary])
         token_service_pb2_grpc.add_TokenServiceServicer_to_server(
             TokenServicer(tokens, verification), server)

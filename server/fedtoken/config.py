@@ -79,6 +79,11 @@ class Settings:
     # DSN migrations run with (the schema owner, e.g. fedtoken_owner); empty:
     # the embedded server's superuser, or database_dsn itself.
     database_migration_dsn: str = field(default="", repr=False)
+    # Postgres bounds, seconds: one request-path operation (acquire to
+    # release; the caller's gRPC deadline shortens it) and one long operation
+    # (revocation snapshot stream, audit chain walk, purge).
+    db_request_timeout_seconds: float = 2.0
+    db_long_timeout_seconds: float = 120.0
     db_pool_min: int = 1
     db_pool_max: int = 10
     # PKCS#11 module and token. Empty module: the usual SoftHSM2 paths.

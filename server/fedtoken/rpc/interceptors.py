@@ -24,10 +24,12 @@ in ``fedtoken.app``).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
@@ -121,8 +123,18 @@ async def _abort(context: grpc.aio.ServicerContext, status: grpc.StatusCode,
     )
 
 
+# Bounds the database waits of one call by the caller's remaining deadline
+# (seconds, None when the caller set none); injected by the composition root.
+DeadlineScope = Callable[[float | None], AbstractContextManager[None]]
+
+
+def _no_scope(_remaining: float | None) -> AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
 def wrap_unary(name: str, behavior: Behavior,
-               authenticate: Authenticate | None = None) -> Behavior:
+               authenticate: Authenticate | None = None,
+               deadline_scope: DeadlineScope = _no_scope) -> Behavior:
     """``behavior`` with authentication, a CallContext and error mapping around it.
 
     Without ``authenticate`` (insecure mode, explicitly configured, loopback
@@ -143,7 +155,8 @@ def wrap_unary(name: str, behavior: Behavior,
             if request is _UNDECODABLE:
                 raise InvalidRequest("the request message could not be decoded",
                                      reason=ErrorReason.MALFORMED_REQUEST)
-            return await behavior(request, context)
+            with deadline_scope(context.time_remaining()):
+                return await behavior(request, context)
         except FedtokenError as exc:
             status = _STATUS[exc.status]
             if exc.status in (StatusClass.UNAVAILABLE, StatusClass.INTERNAL):
@@ -171,8 +184,10 @@ def wrap_unary(name: str, behavior: Behavior,
 class Boundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Request id, principal and error mapping for every unary method."""
 
-    def __init__(self, authenticate: Authenticate | None = None) -> None:
+    def __init__(self, authenticate: Authenticate | None = None, *,
+                 deadline_scope: DeadlineScope = _no_scope) -> None:
         self._authenticate = authenticate
+        self._deadline_scope = deadline_scope
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -188,7 +203,8 @@ class Boundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or handler.unary_unary is None:
             return handler  # unknown method (UNIMPLEMENTED) or a streaming one
         wrapped = grpc.unary_unary_rpc_method_handler(
-            wrap_unary(method.rpartition("/")[2], handler.unary_unary, self._authenticate),
+            wrap_unary(method.rpartition("/")[2], handler.unary_unary, self._authenticate,
+                       self._deadline_scope),
             request_deserializer=_safe(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
