@@ -64,6 +64,9 @@ class FakeServicerContext:
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return self.metadata
 
+    def time_remaining(self) -> float | None:
+        return None  # no deadline, like a caller that set none
+
     def peer(self) -> str:
         return self.peer_address
 
