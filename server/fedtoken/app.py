@@ -342,7 +342,8 @@ async def start_app(
                         defaults=defaults, authz=callers)
         tokens = Tokens(catalog=catalog, store=store, signer=hsm, audit=audit,
                         introspector=introspector, revocations=revocations, keys=keys,
-                        clock=clock, leeway=settings.leeway_seconds, authz=callers)
+                        clock=clock, leeway=settings.leeway_seconds, authz=callers,
+                        max_token_bytes=settings.max_token_bytes)
         verification = Verification(engine=engine, audit=audit, max_batch=settings.max_batch,
                                     authz=callers, catalog=catalog)
         jobs = Jobs(catalog=catalog, store=store, keys=keys, revocations=revocations,

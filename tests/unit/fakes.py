@@ -841,7 +841,7 @@ def build_services(
                     defaults=defaults, authz=authz)
     tokens = Tokens(catalog=catalog, store=store, signer=signer, audit=audit,
                     introspector=introspector, revocations=revocations, keys=keys,
-                    clock=clock, leeway=leeway, authz=authz)
+                    clock=clock, leeway=leeway, authz=authz, max_token_bytes=max_token_size)
     verification = Verification(engine=engine, audit=audit, max_batch=max_batch, authz=authz,
                                 catalog=catalog)
     jobs = Jobs(catalog=catalog, store=store, keys=keys, revocations=revocations, clock=clock,

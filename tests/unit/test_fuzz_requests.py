@@ -495,8 +495,6 @@ class Fuzz:
     def check_issued(self, issued: Any, known: bool) -> None:
         """A token Issue returns verifies (revocation aside: the world revokes
         the subject "mallory")."""
-        if known and len(issued.token) > MAX_TOKEN_BYTES:
-            return  # KNOWN: test_issued_tokens_fit_the_verifier
         verdict = self.svc.introspector.verify(issued.token, ANY_AUDIENCE)
         assert verdict.valid, (verdict.reason, len(issued.token))
 
@@ -590,22 +588,15 @@ def _unsplittable(url: str) -> bool:
 # request). The targets reject them as examples so that everything else stays
 # strict; each has a strict xfail test below that turns red once it is fixed
 # (then delete the entry and the marker).
-KNOWN_INPUTS: list[tuple[str, Callable[[Any], bool]]] = [
-    ("CreateTenant", lambda r: _unsplittable(r.issuer)),
-]
+KNOWN_INPUTS: list[tuple[str, Callable[[Any], bool]]] = []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "finding: core.policy.check_issuer_url calls urlsplit outside its try, so an issuer "
-    "with an unbalanced '[' or ']' raises ValueError: CreateTenant answers INTERNAL"))
+# Fixed findings, kept as regression tests with their minimal inputs.
 def test_create_tenant_issuer_with_unbalanced_bracket(fuzz: Fuzz) -> None:
     fuzz.run("CreateTenant", ka.CreateTenantRequest(
         id="zz9", issuer="https://[::1").SerializeToString())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "finding: Issue accepts inputs whose token exceeds the verifier's max_token_bytes "
-    "(8192 by default), so Verify answers MALFORMED for the token Issue just returned"))
 @pytest.mark.parametrize("request_of", [
     # The smallest extra claims that do it (5,655 of the 8,192 bytes allowed).
     lambda: tk.IssueRequest(subject="alice", audience=[AUD],

@@ -107,14 +107,17 @@ def check_key_size(bits: int, field: str = "key_size") -> int:
 def check_issuer_url(url: str, field: str = "issuer") -> str:
     """https, no query or fragment (http only for loopback development)."""
     check_text(url, field, MAX_ISSUER_URL, required=True)
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        local = parts.hostname in _LOOPBACK
+        _ = parts.port  # a port that is no number or out of range raises here
+    except ValueError:
+        raise InvalidRequest("issuer must be a well-formed https URL", field=field) from None
     if "@" in parts.netloc:
         # Never echoed: the userinfo may be a password.
         raise InvalidRequest("issuer must not contain a user name or password", field=field)
-    try:
-        local = parts.hostname in _LOOPBACK
-    except ValueError:
-        local = False
+    if parts.hostname is None or (parts.netloc.startswith("[") and "]" not in parts.netloc):
+        raise InvalidRequest("issuer must be a well-formed https URL", field=field)
     if not (parts.scheme == "https" or (parts.scheme == "http" and local)) or not parts.netloc \
             or parts.query or parts.fragment or " " in url:
         raise InvalidRequest(

@@ -86,6 +86,7 @@ class Tokens:
         clock: Clock,
         leeway: int,
         authz: Authorizer,
+        max_token_bytes: int = 8192,
     ) -> None:
         """``introspector`` is a verification engine that checks everything
         but revocation (introspection asks the store for that itself)."""
@@ -99,6 +100,7 @@ class Tokens:
         self._clock = clock
         self._leeway = leeway
         self._authz = authz
+        self._max_token_bytes = max_token_bytes
 
     # -- issue -------------------------------------------------------------------
 
@@ -131,6 +133,13 @@ class Tokens:
         )
         header = {"alg": key.alg, "typ": "JWT", "kid": key.kid}
         signing_input = jose.encode_signing_input(header, payload)
+        # Never hand out a token the verifiers refuse unparsed (MALFORMED).
+        signature_chars = -(-4 * ((key.key_size + 7) // 8) // 3)
+        if len(signing_input) + 1 + signature_chars > self._max_token_bytes:
+            raise InvalidRequest(
+                f"the token would exceed max_token_bytes ({self._max_token_bytes}); send "
+                "fewer or shorter claims, audiences or scope", reason=ErrorReason.INVALID_CLAIMS,
+                field="extra_claims_json" if params.extra_claims_json else "")
         (signature,) = await self._signer.sign(key.hsm_label, key.kid, [signing_input])
         token = jose.assemble(signing_input, signature)
         await self._audit.record(AuditEvent(
