@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -312,8 +313,10 @@ class AuditWriter:
 
         In direct mode ``write(event)`` must append the event in the same
         transaction as its change, so both commit or neither does. While the
-        spill is in use, ``write(None)`` makes the change and the event then
-        goes through ``record``, after the events spilled before it.
+        spill is in use, the event is made durable first (after the events
+        spilled before it) and only then does ``write(None)`` make the change,
+        so a change is never made without its record; if the change then
+        fails, a second record with outcome ``failed`` says so.
         """
         if not self._running:
             raise AuditUnavailable("the audit writer is not running", tenant=event.tenant)
@@ -323,9 +326,17 @@ class AuditWriter:
             result = await write(event)
             self.written += 1
             return result
-        result = await write(None)
         await self.record(event)
-        return result
+        try:
+            return await write(None)
+        except BaseException as exc:
+            failed = dataclasses.replace(event, outcome="failed", reason=type(exc).__name__)
+            try:
+                await self.record(failed)
+            except Exception:  # noqa: BLE001 - the first record stands; say so in the log
+                log.error("%s (request %s) was recorded, then failed, and its failure record "
+                          "could not be written", event.event_type, event.request_id)
+            raise
 
     async def record(self, event: AuditEvent) -> None:
         """Return once ``event`` is committed in Postgres or fsync'ed in the spill.

@@ -94,6 +94,11 @@ def db_errors(op: str) -> Iterator[None]:
                                ) from exc
     except (OSError, asyncpg.InterfaceError) as exc:
         raise StoreUnavailable(f"{op}: database unreachable ({type(exc).__name__})") from exc
+    except asyncpg.exceptions.InternalClientError as exc:
+        # A connection that read the server's shutdown FATAL but not yet its
+        # close ("cannot switch to state ..."): the database is going away.
+        raise StoreUnavailable(f"{op}: database connection broke ({type(exc).__name__})"
+                               ) from exc
 
 
 def _from_postgres(op: str, exc: asyncpg.PostgresError) -> FedtokenError:
