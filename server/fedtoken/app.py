@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from fedtoken.audit import AuditWriter
+from fedtoken.audit.checkpoint_file import FileCheckpointJournal
 from fedtoken.audit.spill import spill_dir_for
 from fedtoken.config import Settings
 from fedtoken.core.errors import FedtokenError, HsmUnavailable, InvalidRequest
@@ -37,7 +38,7 @@ from fedtoken.rpc.interceptors import Boundary
 from fedtoken.rpc.servicers import KeyAdminServicer, TokenServicer
 from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Verification
 from fedtoken.service.callers import Callers
-from fedtoken.service.checkpoints import Checkpoints, FileCheckpointJournal
+from fedtoken.service.checkpoints import Checkpoints
 from fedtoken.service.types import Introspection, KeySet
 from fedtoken.store import PgStore, apply_migrations, create_pool
 from fedtoken.store.callers import PgCallers

@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from fedtoken.audit.checkpoint_file import FileCheckpointJournal
 from fedtoken.core.audit import AuditEvent
 from fedtoken.core.checkpoint import (
     CHECKPOINT_LABEL_PREFIX,
@@ -36,7 +37,7 @@ from fedtoken.core.checkpoint import (
 from fedtoken.core.errors import HsmUnavailable, PolicyViolation
 from fedtoken.core.jwk import b64url_encode, rsa_public_jwk, rsa_thumbprint
 from fedtoken.core.ports import GeneratedKey
-from fedtoken.service.checkpoints import ChainRewritten, Checkpoints, FileCheckpointJournal
+from fedtoken.service.checkpoints import ChainRewritten, Checkpoints
 from tests.unit.fakes import FakeClock, MemoryStore, rsa_key
 
 H1 = bytes(range(32))
