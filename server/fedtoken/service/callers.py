@@ -10,8 +10,6 @@ PERMISSION_DENIED with a specific reason, and is itself audited.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -30,8 +28,7 @@ from fedtoken.core.authz import (
 from fedtoken.core.errors import ErrorReason, InvalidRequest, NotFound, PermissionDenied
 from fedtoken.core.policy import MAX_AUDIENCE, MAX_AUDIENCES, check_tenant_id, check_text
 from fedtoken.core.ports import AuditSink, CallContext, CallerRepository, Clock
-
-log = logging.getLogger(__name__)
+from fedtoken.service._reload import CoalescedReload
 
 _REASON = {
     Denial.NO_IDENTITY: ErrorReason.PERMISSION_DENIED,
@@ -52,11 +49,7 @@ class Callers:
         self._bootstrap = frozenset(bootstrap)
         # Bootstrap identities are the operators: every role, every tenant.
         self._policy = Policy.of(self._operator_grants(), self._bootstrap)
-        self._lock = asyncio.Lock()
-        self._requested = 0
-        self._served = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.reloads = 0
+        self._reloader = CoalescedReload(self._load, name="callers", what="caller grants")
 
     def _operator_grants(self) -> list[Grant]:
         return [Grant(identity=i, role=r, granted_by="configuration")
@@ -153,41 +146,26 @@ class Callers:
 
     # -- keeping the snapshot current ---------------------------------------------
 
+    @property
+    def reloads(self) -> int:
+        return self._reloader.loads
+
     async def reload(self) -> None:
         """Coalesced like the catalog's: one load serves every request made
         before it began."""
-        self._requested += 1
-        wanted = self._requested
-        async with self._lock:
-            if self._served >= wanted:
-                return
-            covers = self._requested
-            stored = await self._repo.list()
-            self._policy = Policy.of([*self._operator_grants(), *stored], self._bootstrap)
-            self._served = covers
-            self.reloads += 1
+        await self._reloader.run()
+
+    async def _load(self) -> None:
+        stored = await self._repo.list()
+        self._policy = Policy.of([*self._operator_grants(), *stored], self._bootstrap)
 
     def notice(self, event: Mapping[str, Any]) -> None:
         """A grant changed somewhere (feed callback; never blocks)."""
-        if event.get("type") != "callers":
-            return
-        task = asyncio.get_running_loop().create_task(self._reload_logged(),
-                                                      name="callers-reload")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _reload_logged(self) -> None:
-        try:
-            await self.reload()
-        except Exception as exc:  # noqa: BLE001 - the periodic resync retries
-            log.warning("reloading caller grants failed (%s); the periodic resync will retry",
-                        type(exc).__name__)
+        if event.get("type") == "callers":
+            self._reloader.soon()
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._reloader.close()
 
 
 def _check_identity(identity: str) -> None:

@@ -14,8 +14,6 @@ before the notification came back) causes none.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +24,8 @@ from fedtoken.core.jwks import render_jwks
 from fedtoken.core.model import KeyRecord, KeyState, Tenant
 from fedtoken.core.policy import is_tenant_id
 from fedtoken.core.ports import KeyTable, Store
+from fedtoken.service._reload import CoalescedReload
 from fedtoken.service.types import KeySet
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +44,7 @@ class Catalog:
         self._max_age = jwks_max_age
         self._snap = _Snapshot()
         self._key_sets: dict[str, KeySet] = {}
-        self._lock = asyncio.Lock()
-        self._requested = 0  # reload requests made
-        self._served = 0  # requests up to this number are reflected in the snapshot
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.reloads = 0  # how many reloads ran (observability and tests)
+        self._reloader = CoalescedReload(self._load, name="catalog", what="tenants and keys")
 
     # -- reading ---------------------------------------------------------------
 
@@ -111,20 +104,20 @@ class Catalog:
 
     # -- reloading -------------------------------------------------------------
 
+    @property
+    def reloads(self) -> int:
+        """How many reloads ran (observability and tests)."""
+        return self._reloader.loads
+
     async def reload(self) -> None:
         """Load tenants and keys; returns once a load that began after this
         call was made has been installed."""
-        self._requested += 1
-        wanted = self._requested
-        async with self._lock:
-            if self._served >= wanted:
-                return  # a reload that started after our request covered it
-            covers = self._requested
-            tenants = await self._store.tenants.list()
-            keys = await self._store.keys.list(None)
-            self._install(tenants, keys)
-            self._served = covers
-            self.reloads += 1
+        await self._reloader.run()
+
+    async def _load(self) -> None:
+        tenants = await self._store.tenants.list()
+        keys = await self._store.keys.list(None)
+        self._install(tenants, keys)
 
     def _install(self, tenants: list[Tenant], keys: list[KeyRecord]) -> None:
         by_tenant: dict[str, list[KeyRecord]] = {t.id: [] for t in tenants}
@@ -163,22 +156,8 @@ class Catalog:
 
     def notice(self, event: Mapping[str, Any]) -> None:
         """A tenant or key changed somewhere (feed callback; never blocks)."""
-        if self.reflects(event):
-            return
-        task = asyncio.get_running_loop().create_task(self._reload_logged(),
-                                                      name="catalog-reload")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _reload_logged(self) -> None:
-        try:
-            await self.reload()
-        except Exception as exc:  # noqa: BLE001 - the periodic resync retries
-            log.warning("reloading tenants and keys after a change failed (%s); the periodic "
-                        "resync will retry", type(exc).__name__)
+        if not self.reflects(event):
+            self._reloader.soon()
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._reloader.close()
