@@ -750,7 +750,7 @@ class AllowAll:
     async def require(self, ctx: ports.CallContext, ask: Ask) -> None:
         return None
 
-    def tenants_for(self, ctx: ports.CallContext, role: Role) -> frozenset[str] | None:
+    async def scope(self, ctx: ports.CallContext, role: Role) -> frozenset[str] | None:
         return None
 
 

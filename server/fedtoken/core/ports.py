@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
@@ -39,6 +39,11 @@ class Clock(Protocol):
 class SystemClock:
     def now(self) -> float:
         return time.time()
+
+
+def utc(seconds: float) -> datetime:
+    """Unix seconds as the aware datetime the repositories take."""
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 # --- who is calling ---------------------------------------------------------------
@@ -363,8 +368,9 @@ class Authorizer(Protocol):
         """Return, or raise PermissionDenied (and audit the denial)."""
         ...
 
-    def tenants_for(self, ctx: CallContext, role: Role) -> frozenset[str] | None:
-        """The tenants the principal holds ``role`` for (None: all)."""
+    async def scope(self, ctx: CallContext, role: Role) -> frozenset[str] | None:
+        """The tenants the principal holds ``role`` for (None: all);
+        PermissionDenied (audited) when it holds it for none."""
         ...
 
 

@@ -57,12 +57,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
-from fedtoken.core.ports import RevocationEntry, RevocationRepository
+from fedtoken.core.ports import RevocationEntry, RevocationRepository, utc
 from fedtoken.revocation.view import InMemoryRevocationView, SnapshotBuilder
 from fedtoken.store import EVENTS_CHANNEL as CHANNEL
 
@@ -99,7 +98,7 @@ def revocation_loader(
     """A snapshot loader streaming the revocations in force from the store."""
 
     async def load() -> AsyncIterator[RevocationEntry]:
-        async for chunk in repo.iter_active(datetime.fromtimestamp(now(), UTC)):
+        async for chunk in repo.iter_active(utc(now())):
             for tenant, kind, value, expires_at, not_before in chunk:
                 yield RevocationEntry(tenant, kind, value, expires_at, not_before)
 

@@ -11,7 +11,6 @@ PERMISSION_DENIED with a specific reason, and is itself audited.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from fedtoken.core.audit import AuditEvent
@@ -27,7 +26,7 @@ from fedtoken.core.authz import (
 )
 from fedtoken.core.errors import ErrorReason, InvalidRequest, NotFound, PermissionDenied
 from fedtoken.core.policy import MAX_AUDIENCE, MAX_AUDIENCES, check_tenant_id, check_text
-from fedtoken.core.ports import AuditSink, CallContext, CallerRepository, Clock
+from fedtoken.core.ports import AuditSink, CallContext, CallerRepository, Clock, utc
 from fedtoken.service._reload import CoalescedReload
 
 _REASON = {
@@ -78,8 +77,11 @@ class Callers:
             f"`fedtoken callers grant {identity or 'SPIFFE_ID'} --role {ask.role.value}`",
             reason=_REASON[denial], tenant=ask.tenant)
 
-    def tenants_for(self, ctx: CallContext, role: Role) -> frozenset[str] | None:
-        return self._policy.tenants_for(ctx.principal.identity, role)
+    async def scope(self, ctx: CallContext, role: Role) -> frozenset[str] | None:
+        allowed = self._policy.tenants_for(ctx.principal.identity, role)
+        if allowed is not None and not allowed:
+            await self.require(ctx, Ask(role))  # raises, audited
+        return allowed
 
     # -- administration ----------------------------------------------------------
 
@@ -111,7 +113,7 @@ class Callers:
         grant = await self._repo.put(Grant(
             identity=identity, role=parsed, tenants=frozenset(tenants),
             audiences=frozenset(audiences), max_lifetime_seconds=max_lifetime_seconds,
-            granted_by=ctx.actor), now=datetime.fromtimestamp(now, UTC))
+            granted_by=ctx.actor), now=utc(now))
         await self._audit.record(AuditEvent(
             event_type="caller.granted", actor=ctx.actor, subject=identity, outcome="ok",
             request_id=ctx.request_id,

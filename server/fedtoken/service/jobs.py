@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
 
 from fedtoken.core.errors import FedtokenError
 from fedtoken.core.model import KeyState, Tenant, TenantPolicy
-from fedtoken.core.ports import CallContext, Clock, LocalRevocations, Principal, Store
+from fedtoken.core.ports import CallContext, Clock, LocalRevocations, Principal, Store, utc
 from fedtoken.service.catalog import Catalog
 from fedtoken.service.checkpoints import ChainRewritten, Checkpoints
 from fedtoken.service.keyadmin import KeyAdmin, TenantDefaults
@@ -56,7 +55,7 @@ class Jobs:
     async def purge_expired(self) -> int:
         """Forget revocations whose tokens have expired anyway (store and memory)."""
         removed = await self._store.revocations.purge_expired(
-            datetime.fromtimestamp(self._clock.now(), UTC))
+            utc(self._clock.now()))
         self._revocations.purge_expired()
         return removed
 

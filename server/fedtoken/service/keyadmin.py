@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from fedtoken.core.audit import AuditEvent, AuditRecord, ChainReport
 from fedtoken.core.authz import Ask, Role
@@ -38,7 +37,7 @@ from fedtoken.core.policy import (
     check_text,
     check_timestamp,
 )
-from fedtoken.core.ports import AuditSink, Authorizer, CallContext, Clock, Signer, Store
+from fedtoken.core.ports import AuditSink, Authorizer, CallContext, Clock, Signer, Store, utc
 from fedtoken.service.catalog import Catalog
 from fedtoken.service.types import AuditQuery, NewTenant
 
@@ -57,8 +56,6 @@ class TenantDefaults:
     grace_margin_seconds: int = 0
 
 
-def _ts(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
 
 
 class KeyAdmin:
@@ -102,7 +99,7 @@ class KeyAdmin:
         check_issuer_url(tenant.issuer)
         check_tenant_policy(tenant.policy)
         try:
-            created = await self._store.tenants.create(tenant, now=_ts(self._clock.now()))
+            created = await self._store.tenants.create(tenant, now=utc(self._clock.now()))
         except TenantExists as exc:
             exc.tenant = tenant.id
             raise
@@ -116,9 +113,7 @@ class KeyAdmin:
         return created
 
     async def get_tenant(self, tenant_id: str, ctx: CallContext) -> Tenant:
-        tenant = await self._catalog.tenant(tenant_id)
-        await self._authz.require(ctx, Ask(Role.ADMIN, tenant.id))
-        return tenant
+        return await self._admin_of(tenant_id, ctx)
 
     async def list_tenants(self, ctx: CallContext) -> list[Tenant]:
         await self._authz.require(ctx, Ask(Role.ADMIN))
@@ -130,8 +125,7 @@ class KeyAdmin:
 
     async def generate_key(self, tenant_id: str, key_size: int, activate: bool,
                            ctx: CallContext) -> KeyRecord:
-        tenant = await self._catalog.tenant(tenant_id)
-        await self._authz.require(ctx, Ask(Role.ADMIN, tenant.id))
+        tenant = await self._admin_of(tenant_id, ctx)
         return await self._generate(tenant.id, key_size, activate, ctx)
 
     async def replace_key(self, tenant_id: str, ctx: CallContext) -> KeyRecord:
@@ -167,14 +161,13 @@ class KeyAdmin:
             details={"key_size": bits, "hsm_label": record.hsm_label, **ctx.untrusted},
         ))
         if activate:
-            record = await self._store.keys.activate(tenant.id, record.kid, now=_ts(now))
+            record = await self._store.keys.activate(tenant.id, record.kid, now=utc(now))
             await self._audit.record(_key_event("key.activated", record, ctx))
         await self._catalog.reload()
         return record
 
     async def list_keys(self, tenant_id: str, ctx: CallContext) -> list[KeyRecord]:
-        tenant = await self._catalog.tenant(tenant_id)
-        await self._authz.require(ctx, Ask(Role.ADMIN, tenant.id))
+        tenant = await self._admin_of(tenant_id, ctx)
         return await self._store.keys.list(tenant.id)
 
     async def own_key(self, tenant_id: str, kid: str) -> KeyRecord:
@@ -188,10 +181,10 @@ class KeyAdmin:
         return key
 
     async def activate_key(self, tenant_id: str, kid: str, ctx: CallContext) -> KeyRecord:
-        await self._authorize_tenant(tenant_id, ctx)
+        await self._admin_of(tenant_id, ctx)
         key = await self.own_key(tenant_id, kid)
         check_transition(key.state, KeyState.ACTIVE)
-        record = await self._store.keys.activate(key.tenant, kid, now=_ts(self._clock.now()))
+        record = await self._store.keys.activate(key.tenant, kid, now=utc(self._clock.now()))
         await self._audit.record(_key_event("key.activated", record, ctx))
         await self._catalog.reload()
         return record
@@ -201,7 +194,7 @@ class KeyAdmin:
         """PENDING → RETIRING; RETIRING → RETIRED once its grace is over (the
         tenant's maximum token lifetime plus the margin since it stopped
         signing), or before that only with ``emergency``, audited as such."""
-        await self._authorize_tenant(tenant_id, ctx)
+        await self._admin_of(tenant_id, ctx)
         key = await self.own_key(tenant_id, kid)
         if key.state is KeyState.ACTIVE:
             raise InvalidKeyTransition(
@@ -223,7 +216,7 @@ class KeyAdmin:
                     "signed may still be valid; retire it then, or pass emergency to invalidate "
                     "them now", reason=ErrorReason.GRACE_NOT_OVER, tenant=key.tenant, kid=kid)
         record = await self._store.keys.set_state(kid, target, expected=[key.state],
-                                                  now=_ts(now))
+                                                  now=utc(now))
         event = _key_event("key.retired" if target is KeyState.RETIRED else "key.retiring",
                            record, ctx)
         if early:
@@ -235,9 +228,11 @@ class KeyAdmin:
 
     # -- audit trail -----------------------------------------------------------------
 
-    async def _authorize_tenant(self, tenant_id: str, ctx: CallContext) -> None:
+    async def _admin_of(self, tenant_id: str, ctx: CallContext) -> Tenant:
+        """The named tenant, once the caller is shown to administer it."""
         tenant = await self._catalog.tenant(tenant_id)
         await self._authz.require(ctx, Ask(Role.ADMIN, tenant.id))
+        return tenant
 
     async def list_audit(self, q: AuditQuery, ctx: CallContext) -> list[AuditRecord]:
         if not 0 <= q.page_size <= MAX_AUDIT_PAGE:
@@ -255,8 +250,8 @@ class KeyAdmin:
             tenant=q.tenant or None,
             event_type=q.event_type or None,
             subject=q.subject or None,
-            since=_ts(q.since) if q.since else None,
-            until=_ts(q.until) if q.until else None,
+            since=utc(q.since) if q.since else None,
+            until=utc(q.until) if q.until else None,
             after_seq=q.after_seq,
             limit=q.page_size or 100,
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from datetime import UTC, datetime
+from datetime import datetime
 
 from fedtoken.core import claims as claims_mod
 from fedtoken.core import jose
@@ -48,6 +48,7 @@ from fedtoken.core.ports import (
     Signer,
     Store,
     Verifier,
+    utc,
 )
 from fedtoken.service.catalog import Catalog
 from fedtoken.service.keyadmin import KeyAdmin
@@ -68,8 +69,6 @@ def require_token(token: str) -> None:
         raise InvalidRequest("token is required", field="token")
 
 
-def _ts(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
 
 
 class Tokens:
@@ -160,11 +159,7 @@ class Tokens:
         authenticated its RFC 7662 client itself (``client_authenticated``).
         """
         require_token(token)
-        allowed: frozenset[str] | None = None
-        if not client_authenticated:
-            allowed = self._authz.tenants_for(ctx, Role.VERIFIER)
-            if allowed is not None and not allowed:
-                await self._authz.require(ctx, Ask(Role.VERIFIER))
+        allowed = None if client_authenticated else await self._authz.scope(ctx, Role.VERIFIER)
         verdict = self._introspector.verify(token, _ANY_AUDIENCE)
         result: Introspection
         if allowed is not None and verdict.tenant not in allowed:
@@ -177,7 +172,7 @@ class Tokens:
                 revoked = await self._store.revocations.is_revoked(
                     verdict.tenant, verdict.jti, verdict.subject,
                     iat if isinstance(iat, int) else 0, verdict.kid,
-                    now=_ts(self._clock.now()),
+                    now=utc(self._clock.now()),
                 )
             except StoreUnavailable:
                 result = Introspection(False, Reason.REVOCATION_UNAVAILABLE,
@@ -232,6 +227,7 @@ class Tokens:
             # revocation that ended before its token could expire would
             # silently un-revoke it), and a later one is pointless.
             expires_at = now + tenant.policy.max_token_lifetime_seconds
+            await self._authz.require(ctx, Ask(Role.REVOKER, tenant.id))
         else:
             check_subject(subject, required=False)
             tenant = await self._catalog.tenant(p.tenant)
@@ -244,7 +240,7 @@ class Tokens:
             kind, value = "subject", subject
             # Every token issued before the cut has expired by then.
             expires_at = not_before + tenant.policy.max_token_lifetime_seconds
-        await self._authz.require(ctx, Ask(Role.REVOKER, tenant.id))
+            await self._authz.require(ctx, Ask(Role.REVOKER, tenant.id))
         expires_at += leeway
         event = AuditEvent(
             event_type="token.revoked", tenant=tenant.id, actor=ctx.actor, subject=subject,
@@ -255,8 +251,8 @@ class Tokens:
 
         async def write(audit: AuditEvent | None) -> tuple[bool, datetime]:
             return await self._store.revocations.revoke(
-                tenant.id, kind, value, expires_at=_ts(expires_at), now=_ts(now),
-                not_before=_ts(not_before) if not_before is not None else None,
+                tenant.id, kind, value, expires_at=utc(expires_at), now=utc(now),
+                not_before=utc(not_before) if not_before is not None else None,
                 reason=p.reason, actor=ctx.actor, audit=audit,
             )
 
@@ -288,9 +284,9 @@ class Tokens:
         async def write(audit: AuditEvent | None) -> tuple[bool, datetime]:
             async with self._store.transaction() as tx:
                 await tx.keys.set_state(kid, KeyState.COMPROMISED, expected=[key.state],
-                                        now=_ts(now))
+                                        now=utc(now))
                 return await tx.revocations.revoke(
-                    tenant.id, "key", kid, expires_at=_ts(expires_at), now=_ts(now),
+                    tenant.id, "key", kid, expires_at=utc(expires_at), now=utc(now),
                     reason=reason, actor=ctx.actor, audit=audit,
                 )
 

@@ -38,10 +38,7 @@ class Verification:
             tenant = await self._catalog.tenant(expect.tenant)
             await self._authz.require(ctx, Ask(Role.VERIFIER, tenant.id))
             return None
-        allowed = self._authz.tenants_for(ctx, Role.VERIFIER)
-        if allowed is not None and not allowed:
-            await self._authz.require(ctx, Ask(Role.VERIFIER))
-        return allowed
+        return await self._authz.scope(ctx, Role.VERIFIER)
 
     async def key_set(self, tenant_id: str, ctx: CallContext) -> KeySet:
         """GetKeys over gRPC (the HTTP bridge serves the same set publicly)."""
