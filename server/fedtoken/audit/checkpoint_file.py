@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from fedtoken.audit.spill import fsync_dir
 from fedtoken.core.checkpoint import MAX_LINE
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ class FileCheckpointJournal:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _publish_key(self, jwk: dict[str, Any]) -> None:
         self._mkdir()
@@ -106,15 +107,7 @@ class FileCheckpointJournal:
         finally:
             os.close(fd)
         os.replace(tmp, self.key_path)
-        _fsync_dir(self.directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(self.directory)
 
 
 if TYPE_CHECKING:

@@ -308,7 +308,7 @@ class SpillLog:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
         fd = os.open(path, flags, 0o600)
         try:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             st = os.fstat(fd)
         except OSError:
             os.close(fd)
@@ -417,7 +417,7 @@ class SpillLog:
     def remove_segment(self, segment: Path) -> None:
         """Forget a replayed segment: the segment goes first, then its progress file."""
         segment.unlink(missing_ok=True)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         segment.with_suffix(".ack").unlink(missing_ok=True)
         with self._mutex:
             if segment in self._closed:
@@ -452,7 +452,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a directory's entries (a new, renamed or removed file) durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -467,7 +468,7 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 __all__ = [
