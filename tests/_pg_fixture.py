@@ -12,7 +12,9 @@ least-privileged role (docs/security.md, "Database roles").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import tempfile
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -115,3 +117,64 @@ def fresh_dsn(pg_dsn: str) -> Iterator[str]:
         yield dsn
     finally:
         drop_database(pg_dsn, name)
+
+
+@contextlib.contextmanager
+def private_postgres(prefix: str) -> Iterator[EmbeddedPostgres]:
+    """A running Postgres of the caller's own, under a private temporary
+    directory (tests that stop, freeze or restart their server use one)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as name:
+        pg = EmbeddedPostgres(Path(name) / "data")
+        pg.start()
+        try:
+            yield pg
+        finally:
+            pg.stop()
+
+
+def postgres_pids(pg: EmbeddedPostgres) -> list[int]:
+    """The postmaster (from postmaster.pid) and all its descendants."""
+    import psutil
+
+    postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+    try:
+        children = psutil.Process(postmaster).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [postmaster, *(c.pid for c in children)]
+
+
+class PgFreezer:
+    """SIGSTOP every process of one Postgres (TCP stays open, nothing answers);
+    ``thaw`` sends SIGCONT to each of them. Prefer ``frozen()``, which always
+    thaws."""
+
+    def __init__(self, pg: EmbeddedPostgres) -> None:
+        self._pg = pg
+        self._stopped: list[int] = []
+
+    def freeze(self) -> int:
+        """How many processes were stopped (a second call changes nothing)."""
+        if self._stopped:
+            return len(self._stopped)
+        pids = postgres_pids(self._pg)
+        os.kill(pids[0], signal.SIGSTOP)  # the postmaster first: it forks no more
+        self._stopped = [pids[0]]
+        for pid in postgres_pids(self._pg)[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                self._stopped.append(pid)
+        return len(self._stopped)
+
+    def thaw(self) -> None:
+        stopped, self._stopped = self._stopped, []
+        for pid in reversed(stopped):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[int]:
+        try:
+            yield self.freeze()
+        finally:
+            self.thaw()

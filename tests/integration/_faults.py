@@ -4,7 +4,6 @@
   (fast revocation settings, the migration DSN), which workers listen and
   which hold client connections;
 - ``PgControl``: start / stop a private Postgres from a helper process;
-- ``PgFreezer``: SIGSTOP / SIGCONT every process of a private Postgres;
 - ``LateCloseProxy``: a TCP proxy that delivers a server's last words at
   once and the end of the connection late;
 - ``Tmpfs`` and ``fill``: a small tmpfs mounted over a directory, filled to
@@ -25,7 +24,6 @@ import json
 import os
 import random
 import select
-import signal
 import subprocess
 import sys
 import threading
@@ -198,48 +196,6 @@ class PgControl:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-
-
-def postgres_pids(pg: EmbeddedPostgres) -> list[int]:
-    """The postmaster (from postmaster.pid) and all its descendants."""
-    postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
-    try:
-        children = psutil.Process(postmaster).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return [postmaster, *(c.pid for c in children)]
-
-
-class PgFreezer:
-    """SIGSTOP every process of one Postgres (TCP stays open, nothing answers);
-    ``thaw`` sends SIGCONT to each of them. Use ``frozen()``, which always thaws."""
-
-    def __init__(self, pg: EmbeddedPostgres) -> None:
-        self._pg = pg
-        self._stopped: list[int] = []
-
-    def freeze(self) -> int:
-        pids = postgres_pids(self._pg)
-        os.kill(pids[0], signal.SIGSTOP)  # the postmaster first: it forks no more
-        self._stopped = [pids[0]]
-        for pid in postgres_pids(self._pg)[1:]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-                self._stopped.append(pid)
-        return len(self._stopped)
-
-    def thaw(self) -> None:
-        stopped, self._stopped = self._stopped, []
-        for pid in reversed(stopped):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-
-    @contextlib.contextmanager
-    def frozen(self) -> Iterator[int]:
-        try:
-            yield self.freeze()
-        finally:
-            self.thaw()
 
 
 class LateCloseProxy:

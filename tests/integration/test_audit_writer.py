@@ -33,7 +33,7 @@ from fedtoken.core.model import Reason, Tenant, Verdict
 from fedtoken.store import AuditEvent, AuditRecord, ChainProblem, PgStore, apply_migrations
 from fedtoken.store import create_pool as store_pool
 from fedtoken.store.embedded import EmbeddedPostgres
-from tests._pg_fixture import create_database, drop_database
+from tests._pg_fixture import create_database, drop_database, private_postgres
 
 pytestmark = pytest.mark.integration
 
@@ -70,13 +70,8 @@ def tmp_path() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def private_pg() -> Iterator[EmbeddedPostgres]:
     """A Postgres of this module's own: these tests stop and restart it."""
-    with tempfile.TemporaryDirectory(prefix="fedtoken-audit-pg-") as name:
-        pg = EmbeddedPostgres(Path(name) / "data")
-        pg.start()
-        try:
-            yield pg
-        finally:
-            pg.stop()
+    with private_postgres("fedtoken-audit-pg-") as pg:
+        yield pg
 
 
 @pytest_asyncio.fixture(loop_scope="session")

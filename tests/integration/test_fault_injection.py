@@ -58,7 +58,7 @@ import pytest
 from fedtoken.store.embedded import EmbeddedPostgres
 from fedtoken.store.migrate import APP_ROLE
 from fedtoken_client import FedtokenClient, FedtokenRpcError, reason_name
-from tests._pg_fixture import create_database
+from tests._pg_fixture import PgFreezer, create_database
 from tests.integration._faults import (
     AUDIENCE,
     FaultServe,
@@ -66,7 +66,6 @@ from tests.integration._faults import (
     Ledger,
     Load,
     PgControl,
-    PgFreezer,
     Target,
     Tmpfs,
     eventually,

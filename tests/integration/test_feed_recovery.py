@@ -18,13 +18,11 @@ import asyncio
 import contextlib
 import json
 import random
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -35,8 +33,7 @@ from fedtoken.events.feed import CHANNEL, EventFeed, revocation_loader
 from fedtoken.revocation.view import InMemoryRevocationView, RevocationEntry
 from fedtoken.store import PgStore, apply_migrations, create_pool
 from fedtoken.store.embedded import EmbeddedPostgres
-from tests._pg_fixture import create_database
-from tests.integration.test_frozen_postgres import Freezer
+from tests._pg_fixture import PgFreezer, create_database, private_postgres
 
 pytestmark = pytest.mark.integration
 
@@ -49,18 +46,13 @@ EXP = int(time.time()) + 3600
 @pytest.fixture(scope="module")
 def private_pg() -> Iterator[EmbeddedPostgres]:
     """A Postgres of this module's own: these tests freeze it."""
-    with tempfile.TemporaryDirectory(prefix="fedtoken-feed-pg-") as name:
-        pg = EmbeddedPostgres(Path(name) / "data")
-        pg.start()
-        try:
-            yield pg
-        finally:
-            pg.stop()
+    with private_postgres("fedtoken-feed-pg-") as pg:
+        yield pg
 
 
 @pytest.fixture
-def freezer(private_pg: EmbeddedPostgres) -> Iterator[Freezer]:
-    f = Freezer(private_pg)
+def freezer(private_pg: EmbeddedPostgres) -> Iterator[PgFreezer]:
+    f = PgFreezer(private_pg)
     try:
         yield f
     finally:
@@ -167,7 +159,7 @@ async def drop_listeners(dsn: str) -> None:
 
 
 async def test_two_feeds_recover_from_repeated_freezes_in_every_phase(
-    db: str, freezer: Freezer
+    db: str, freezer: PgFreezer
 ) -> None:
     pool = await create_pool(db, min_size=1, max_size=1)
     await apply_migrations(pool)

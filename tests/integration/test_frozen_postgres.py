@@ -16,9 +16,6 @@ is about "does not hang", not a benchmark.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
 import tempfile
 import time
 import uuid
@@ -37,7 +34,7 @@ from fedtoken.core.model import Tenant, TenantPolicy
 from fedtoken.store import PgStore, apply_migrations, create_pool
 from fedtoken.store.embedded import EmbeddedPostgres
 from fedtoken.store.pool import caller_deadline
-from tests._pg_fixture import create_database
+from tests._pg_fixture import PgFreezer, create_database, private_postgres
 
 pytestmark = pytest.mark.integration
 
@@ -51,74 +48,16 @@ T = TypeVar("T")
 # --- freezing a private Postgres ----------------------------------------------------
 
 
-def postgres_pids(pg: EmbeddedPostgres) -> list[int]:
-    """The postmaster and its children (backends, checkpointer, ...)."""
-    postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rpartition(")")[2].split()[1]) == postmaster:
-            children.append(int(entry))
-    return [postmaster, *children]
-
-
-class Freezer:
-    """SIGSTOP / SIGCONT every process of one private Postgres."""
-
-    def __init__(self, pg: EmbeddedPostgres) -> None:
-        self._pg = pg
-        self._stopped: list[int] = []
-
-    @property
-    def frozen(self) -> bool:
-        return bool(self._stopped)
-
-    def freeze(self) -> None:
-        if self._stopped:
-            return
-        pids = postgres_pids(self._pg)
-        os.kill(pids[0], signal.SIGSTOP)  # the postmaster first: it forks no more
-        self._stopped = [pids[0]]
-        for pid in postgres_pids(self._pg)[1:]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-                self._stopped.append(pid)
-
-    def thaw(self) -> None:
-        stopped, self._stopped = self._stopped, []
-        for pid in reversed(stopped):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-
-    @contextlib.contextmanager
-    def frozen_for_the_block(self) -> Iterator[None]:
-        self.freeze()
-        try:
-            yield
-        finally:
-            self.thaw()
-
-
 @pytest.fixture(scope="module")
 def private_pg() -> Iterator[EmbeddedPostgres]:
     """A Postgres of this module's own: these tests freeze it."""
-    with tempfile.TemporaryDirectory(prefix="fedtoken-frozen-pg-") as name:
-        pg = EmbeddedPostgres(Path(name) / "data")
-        pg.start()
-        try:
-            yield pg
-        finally:
-            pg.stop()
+    with private_postgres("fedtoken-frozen-pg-") as pg:
+        yield pg
 
 
 @pytest.fixture
-def freezer(private_pg: EmbeddedPostgres) -> Iterator[Freezer]:
-    f = Freezer(private_pg)
+def freezer(private_pg: EmbeddedPostgres) -> Iterator[PgFreezer]:
+    f = PgFreezer(private_pg)
     try:
         yield f
     finally:
@@ -210,10 +149,10 @@ def issued_event(jti: str) -> AuditEvent:
 
 
 async def test_introspections_revocation_check_fails_fast_and_recovers(
-    store: PgStore, freezer: Freezer
+    store: PgStore, freezer: PgFreezer
 ) -> None:
     assert not await is_revoked(store, "warm")
-    with freezer.frozen_for_the_block():
+    with freezer.frozen():
         # One at a time, then more at once than the pool has connections: each
         # ends within the bound (a hung connection is terminated, so the pool
         # neither stays wedged nor lets a queue build up behind it).
@@ -236,9 +175,9 @@ async def _answers(store: PgStore) -> bool:
 
 
 async def test_revoke_fails_fast_while_frozen_and_is_durable_after_a_thaw(
-    store: PgStore, writer: AuditWriter, freezer: Freezer
+    store: PgStore, writer: AuditWriter, freezer: PgFreezer
 ) -> None:
-    with freezer.frozen_for_the_block():
+    with freezer.frozen():
         took, outcome = await timed(writer.record_with(revoked_event("r1"),
                                                        revocation_write(store, "r1")))
         assert isinstance(outcome, StoreUnavailable), outcome  # Revoke: STORE_UNAVAILABLE
@@ -256,11 +195,11 @@ async def test_revoke_fails_fast_while_frozen_and_is_durable_after_a_thaw(
 
 
 async def test_issue_is_audited_through_the_spill_while_frozen(
-    store: PgStore, writer: AuditWriter, freezer: Freezer
+    store: PgStore, writer: AuditWriter, freezer: PgFreezer
 ) -> None:
     await writer.record(issued_event("before"))
     assert writer.mode is AuditMode.DIRECT
-    with freezer.frozen_for_the_block():
+    with freezer.frozen():
         took, outcome = await timed(writer.record(issued_event("i1")))
         assert outcome is None, outcome  # Issue succeeds ...
         assert took < BOUND + SLACK, f"the audit record waited {took:.1f}s"
@@ -280,9 +219,9 @@ async def _replayed(writer: AuditWriter) -> bool:
 
 
 async def test_the_callers_deadline_shortens_the_bound(
-    store: PgStore, writer: AuditWriter, freezer: Freezer
+    store: PgStore, writer: AuditWriter, freezer: PgFreezer
 ) -> None:
-    with freezer.frozen_for_the_block():
+    with freezer.frozen():
         with caller_deadline(0.5):
             took, outcome = await timed(is_revoked(store, "deadline"))
         assert isinstance(outcome, StoreUnavailable), outcome
@@ -307,7 +246,7 @@ async def _after(delay: float, call: Awaitable[T]) -> T:
     return await call
 
 
-async def test_long_operations_have_their_own_bound(db: str, freezer: Freezer) -> None:
+async def test_long_operations_have_their_own_bound(db: str, freezer: PgFreezer) -> None:
     pool = await create_pool(db, min_size=1, max_size=4)
     try:
         await apply_migrations(pool)
@@ -317,7 +256,7 @@ async def test_long_operations_have_their_own_bound(db: str, freezer: Freezer) -
             return sum([len(c) async for c in store.revocations.iter_active(_now())])
 
         assert await stream() == 0
-        with freezer.frozen_for_the_block():
+        with freezer.frozen():
             for call in (stream(), store.audit.verify_chain(),
                          store.revocations.purge_expired(_now())):
                 took, outcome = await timed(call)
