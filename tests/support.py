@@ -26,6 +26,15 @@ from fedtoken_client import FedtokenClient, Tls
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a fedtoken child process: none of the test process's
+    FEDTOKEN_* settings or SOFTHSM2_CONF, and this checkout on the path."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("FEDTOKEN_") and k != "SOFTHSM2_CONF"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "clients/python")])
+    return env
+
+
 class _Tls:
     """mTLS helpers for a server whose dev PKI lives under ``state``/tls:
     clients authenticate as the dev operator (a bootstrap admin) unless told
@@ -43,6 +52,12 @@ class _Tls:
 
     def client(self, *, tls: Tls | None = None, **kwargs: Any) -> FedtokenClient:
         return FedtokenClient(self.target, tls=tls or self.tls, **kwargs)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``fedtoken --target ... --state-dir ... ARGS`` as the dev operator."""
+        return subprocess.run([sys.executable, "-m", "fedtoken.cli.main", "--target", self.target,
+                               "--state-dir", str(self.state), *args],
+                              capture_output=True, text=True, env=child_env(), timeout=60)
 
     def channel(self, *, tls: Tls | None = None,
                 options: list[tuple[str, Any]] | None = None) -> grpc.Channel:
@@ -154,10 +169,7 @@ class ServeProcess(_Tls):
         return f"http://127.0.0.1:{self.http_port}"
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("FEDTOKEN_") and k != "SOFTHSM2_CONF"}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "clients/python")])
-        return env
+        return child_env()
 
     def start(self, timeout: float = 120) -> ServeProcess:
         cmd = [sys.executable, "-m", "fedtoken.cli.main", "serve", "--state-dir", str(self.state),
@@ -197,11 +209,6 @@ class ServeProcess(_Tls):
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "fedtoken.cli.main", "--target", self.target,
-                               "--state-dir", str(self.state), *args],
-                              capture_output=True, text=True, env=self.env(), timeout=60)
 
     def http_json(self, path: str) -> Any:
         with urllib.request.urlopen(self.http_base + path, timeout=10) as resp:

@@ -4,9 +4,6 @@ and a tampered row caught by `fedtoken audit verify`."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 
@@ -15,7 +12,7 @@ import pytest
 
 from fedtoken.hsm import HsmConfig
 from tests._pg_fixture import create_database, drop_database
-from tests.support import ROOT, ServerThread, make_settings
+from tests.support import ServerThread, make_settings
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +26,6 @@ def own_server(
     yield srv, dsn
     srv.stop()
     drop_database(pg_dsn, name)
-
-
-def _cli(srv: ServerThread, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT / "server"), str(ROOT / "clients/python")]))
-    return subprocess.run([sys.executable, "-m", "fedtoken.cli.main", "--target", srv.target,
-                           "--state-dir", str(srv.state), *args],
-                          capture_output=True, text=True, env=env, timeout=60)
 
 
 BILLING = "spiffe://fedtoken.test/ns/billing/sa/api"
@@ -78,9 +67,9 @@ def test_events_carry_context_and_the_chain_verifies(
         report = c.verify_audit_chain()
         assert report.ok and report.rows_checked == len(seen) and report.head_seq == len(seen)
 
-    ok = _cli(srv, "audit", "verify")
+    ok = srv.cli("audit", "verify")
     assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] is True
-    tail = _cli(srv, "audit", "tail", "--subject", "olivia")
+    tail = srv.cli("audit", "tail", "--subject", "olivia")
     assert tail.returncode == 0
     assert {json.loads(line)["event_type"] for line in tail.stdout.splitlines()} >= {
         "token.issued"}
@@ -145,7 +134,7 @@ def test_a_row_edited_with_sql_is_named_by_audit_verify(
     import asyncio
 
     asyncio.run(tamper())
-    bad = _cli(srv, "audit", "verify")
+    bad = srv.cli("audit", "verify")
     assert bad.returncode == 1
     report = json.loads(bad.stdout)
     assert report["ok"] is False

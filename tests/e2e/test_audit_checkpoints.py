@@ -9,8 +9,6 @@ import asyncio
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ from fedtoken.core.checkpoint import CHECKPOINT_LABEL_PREFIX, parse_line, pinned
 from fedtoken.core.jwk import b64url_to_int, rsa_public_jwk
 from fedtoken.hsm import HsmConfig
 from tests._pg_fixture import create_database, drop_database
-from tests.support import ROOT, ServerThread, make_settings
+from tests.support import ServerThread, make_settings
 
 PERIOD = 0.3
 
@@ -42,14 +40,6 @@ def own_server(
     yield srv, dsn
     srv.stop()
     drop_database(pg_dsn, name)
-
-
-def _cli(srv: ServerThread, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT / "server"), str(ROOT / "clients/python")]))
-    return subprocess.run([sys.executable, "-m", "fedtoken.cli.main", "--target", srv.target,
-                           "--state-dir", str(srv.state), *args],
-                          capture_output=True, text=True, env=env, timeout=60)
 
 
 def _checkpoints(srv: ServerThread) -> Path:
@@ -133,7 +123,7 @@ def test_checkpoints_are_signed_by_the_hsm_key_and_verify(
         (last,) = c.list_audit(after_seq=seqs[-1] - 1, page_size=1).events
         assert bytes.fromhex(last.hash) == signed[-1].checkpoint.hash
 
-    ok = _cli(srv, "audit", "verify", "--checkpoints", str(_checkpoints(srv)))
+    ok = srv.cli("audit", "verify", "--checkpoints", str(_checkpoints(srv)))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     report = json.loads(ok.stdout)
     assert report["ok"] is True and report["checked"] == len(lines)
@@ -149,7 +139,7 @@ def test_an_altered_checkpoint_file_is_refused(
     data["hash"] = "00" * 32  # "the chain had this hash": not what the key signed
     forged = tmp_path / "forged.jsonl"
     forged.write_text(json.dumps(data) + "\n" + "\n".join(lines[1:]) + "\n")
-    bad = _cli(srv, "audit", "verify", "--checkpoints", str(forged))
+    bad = srv.cli("audit", "verify", "--checkpoints", str(forged))
     assert bad.returncode == 1
     report = json.loads(bad.stdout)
     assert (report["problem"], report["line"]) == ("BAD_SIGNATURE", 1)
@@ -157,7 +147,7 @@ def test_an_altered_checkpoint_file_is_refused(
     other = tmp_path / "other.jwk"
     other.write_text(json.dumps(rsa_public_jwk(
         int.from_bytes(os.urandom(256), "big") | (1 << 2047) | 1, 65537)))
-    wrong = _cli(srv, "audit", "verify", "--checkpoints", str(_checkpoints(srv)),
+    wrong = srv.cli("audit", "verify", "--checkpoints", str(_checkpoints(srv)),
                  "--checkpoint-key", str(other))
     assert wrong.returncode == 1 and json.loads(wrong.stdout)["problem"] == "KEY_MISMATCH"
 
@@ -174,7 +164,7 @@ def test_a_superuser_rewriting_the_whole_chain_is_caught(
     lines = _wait_for_checkpoint_of(srv, _head(srv))
     seqs = [parse_line(line).checkpoint.seq for line in lines]
     first_covering = next(s for s in seqs if s >= row.seq)
-    assert _cli(srv, "audit", "verify", "--checkpoints", str(_checkpoints(srv))).returncode == 0
+    assert srv.cli("audit", "verify", "--checkpoints", str(_checkpoints(srv))).returncode == 0
 
     async def rewrite() -> None:
         conn = await asyncpg.connect(dsn)  # the test's DSN: a database superuser
@@ -192,11 +182,11 @@ def test_a_superuser_rewriting_the_whole_chain_is_caught(
             # The chain walk alone is satisfied: the rewrite is consistent.
             report = c.verify_audit_chain()
             assert report.ok and report.head_seq >= seqs[-1]
-        plain = _cli(srv, "audit", "verify")
+        plain = srv.cli("audit", "verify")
         assert plain.returncode == 0 and json.loads(plain.stdout)["ok"] is True
 
         # The signed checkpoints are not.
-        caught = _cli(srv, "audit", "verify", "--checkpoints", str(_checkpoints(srv)))
+        caught = srv.cli("audit", "verify", "--checkpoints", str(_checkpoints(srv)))
         assert caught.returncode == 1, caught.stdout + caught.stderr
         verdict = json.loads(caught.stdout)
         assert verdict["ok"] is False and verdict["problem"] == "HASH_MISMATCH"

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import stat
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,7 +40,7 @@ from fedtoken_client._pb.fedtoken.v1 import (
     token_service_pb2,
     token_service_pb2_grpc,
 )
-from tests.support import ROOT, ServerThread
+from tests.support import ServerThread
 
 TRUST_DOMAIN = "spiffe://fedtoken.test/zt"
 AUDIT_DEADLINE = 10.0  # seconds: denials are audited asynchronously (record_soon)
@@ -600,14 +598,6 @@ def test_invalid_identities_and_roles_are_invalid_argument(world: World) -> None
     assert len(admin.list_callers()) == before
 
 
-def _cli(srv: ServerThread, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDTOKEN_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "server"), str(ROOT / "clients/python")])
-    return subprocess.run([sys.executable, "-m", "fedtoken.cli.main", "--target", srv.target,
-                           "--state-dir", str(srv.state), *args],
-                          capture_output=True, text=True, env=env, timeout=60)
-
-
 def _ok(result: subprocess.CompletedProcess[str]) -> Any:
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -617,7 +607,7 @@ def test_callers_and_dev_cert_through_the_cli(world: World, tmp_path: Path) -> N
     srv = world.server
     identity = _spiffe("cli-issuer")
     out = tmp_path / "cert"
-    made = _ok(_cli(srv, "dev-cert", identity, "--out", str(out)))
+    made = _ok(srv.cli("dev-cert", identity, "--out", str(out)))
     assert made["identity"] == identity
     for name in ("client.pem", "client.key", "ca.pem"):
         assert (out / name).is_file(), name
@@ -627,12 +617,12 @@ def test_callers_and_dev_cert_through_the_cli(world: World, tmp_path: Path) -> N
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [identity]
 
-    granted = _ok(_cli(srv, "callers", "grant", identity, "--role", "issuer",
+    granted = _ok(srv.cli("callers", "grant", identity, "--role", "issuer",
                        "--tenant", world.a, "--audience", "svc-cli", "--max-lifetime", "15m"))
     assert (granted["identity"], granted["role"], granted["tenants"]) == (
         identity, "issuer", [world.a])
     assert granted["audiences"] == ["svc-cli"] and int(granted["max_lifetime_seconds"]) == 900
-    listed = [g for g in _ok(_cli(srv, "callers", "list")) if g["identity"] == identity]
+    listed = [g for g in _ok(srv.cli("callers", "list")) if g["identity"] == identity]
     assert len(listed) == 1 and int(listed[0]["max_lifetime_seconds"]) == 900
 
     with FedtokenClient(srv.target, tls=Tls.from_dir(out), caller="cli-made") as c:
@@ -642,16 +632,16 @@ def test_callers_and_dev_cert_through_the_cli(world: World, tmp_path: Path) -> N
             c.issue("dave", "svc-cli", tenant=world.a, lifetime_seconds=901)
         with _refused(grpc.StatusCode.PERMISSION_DENIED, "AUDIENCE_NOT_GRANTED"):
             c.issue("dave", "svc", tenant=world.a, lifetime_seconds=60)
-        assert _ok(_cli(srv, "callers", "revoke", identity)) == {"removed": 1}
+        assert _ok(srv.cli("callers", "revoke", identity)) == {"removed": 1}
         with _refused(grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_GRANTED"):
             c.issue("dave", "svc-cli", tenant=world.a, lifetime_seconds=60)
-    assert not [g for g in _ok(_cli(srv, "callers", "list")) if g["identity"] == identity]
+    assert not [g for g in _ok(srv.cli("callers", "list")) if g["identity"] == identity]
 
-    again = _cli(srv, "callers", "revoke", identity)
+    again = srv.cli("callers", "revoke", identity)
     assert again.returncode != 0 and "NOT_FOUND GRANT_NOT_FOUND" in again.stderr, again
-    bad = _cli(srv, "callers", "grant", "not-a-spiffe-id", "--role", "verifier")
+    bad = srv.cli("callers", "grant", "not-a-spiffe-id", "--role", "verifier")
     assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr, bad
-    role = _cli(srv, "callers", "grant", identity, "--role", "superuser")
+    role = srv.cli("callers", "grant", identity, "--role", "superuser")
     assert role.returncode != 0 and "superuser" in role.stderr, role
     assert not [g for g in world.admin.list_callers() if g.identity == identity]
 
