@@ -144,14 +144,13 @@ def wrap_unary(name: str, behavior: Behavior,
 
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         metadata = context.invocation_metadata()
-        peer = context.peer() or ""
-        ctx = CallContext(Principal("", peer, _declared(metadata)), _request_id(metadata), name)
-        token = _CALL.set(ctx)
+        request_id = _request_id(metadata)
+        token: contextvars.Token[CallContext] | None = None
         try:
-            if authenticate is not None:
-                ctx = CallContext(Principal(authenticate(context), peer, ctx.principal.declared),
-                                  ctx.request_id, name)
-                _CALL.set(ctx)
+            identity = authenticate(context) if authenticate is not None else ""
+            ctx = CallContext(Principal(identity, context.peer() or "", _declared(metadata)),
+                              request_id, name)
+            token = _CALL.set(ctx)
             if request is _UNDECODABLE:
                 raise InvalidRequest("the request message could not be decoded",
                                      reason=ErrorReason.MALFORMED_REQUEST)
@@ -161,21 +160,22 @@ def wrap_unary(name: str, behavior: Behavior,
             status = _STATUS[exc.status]
             if exc.status in (StatusClass.UNAVAILABLE, StatusClass.INTERNAL):
                 log.warning("%s %s failed: %s (%s) request_id=%s", name, status.name,
-                            exc.reason.value, exc.message, ctx.request_id,
+                            exc.reason.value, exc.message, request_id,
                             exc_info=exc.__cause__ is not None)
-            await _abort(context, status, exc, ctx.request_id)
+            await _abort(context, status, exc, request_id)
         except (grpc.aio.AbortError, AssertionError):
             raise
         except Exception:
-            log.exception("%s failed unexpectedly; request_id=%s", name, ctx.request_id)
+            log.exception("%s failed unexpectedly; request_id=%s", name, request_id)
             internal = FedtokenError(
                 "internal error; the server log has the details under request_id "
-                f"{ctx.request_id}",
+                f"{request_id}",
                 reason=ErrorReason.INTERNAL_ERROR,
             )
-            await _abort(context, grpc.StatusCode.INTERNAL, internal, ctx.request_id)
+            await _abort(context, grpc.StatusCode.INTERNAL, internal, request_id)
         finally:
-            _CALL.reset(token)
+            if token is not None:
+                _CALL.reset(token)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     return handler
