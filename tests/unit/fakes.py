@@ -595,6 +595,10 @@ class MemoryAuditLog:
         ]
         return out[:limit]
 
+    async def newest(self) -> AuditRecord | None:
+        await self._s.enter("audit.newest")
+        return self._s.data.audit[-1] if self._s.data.audit else None
+
     async def verify_chain(self) -> ChainReport:
         await self._s.enter("audit.verify_chain")
         data = self._s.data

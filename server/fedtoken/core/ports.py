@@ -348,6 +348,10 @@ class AuditLog(Protocol):
         limit: int = 100,
     ) -> list[AuditRecord]: ...
 
+    async def newest(self) -> AuditRecord | None:
+        """The row with the highest seq (None: the chain is empty)."""
+        ...
+
     async def verify_chain(self) -> ChainReport: ...
 
 

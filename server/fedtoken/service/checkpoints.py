@@ -170,26 +170,6 @@ class Checkpoints:
         return rows[0] if rows else None
 
     async def _newest_after(self, known: int) -> AuditRecord | None:
-        """The newest row after seq ``known`` (which exists), or None.
-
-        Seqs are gapless, so "some row at or after s" is monotone in s: an
-        exponential then a binary search over it takes about 2 log2(new rows)
-        one-row reads. (A store read of the newest row, ``SELECT seq, hash
-        FROM audit_events ORDER BY seq DESC LIMIT 1``, would make it one.)
-        """
-        newest: AuditRecord | None = None
-        low, step = known, 1  # a row at low exists (or low == known)
-        while True:
-            row = await self._row_from(low + step)
-            if row is None:
-                high = low + step  # no row at or after high
-                break
-            newest, low, step = row, row.seq, step * 2
-        while high - low > 1:
-            middle = (low + high) // 2
-            row = await self._row_from(middle)
-            if row is None:
-                high = middle
-            else:
-                newest, low = row, row.seq
-        return newest
+        """The newest row, if it is after seq ``known``."""
+        newest = await self._store.audit.newest()
+        return newest if newest is not None and newest.seq > known else None

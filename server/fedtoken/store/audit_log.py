@@ -317,6 +317,14 @@ class PgAuditLog:
                 rows = await conn.fetch(sql, *args)
         return [_record(r) for r in rows]
 
+    async def newest(self) -> AuditRecord | None:
+        """The row with the highest seq (its own hash, not audit_head's)."""
+        with db_errors("read the newest audit event"):
+            async with self._source.connection() as conn:
+                row = await conn.fetchrow(
+                    f"SELECT {_COLUMNS} FROM audit_events ORDER BY seq DESC LIMIT 1")
+        return None if row is None else _record(row)
+
 
 async def _walk_chain(conn: asyncpg.Connection, page_size: int, page_timeout: float
                       ) -> ChainReport:
