@@ -171,5 +171,5 @@ class Checkpoints:
 
     async def _newest_after(self, known: int) -> AuditRecord | None:
         """The newest row, if it is after seq ``known``."""
-        newest = await self._store.audit.newest()
+        newest = await self._log.newest()
         return newest if newest is not None and newest.seq > known else None
