@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from fedtoken.core.audit import AuditEvent, AuditRecord, ChainReport
 from fedtoken.core.authz import Ask, Grant, Role
 from fedtoken.core.model import KeyRecord, KeyState, Reason, Tenant, Verdict
+from fedtoken.core.trust import IssuerStatus, StoredKeySet, TrustedIssuer
 
 T = TypeVar("T")
 
@@ -193,6 +194,9 @@ class IssuerKeys:
     keys: dict[str, VerificationKey]
     withdrawn: dict[str, KeyState]
     local: bool = True
+    # For a foreign issuer (local=False): the local tenants that trust it. A
+    # foreign token verifies only in the context of one of them.
+    trusted_by: frozenset[str] = frozenset()
 
 
 class KeyResolver(Protocol):
@@ -206,6 +210,33 @@ class KeyResolver(Protocol):
     def tenant_of_kid(self, kid: str) -> str | None:
         """The local tenant owning kid, if any (for TENANT_MISMATCH)."""
         ...
+
+
+class TrustedKeys(Protocol):
+    """The remote JWKS cache of the trusted foreign issuers
+    (``fedtoken.federation``). ``issuer_keys`` is the KeyResolver half, on
+    the hot path, never waiting on the network."""
+
+    def configure(self, issuers: Iterable[TrustedIssuer]) -> None:
+        """Replace the set of trusted issuers (new ones start fetching,
+        removed ones are forgotten at once)."""
+        ...
+
+    def issuer_keys(self, issuer: str) -> IssuerKeys | None:
+        """The usable keys of a trusted issuer (local=False), or None when it
+        is not trusted or its key set is missing or past max staleness."""
+        ...
+
+    async def await_kid(self, issuer: str, kid: str, timeout: float) -> bool:
+        """On an unknown kid: wait (bounded) for the single refetch that the
+        cooldown, budget and negative cache allow; True if kid is now known."""
+        ...
+
+    async def refresh(self, issuer: str) -> IssuerStatus:
+        """Fetch now (operator request), within the issuer's budget."""
+        ...
+
+    def status(self) -> list[IssuerStatus]: ...
 
 
 class KeyTable(Protocol):
@@ -353,6 +384,27 @@ class AuditLog(Protocol):
         ...
 
     async def verify_chain(self) -> ChainReport: ...
+
+
+class TrustRepository(Protocol):
+    """Trusted foreign issuers (Postgres ``trusted_issuers``)."""
+
+    async def put(self, trust: TrustedIssuer, *, now: datetime) -> TrustedIssuer: ...
+
+    async def get(self, issuer: str) -> TrustedIssuer | None: ...
+
+    async def list(self) -> list[TrustedIssuer]: ...
+
+    async def remove(self, issuer: str) -> bool: ...
+
+
+class KeySetStore(Protocol):
+    """The last good key set of each trusted issuer (Postgres
+    ``trusted_key_sets``)."""
+
+    async def load_key_sets(self) -> list[StoredKeySet]: ...
+
+    async def save_key_set(self, key_set: StoredKeySet) -> None: ...
 
 
 class CallerRepository(Protocol):
