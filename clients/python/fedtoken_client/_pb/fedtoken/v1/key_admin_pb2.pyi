@@ -68,20 +68,24 @@ class VerifyAuditChainRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AuditChainReport(_message.Message):
-    __slots__ = ("ok", "rows_checked", "head_seq", "head_hash", "first_bad_seq", "problem")
+    __slots__ = ("ok", "rows_checked", "head_seq", "head_hash", "first_bad_seq", "problem", "anchor_seq", "anchor_hash")
     OK_FIELD_NUMBER: _ClassVar[int]
     ROWS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
     HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
     FIRST_BAD_SEQ_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_SEQ_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_HASH_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     rows_checked: int
     head_seq: int
     head_hash: str
     first_bad_seq: int
     problem: str
-    def __init__(self, ok: _Optional[bool] = ..., rows_checked: _Optional[int] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., first_bad_seq: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...
+    anchor_seq: int
+    anchor_hash: str
+    def __init__(self, ok: _Optional[bool] = ..., rows_checked: _Optional[int] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., first_bad_seq: _Optional[int] = ..., problem: _Optional[str] = ..., anchor_seq: _Optional[int] = ..., anchor_hash: _Optional[str] = ...) -> None: ...
 
 class Tenant(_message.Message):
     __slots__ = ("id", "issuer", "max_token_lifetime_seconds", "default_token_lifetime_seconds", "allowed_algorithms", "key_size", "created_at")
