@@ -44,6 +44,18 @@ class FileCheckpointJournal:
     async def append(self, line: str) -> None:
         await asyncio.to_thread(self._append, line)
 
+    async def lines(self) -> list[str]:
+        return await asyncio.to_thread(self._lines)
+
+    def _lines(self) -> list[str]:
+        """Every complete line (a torn last line is not one)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        data = data[: data.rfind(b"\n") + 1]
+        return [line.decode("utf-8", "replace") for line in data.split(b"\n") if line.strip()]
+
     async def publish_key(self, jwk: dict[str, Any]) -> str:
         await asyncio.to_thread(self._publish_key, jwk)
         return str(self.key_path)

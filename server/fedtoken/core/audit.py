@@ -70,3 +70,30 @@ class ChainReport:
     head_hash: bytes
     first_bad_seq: int | None = None
     problem: ChainProblem | None = None
+    # Retention: rows up to anchor_seq were archived and removed; the walk
+    # started after it, from anchor_hash (0 and b"": nothing was removed).
+    anchor_seq: int = 0
+    anchor_hash: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditAnchor:
+    """Where the retained chain starts: the last removed row's seq and hash,
+    the signed checkpoint that pins them and the archive holding the rows."""
+
+    seq: int
+    hash: bytes
+    checkpoint: str
+    archive: str
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedRow:
+    """One chained row as an archive keeps it: the hash input exactly as the
+    chain trigger computed it (``audit_canonical``), so an offline check is a
+    SHA-256, with no need to re-encode anything."""
+
+    seq: int
+    prev_hash: bytes
+    hash: bytes
+    canonical: str

@@ -186,6 +186,9 @@ class CheckpointProblem(enum.Enum):
     """The row at seq has another hash: the chain up to it was rewritten."""
     CHAIN_BROKEN = "CHAIN_BROKEN"
     """Every checkpoint holds, but the chain itself does not verify."""
+    ANCHOR_UNSIGNED = "ANCHOR_UNSIGNED"
+    """Retention removed rows up to an anchor that no checkpoint in the file
+    signs (moved by hand, or the file is not this chain's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,9 +199,10 @@ class CheckpointReport:
     line: int | None = None  # 1-based line of the first failing checkpoint
     seq: int | None = None  # its seq, when it could be read
     detail: str = ""
+    archived: int = 0  # checkpoints before the retention anchor (signature checked only)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "checked": self.checked,
+        return {"ok": self.ok, "checked": self.checked, "archived": self.archived,
                 "problem": self.problem.value if self.problem else None,
                 "line": self.line, "first_bad_seq": self.seq, "detail": self.detail}
 
@@ -210,32 +214,61 @@ def verify_checkpoints(
     *,
     chain_ok: bool,
     chain_detail: str = "",
+    anchor: tuple[int, bytes] | None = None,
 ) -> CheckpointReport:
     """Check every checkpoint (in order; blank lines are skipped) and stop at
     the first that fails: its signature by the pinned key of its kid
     (``keys``: kid -> public key), then that ``row_hash(seq)`` (the chain's
     hash at seq, None when there is no such row) is the checkpoint's hash.
-    When all hold, the report is the chain's own verdict (``chain_ok``)."""
-    checked = 0
+    When all hold, the report is the chain's own verdict (``chain_ok``).
+
+    ``anchor``: the (seq, hash) where the retained chain starts after
+    retention removed older rows. Checkpoints before it are only checked for
+    their signature (their rows are in the archives: ``verify_archive``);
+    one checkpoint must sign the anchor itself, or the report fails with
+    ANCHOR_UNSIGNED, since an anchor is only as good as its signature."""
+    checked = archived = 0
+    anchor_signed = anchor is None
+    lookup = row_hash
+    if anchor is not None:
+        anchor_seq, anchor_hash = anchor
+
+        def lookup(seq: int) -> bytes | None:
+            return anchor_hash if seq == anchor_seq else row_hash(seq)
     for number, raw in enumerate(lines, start=1):
         text = raw.strip()
         if not text:
             continue
-        problem, seq, detail = _check_one(text, keys, row_hash)
+        problem, seq, detail = _check_one(text, keys, lookup,
+                                          archived_before=anchor[0] if anchor else 0)
         if problem is not None:
-            return CheckpointReport(False, checked, problem, number, seq, detail)
+            return CheckpointReport(False, checked, problem, number, seq, detail, archived)
+        if anchor is not None and seq is not None and seq < anchor[0]:
+            archived += 1
+            continue
+        if anchor is not None and seq == anchor[0]:
+            anchor_signed = True
         checked += 1
-    if not checked:
+    if not checked and not archived:
         return CheckpointReport(False, 0, CheckpointProblem.NO_CHECKPOINTS,
                                 detail="no checkpoint to check")
+    if not anchor_signed:
+        assert anchor is not None
+        return CheckpointReport(
+            False, checked, CheckpointProblem.ANCHOR_UNSIGNED, seq=anchor[0],
+            detail=f"the retained chain starts after row {anchor[0]} (hash "
+                   f"{anchor[1].hex()}), and no checkpoint in the file signs that row",
+            archived=archived)
     if not chain_ok:
         return CheckpointReport(False, checked, CheckpointProblem.CHAIN_BROKEN,
-                                detail=chain_detail or "the audit chain does not verify")
-    return CheckpointReport(True, checked)
+                                detail=chain_detail or "the audit chain does not verify",
+                                archived=archived)
+    return CheckpointReport(True, checked, archived=archived)
 
 
 def _check_one(
-    text: str, keys: Mapping[str, RSAPublicKey], row_hash: Callable[[int], bytes | None]
+    text: str, keys: Mapping[str, RSAPublicKey], row_hash: Callable[[int], bytes | None],
+    *, archived_before: int = 0,
 ) -> tuple[CheckpointProblem | None, int | None, str]:
     try:
         signed = parse_line(text)
@@ -249,6 +282,8 @@ def _check_one(
     if not verify(signed, key):
         return (CheckpointProblem.BAD_SIGNATURE, cp.seq,
                 "the signature does not verify with the pinned key")
+    if cp.seq < archived_before:
+        return None, cp.seq, ""  # its row was archived by retention
     found = row_hash(cp.seq)
     if found is None:
         return CheckpointProblem.ROW_MISSING, cp.seq, f"the chain has no row {cp.seq}"

@@ -9,6 +9,7 @@ Unit tests implement them in memory (``tests/unit/fakes.py``).
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -18,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from fedtoken.core.audit import AuditEvent, AuditRecord, ChainReport
+from fedtoken.core.audit import ArchivedRow, AuditAnchor, AuditEvent, AuditRecord, ChainReport
 from fedtoken.core.authz import Ask, Grant, Role
 from fedtoken.core.model import KeyRecord, KeyState, Reason, Tenant, Verdict
 from fedtoken.core.trust import IssuerStatus, StoredKeySet, TrustedIssuer
@@ -155,6 +156,10 @@ class CheckpointJournal(Protocol):
 
     async def append(self, line: str) -> None:
         """Append one checkpoint line, durable before returning."""
+        ...
+
+    async def lines(self) -> list[str]:
+        """Every checkpoint line written, oldest first."""
         ...
 
     async def publish_key(self, jwk: dict[str, Any]) -> str:
@@ -384,6 +389,40 @@ class AuditLog(Protocol):
         ...
 
     async def verify_chain(self) -> ChainReport: ...
+
+    async def anchor(self) -> AuditAnchor | None:
+        """Where the retained chain starts (None: nothing was ever removed)."""
+        ...
+
+    async def at(self, seq: int) -> AuditRecord | None:
+        """The row with exactly this seq, if still there."""
+        ...
+
+    async def newest_before(self, until: datetime) -> AuditRecord | None:
+        """The newest row older than ``until``."""
+        ...
+
+    def export(self, after: int, upto: int) -> AsyncIterator[builtins.list[ArchivedRow]]:
+        """Rows ``after < seq <= upto`` in order, in pages, with their hash input."""
+        ...
+
+    async def prune(self, upto: int, upto_hash: bytes, *, checkpoint: str, archive: str,
+                    actor: str) -> int:
+        """Remove the archived rows up to ``upto`` (pinned by ``checkpoint``)."""
+        ...
+
+
+class AuditArchive(Protocol):
+    """Where retention writes the rows it removes (files an operator archives)."""
+
+    @property
+    def where(self) -> str: ...
+
+    async def write(self, name: str, header: str,
+                    rows: AsyncIterator[list[ArchivedRow]]) -> str:
+        """Write header and rows as one archive, durable (and complete, or not
+        there at all) before returning its location."""
+        ...
 
 
 class TrustRepository(Protocol):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -23,6 +23,8 @@ import asyncpg
 
 from fedtoken.core.audit import (
     GENESIS_HASH,
+    ArchivedRow,
+    AuditAnchor,
     AuditEvent,
     AuditRecord,
     ChainProblem,
@@ -74,6 +76,17 @@ _VERIFY_PAGE_SQL: Final = """
      ORDER BY seq
      LIMIT $2
 """
+
+_EXPORT_SQL: Final = """
+    SELECT seq, prev_hash, hash, audit_canonical(
+               seq, ts, tenant_id, actor, event_type, subject, jti, kid,
+               outcome, reason, request_id, details) AS canonical
+      FROM audit_events
+     WHERE seq > $1 AND seq <= $2
+     ORDER BY seq
+     LIMIT $3
+"""
+_ANCHOR_SQL: Final = "SELECT seq, hash, checkpoint, archive FROM audit_anchor WHERE id = 1"
 
 
 class AuditCommitUncertain(StoreUnavailable):
@@ -317,6 +330,61 @@ class PgAuditLog:
                 rows = await conn.fetch(sql, *args)
         return [_record(r) for r in rows]
 
+    async def anchor(self) -> AuditAnchor | None:
+        """Where the retained chain starts (None: no row was ever removed)."""
+        with db_errors("read the audit anchor"):
+            async with self._source.connection() as conn:
+                row = await conn.fetchrow(_ANCHOR_SQL)
+        return None if row is None else _anchor(row)
+
+    async def newest_before(self, until: datetime) -> AuditRecord | None:
+        """The newest row with ts < ``until`` (ts never decreases along seq)."""
+        with db_errors("read an audit event"):
+            async with self._source.connection() as conn:
+                row = await conn.fetchrow(
+                    f"SELECT {_COLUMNS} FROM audit_events WHERE ts < $1 "
+                    "ORDER BY ts DESC, seq DESC LIMIT 1", until)
+        return None if row is None else _record(row)
+
+    async def at(self, seq: int) -> AuditRecord | None:
+        """The row with exactly this seq, if the chain still has it."""
+        with db_errors("read an audit event"):
+            async with self._source.connection() as conn:
+                row = await conn.fetchrow(
+                    f"SELECT {_COLUMNS} FROM audit_events WHERE seq = $1", seq)
+        return None if row is None else _record(row)
+
+    async def export(self, after: int, upto: int, *, page_size: int = 5000
+                     ) -> AsyncIterator[builtins.list[ArchivedRow]]:
+        """Rows ``after < seq <= upto`` in seq order, a page at a time, each
+        with its hash input as the chain trigger computed it. The caller
+        checks continuity (a gap means the rows are not there to archive)."""
+        cursor = after
+        while cursor < upto:
+            with db_errors("export audit rows"):
+                async with self._source.connection(self._source.long_timeout) as conn:
+                    rows = await conn.fetch(_EXPORT_SQL, cursor, upto, page_size,
+                                            timeout=self._source.page_timeout)
+            if not rows:
+                return
+            page = [ArchivedRow(seq=r["seq"], prev_hash=bytes(r["prev_hash"]),
+                                hash=bytes(r["hash"]), canonical=r["canonical"]) for r in rows]
+            yield page
+            cursor = page[-1].seq
+
+    async def prune(self, upto: int, upto_hash: bytes, *, checkpoint: str, archive: str,
+                    actor: str) -> int:
+        """Remove the rows up to ``upto`` (``audit_prune`` in
+        migrations/0006): only up to a row the checkpoint pins, never the
+        newest, never one younger than the database's retention floor. The
+        caller has archived them first. Returns how many rows went."""
+        with db_errors("prune the audit trail"):
+            async with self._source.connection(self._source.long_timeout) as conn:
+                removed: int = await conn.fetchval(
+                    "SELECT audit_prune($1, $2, $3, $4, $5)", upto, upto_hash, checkpoint,
+                    archive, actor, timeout=self._source.long_timeout)
+        return removed
+
     async def newest(self) -> AuditRecord | None:
         """The row with the highest seq (its own hash, not audit_head's)."""
         with db_errors("read the newest audit event"):
@@ -326,10 +394,17 @@ class PgAuditLog:
         return None if row is None else _record(row)
 
 
+def _anchor(row: asyncpg.Record) -> AuditAnchor:
+    return AuditAnchor(seq=row["seq"], hash=bytes(row["hash"]), checkpoint=row["checkpoint"],
+                       archive=row["archive"])
+
+
 async def _walk_chain(conn: asyncpg.Connection, page_size: int, page_timeout: float
                       ) -> ChainReport:
     head = await conn.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1",
                                timeout=page_timeout)
+    anchor_row = await conn.fetchrow(_ANCHOR_SQL, timeout=page_timeout)
+    anchor = None if anchor_row is None else _anchor(anchor_row)
     if head is None:  # only a superuser bypassing the guard trigger can do this
         return ChainReport(
             ok=False,
@@ -350,9 +425,14 @@ async def _walk_chain(conn: asyncpg.Connection, page_size: int, page_timeout: fl
             head_hash=head_hash,
             first_bad_seq=bad_seq,
             problem=problem,
+            anchor_seq=anchor.seq if anchor else 0,
+            anchor_hash=anchor.hash if anchor else b"",
         )
 
-    prev_hash, next_seq, checked = GENESIS_HASH, 1, 0
+    # After a retention prune the walk starts at the anchor: its hash is what
+    # the first retained row must link to (and a signed checkpoint pins it).
+    prev_hash, next_seq, checked = (
+        (anchor.hash, anchor.seq + 1, 0) if anchor else (GENESIS_HASH, 1, 0))
     while True:
         rows = await conn.fetch(_VERIFY_PAGE_SQL, next_seq - 1, page_size, timeout=page_timeout)
         for row in rows:
