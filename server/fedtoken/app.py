@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from fedtoken.audit import AuditWriter
+from fedtoken.audit.archive import FileAuditArchive
 from fedtoken.audit.checkpoint_file import FileCheckpointJournal
 from fedtoken.audit.spill import spill_dir_for
 from fedtoken.config import Settings
@@ -39,6 +40,7 @@ from fedtoken.rpc.servicers import KeyAdminServicer, TokenServicer
 from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Verification
 from fedtoken.service.callers import Callers
 from fedtoken.service.checkpoints import Checkpoints
+from fedtoken.service.retention import Retention
 from fedtoken.service.types import Introspection, KeySet
 from fedtoken.store import PgStore, apply_migrations, create_pool
 from fedtoken.store.callers import PgCallers
@@ -374,8 +376,16 @@ async def start_app(
             except (FedtokenError, OSError) as exc:
                 log.warning("audit checkpoint key not ready (%s); trying again every %.0f s",
                             exc, settings.audit_checkpoint_seconds)
+            retention = None
+            if settings.audit_retention_seconds > 0:
+                audit_dir = settings.state_dir.resolve() / "audit"
+                retention = Retention(
+                    audit=store.audit, journal=FileCheckpointJournal(audit_dir),
+                    archive=FileAuditArchive(audit_dir / "archive"), clock=clock,
+                    keep_seconds=settings.audit_retention_seconds)
             checkpointing = asyncio.create_task(
-                jobs.checkpoint_audit(checkpoints, settings.audit_checkpoint_seconds),
+                jobs.checkpoint_audit(checkpoints, settings.audit_checkpoint_seconds, retention,
+                                      settings.audit_retention_check_seconds),
                 name="audit-checkpoints")
             closers.append(checkpointing.cancel)
         if not await feed.wait_ready(10):

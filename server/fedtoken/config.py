@@ -126,6 +126,12 @@ class Settings:
     # key and appended to state_dir/audit/checkpoints.jsonl and the log (by
     # worker 0 only). 0 disables them.
     audit_checkpoint_seconds: float = 60.0
+    # Audit retention: rows older than this leave Postgres for an archive
+    # file under state_dir/audit/archive (after a checkpoint covers them;
+    # docs/security.md, "Audit retention"). 0 keeps every row forever.
+    audit_retention_seconds: float = 90 * 86400.0
+    # How often the worker that signs checkpoints looks for rows to archive.
+    audit_retention_check_seconds: float = 3600.0
     # Worker processes for `serve` (0: one per core).
     workers: int = 0
     log_level: str = "INFO"
@@ -286,6 +292,12 @@ def _validate(s: Settings) -> None:
         raise InvalidRequest("revocation_staleness_seconds must exceed the heartbeat interval")
     if s.audit_checkpoint_seconds < 0:
         raise InvalidRequest("audit_checkpoint_seconds must not be negative (0: no checkpoints)")
+    if s.audit_retention_seconds < 0 or s.audit_retention_check_seconds <= 0:
+        raise InvalidRequest("audit_retention_seconds must not be negative (0: keep forever) "
+                             "and audit_retention_check_seconds must be positive")
+    if s.audit_retention_seconds and not s.audit_checkpoint_seconds:
+        raise InvalidRequest("audit retention needs signed checkpoints: set "
+                             "audit_checkpoint_seconds, or audit_retention_seconds=0")
 
 
 def replace(settings: Settings, **changes: Any) -> Settings:

@@ -13,6 +13,7 @@ from fedtoken.core.ports import CallContext, Clock, LocalRevocations, Principal,
 from fedtoken.service.catalog import Catalog
 from fedtoken.service.checkpoints import ChainRewritten, Checkpoints
 from fedtoken.service.keyadmin import KeyAdmin, TenantDefaults
+from fedtoken.service.retention import Retention
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,20 @@ class Jobs:
             if removed:
                 log.info("purged %d expired revocations", removed)
 
-    async def checkpoint_audit(self, checkpoints: Checkpoints, every: float) -> None:
+    async def checkpoint_audit(self, checkpoints: Checkpoints, every: float,
+                               retention: Retention | None = None,
+                               retention_every: float = 3600.0) -> None:
         """Sign the audit chain's head every ``every`` seconds
-        (``service.checkpoints``). A failed round is logged and tried again
-        the next period; the loop never ends on its own."""
+        (``service.checkpoints``) and, every ``retention_every`` seconds,
+        archive and remove what retention allows (``service.retention``).
+        A failed round is logged and tried again the next period; the loop
+        never ends on its own."""
+        next_retention = self._clock.now() + min(every, retention_every)
         while True:
             await asyncio.sleep(every)
+            if retention is not None and self._clock.now() >= next_retention:
+                next_retention = self._clock.now() + retention_every
+                await self._prune(retention)
             try:
                 await checkpoints.checkpoint()
             except FedtokenError as exc:
@@ -86,3 +95,16 @@ class Jobs:
                         exc.message)
             except Exception:  # a bug must not end the job either
                 log.exception("audit checkpoint failed; trying again in %.0f s", every)
+
+    @staticmethod
+    async def _prune(retention: Retention) -> None:
+        try:
+            await retention.prune_once()
+        except FedtokenError as exc:
+            level = logging.ERROR if isinstance(exc, ChainRewritten) else logging.WARNING
+            log.log(level, "audit retention skipped (%s): %s", exc.reason.value, exc.message)
+        except OSError as exc:
+            log.error("audit retention could not write its archive (%s); nothing was removed",
+                      exc)
+        except Exception:
+            log.exception("audit retention failed; nothing more is removed this round")
