@@ -214,6 +214,8 @@ def cmd_token(ns: argparse.Namespace) -> int:
 
 
 def cmd_audit(ns: argparse.Namespace) -> int:
+    if ns.action == "verify-archive":
+        return _verify_archives(ns)
     with _client(ns) as c:
         if ns.action == "verify":
             report = c.verify_audit_chain()
@@ -254,14 +256,45 @@ def _verify_checkpoints(ns: argparse.Namespace, c: FedtokenClient,
                            if events and events[0].seq == seq else None)
         return hashes[seq]
 
+    anchor = (chain.anchor_seq, bytes.fromhex(chain.anchor_hash)) if chain.anchor_seq else None
     with Path(ns.checkpoints).open(encoding="utf-8", errors="replace") as lines:
         report = verify_checkpoints(
             lines, keys, row_hash, chain_ok=chain.ok,
-            chain_detail=f"row {chain.first_bad_seq}: {chain.problem}")
+            chain_detail=f"row {chain.first_bad_seq}: {chain.problem}", anchor=anchor)
     _print({**report.as_dict(), "pinned_kids": sorted(keys),
             "chain": MessageToDict(chain, preserving_proto_field_name=True,
                                    always_print_fields_with_no_presence=True)})
     return 0 if report.ok else 1
+
+
+def _checkpoint_keys(ns: argparse.Namespace) -> dict[str, Any]:
+    from fedtoken.core.checkpoint import pinned_keys
+
+    key_file = Path(ns.checkpoint_key) if ns.checkpoint_key else (
+        _state_dir(ns) / "audit" / "checkpoint-key.jwk")
+    return dict(pinned_keys(json.loads(key_file.read_text())))
+
+
+def _verify_archives(ns: argparse.Namespace) -> int:
+    """Offline: each archive proves itself with the pinned checkpoint key;
+    given together, they must link up, oldest first (exit 0, else 1)."""
+    from fedtoken.audit.archive import read_archive_lines
+    from fedtoken.core.archive import verify_archive
+
+    keys = _checkpoint_keys(ns)
+    paths = sorted(Path(p) for p in ns.archives)  # names sort in chain order
+    reports: list[dict[str, Any]] = []
+    previous: tuple[int, bytes] | None = None
+    ok = bool(paths)
+    for path in paths:
+        report = verify_archive(read_archive_lines(path), keys, expect_prev=previous)
+        reports.append({"file": str(path), **report.as_dict()})
+        if not report.ok:
+            ok = False
+            break
+        previous = (report.to_seq, report.last_hash)
+    _print({"ok": ok, "archives": reports})
+    return 0 if ok else 1
 
 
 def cmd_hash_secret(ns: argparse.Namespace) -> int:
@@ -411,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "(state_dir/audit/checkpoints.jsonl, one JSON checkpoint a line)")
     av.add_argument("--checkpoint-key", default="", metavar="JWK_FILE",
                     help="the pinned checkpoint public key, a JWK or a JWKS (default: "
+                         "state_dir/audit/checkpoint-key.jwk)")
+    va = ausub.add_parser("verify-archive", help="offline: check archives that retention "
+                          "wrote (state_dir/audit/archive); exit 1 naming the first problem")
+    va.add_argument("archives", nargs="+", metavar="FILE", help="audit-*.jsonl.gz, any order")
+    va.add_argument("--checkpoint-key", default="", metavar="JWK_FILE",
+                    help="the pinned checkpoint public key (default: "
                          "state_dir/audit/checkpoint-key.jwk)")
     au.set_defaults(func=cmd_audit)
 

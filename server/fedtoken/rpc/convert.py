@@ -230,6 +230,8 @@ def chain_report_pb(report: ChainReport) -> key_admin_pb2.AuditChainReport:
         head_hash=report.head_hash.hex(),
         first_bad_seq=report.first_bad_seq or 0,
         problem=report.problem.name if report.problem else "",
+        anchor_seq=report.anchor_seq,
+        anchor_hash=report.anchor_hash.hex(),
     )
 
 
