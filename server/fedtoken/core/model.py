@@ -128,3 +128,16 @@ class Verdict:
     claims_json: bytes = b""
     # Parsed claims of a valid token (not sent over the wire; claims_json is).
     claims: dict[str, Any] | None = None
+    # Issued by a trusted foreign issuer (federation), verified for ``tenant``.
+    foreign: bool = False
+
+
+# Revocations of a foreign issuer's tokens are kept in the trusting tenant
+# under "issuer<US>value", so they can never collide with a local jti,
+# subject or kid (local strings never hold a control character).
+FOREIGN_SEPARATOR = "\x1f"
+
+
+def foreign_ref(issuer: str, value: str) -> str:
+    """The revocation value of a foreign issuer's jti, subject or kid."""
+    return f"{issuer}{FOREIGN_SEPARATOR}{value}" if value else ""

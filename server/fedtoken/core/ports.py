@@ -181,6 +181,8 @@ class VerificationKey:
     alg: str
     public_key: RSAPublicKey
     state: KeyState
+    # A key of a trusted foreign issuer (fedtoken.federation), not ours.
+    foreign: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +204,9 @@ class IssuerKeys:
     # For a foreign issuer (local=False): the local tenants that trust it. A
     # foreign token verifies only in the context of one of them.
     trusted_by: frozenset[str] = frozenset()
+    # For a foreign issuer: the audiences its tokens may address (empty: any
+    # audience the verifier asks for).
+    audiences: frozenset[str] = frozenset()
 
 
 class KeyResolver(Protocol):

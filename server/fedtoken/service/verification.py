@@ -9,26 +9,62 @@ of losing records).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from typing import Final
 
 from fedtoken.core.authz import Ask, Role
 from fedtoken.core.errors import ErrorReason, InvalidRequest
 from fedtoken.core.model import Expectation, Reason, Verdict
 from fedtoken.core.policy import MAX_AUDIENCE, MAX_ISSUER_URL, check_text
-from fedtoken.core.ports import AuditSink, Authorizer, CallContext, Verifier
+from fedtoken.core.ports import AuditSink, Authorizer, CallContext, TrustedKeys, Verifier
 from fedtoken.service.catalog import Catalog
 from fedtoken.service.tokens import require_token
 from fedtoken.service.types import KeySet
 
+# At most this many distinct unknown (issuer, kid) pairs of one call wait for
+# a refetch; the others answer UNKNOWN_KEY at once (a batch of random kids
+# must not turn into thousands of waits; the cache bounds the fetches anyway).
+MAX_KID_WAITS_PER_CALL: Final = 16
+
 
 class Verification:
     def __init__(self, *, engine: Verifier, audit: AuditSink, max_batch: int,
-                 authz: Authorizer, catalog: Catalog) -> None:
+                 authz: Authorizer, catalog: Catalog, trusted: TrustedKeys | None = None,
+                 kid_wait_seconds: float = 1.0) -> None:
         self._engine = engine
         self._audit = audit
         self._max_batch = max_batch
         self._authz = authz
         self._catalog = catalog
+        self._trusted = trusted
+        self._kid_wait = kid_wait_seconds
+
+    async def _refetched(self, tokens: Sequence[str], verdicts: list[Verdict],
+                         expect: Expectation) -> list[Verdict]:
+        """A foreign token whose kid the cache does not know yet: wait (bounded,
+        one fetch per issuer, as the cache allows) for the issuer's key set to
+        be fetched again, then verify those tokens again. The issuer may have
+        just rotated; a kid it does not publish still answers UNKNOWN_KEY."""
+        if self._trusted is None:
+            return verdicts
+        missing = [i for i, v in enumerate(verdicts)
+                   if v.foreign and v.reason is Reason.UNKNOWN_KEY and v.issuer and v.kid]
+        if not missing:
+            return verdicts
+        pairs = list(dict.fromkeys((verdicts[i].issuer, verdicts[i].kid) for i in missing))
+        waits = pairs[:MAX_KID_WAITS_PER_CALL]
+        found = await asyncio.gather(
+            *(self._trusted.await_kid(iss, kid, self._kid_wait) for iss, kid in waits))
+        known = {pair for pair, ok in zip(waits, found, strict=True) if ok}
+        again = [i for i in missing if (verdicts[i].issuer, verdicts[i].kid) in known]
+        if not again:
+            return verdicts
+        redone = await self._engine.verify_batch([tokens[i] for i in again], expect)
+        out = list(verdicts)
+        for i, verdict in zip(again, redone, strict=True):
+            out[i] = verdict
+        return out
 
     async def _scope(self, expect: Expectation, ctx: CallContext) -> frozenset[str] | None:
         """The tenants whose tokens this caller may have verified (None: any).
@@ -51,6 +87,8 @@ class Verification:
         _require_audience(expect)
         allowed = await self._scope(expect, ctx)
         verdict = self._engine.verify(token, expect)
+        if verdict.foreign and verdict.reason is Reason.UNKNOWN_KEY:
+            (verdict,) = await self._refetched((token,), [verdict], expect)
         if allowed is not None:
             verdict = _scoped(verdict, allowed)
         await self._audit.record_verifications(expect.tenant, ctx.actor, ctx.request_id,
@@ -67,7 +105,8 @@ class Verification:
             )
         _require_audience(expect)
         allowed = await self._scope(expect, ctx)
-        verdicts = await self._engine.verify_batch(tokens, expect)
+        verdicts = await self._refetched(
+            tokens, await self._engine.verify_batch(tokens, expect), expect)
         if allowed is not None:
             verdicts = [_scoped(v, allowed) for v in verdicts]
         await self._audit.record_verifications(expect.tenant, ctx.actor, ctx.request_id,
@@ -79,7 +118,7 @@ def _scoped(verdict: Verdict, allowed: frozenset[str]) -> Verdict:
     if verdict.tenant in allowed or not verdict.valid:
         return verdict
     return Verdict(False, Reason.TENANT_MISMATCH, tenant=verdict.tenant, issuer=verdict.issuer,
-                   kid=verdict.kid)
+                   kid=verdict.kid, foreign=verdict.foreign)
 
 
 def _require_audience(expect: Expectation) -> None:

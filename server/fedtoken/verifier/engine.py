@@ -34,8 +34,15 @@ from fedtoken.core.jose import (
     verify_signature,
 )
 from fedtoken.core.jwk import b64url_decode
-from fedtoken.core.model import ASYMMETRIC_ALGORITHMS, Expectation, KeyState, Reason, Verdict
-from fedtoken.core.ports import Clock, KeyResolver, RevocationView, VerificationKey
+from fedtoken.core.model import (
+    ASYMMETRIC_ALGORITHMS,
+    Expectation,
+    KeyState,
+    Reason,
+    Verdict,
+    foreign_ref,
+)
+from fedtoken.core.ports import Clock, IssuerKeys, KeyResolver, RevocationView, VerificationKey
 from fedtoken.verifier._shared import MALFORMED, PARSE_ERRORS, log_unexpected
 from fedtoken.verifier.native import NATIVE_AVAILABLE, NativePath
 
@@ -359,6 +366,8 @@ class VerificationEngine:
         issuer_keys = self._resolver.issuer_keys(iss)
         if issuer_keys is None:
             return Verdict(False, Reason.UNTRUSTED_ISSUER, kid=kid)
+        if not issuer_keys.local:
+            return self._resolve_foreign(issuer_keys, iss, alg, kid, expect)
         tenant = issuer_keys.tenant
         if expect.issuer and expect.issuer != iss:
             return Verdict(False, Reason.ISSUER_MISMATCH, tenant, iss, kid)
@@ -377,15 +386,40 @@ class VerificationEngine:
             return Verdict(False, Reason.UNSUPPORTED_ALGORITHM, tenant, iss, kid)
         return key, tenant, iss
 
+    @staticmethod
+    def _resolve_foreign(
+        issuer_keys: IssuerKeys, iss: str, alg: str, kid: str, expect: Expectation
+    ) -> Verdict | tuple[VerificationKey, str, str]:
+        """A trusted foreign issuer's key, in the context of the tenant the
+        caller names: isolation extends to trust, so a foreign token verifies
+        only for a tenant that trusts its issuer, and never without one."""
+        tenant = expect.tenant
+        if expect.issuer and expect.issuer != iss:
+            return Verdict(False, Reason.ISSUER_MISMATCH, tenant, iss, kid, foreign=True)
+        if not tenant or tenant not in issuer_keys.trusted_by:
+            return Verdict(False, Reason.UNTRUSTED_ISSUER, tenant, iss, kid, foreign=True)
+        if (issuer_keys.audiences and expect.check_audience
+                and expect.audience not in issuer_keys.audiences):
+            return Verdict(False, Reason.AUDIENCE_MISMATCH, tenant, iss, kid, foreign=True)
+        if alg not in issuer_keys.allowed_algorithms:
+            return Verdict(False, Reason.UNSUPPORTED_ALGORITHM, tenant, iss, kid, foreign=True)
+        key = issuer_keys.keys.get(kid)
+        if key is None:
+            return Verdict(False, Reason.UNKNOWN_KEY, tenant, iss, kid, foreign=True)
+        if key.alg != alg:
+            return Verdict(False, Reason.UNSUPPORTED_ALGORITHM, tenant, iss, kid, foreign=True)
+        return key, tenant, iss
+
     def _finish(self, item: _Pending, signed: bool, audience: str | None, now: float) -> Verdict:
         """Everything after the signature check."""
         tenant, iss, kid = item.tenant, item.issuer, item.key.kid
         if not signed:
-            return Verdict(False, Reason.BAD_SIGNATURE, tenant, iss, kid)
+            return Verdict(False, Reason.BAD_SIGNATURE, tenant, iss, kid, foreign=item.key.foreign)
         # The payload is authentic from here on, so its claims may be reported.
         payload = item.payload
         reason = check_claims(payload, now=now, leeway=self._leeway, audience=audience)
-        return self._conclude_checked(reason, payload, item.payload_bytes, tenant, iss, kid)
+        return self._conclude_checked(reason, payload, item.payload_bytes, tenant, iss, kid,
+                                      item.key.foreign)
 
     def _conclude_checked(
         self,
@@ -395,6 +429,7 @@ class VerificationEngine:
         tenant: str,
         iss: str,
         kid: str,
+        foreign: bool = False,
     ) -> Verdict:
         """The verdict on an authentic payload; ``reason`` is check_claims'."""
         sub, jti, exp = payload.get("sub"), payload.get("jti"), payload.get("exp")
@@ -403,11 +438,18 @@ class VerificationEngine:
         expires_at = exp if type(exp) is int else 0
         if reason is None:
             # check_claims has proven iat a bounded int (it is required).
-            reason = self._revocations.check(tenant, jti_s, subject, payload["iat"], kid)
+            if foreign:
+                reason = self._revocations.check(
+                    tenant, foreign_ref(iss, jti_s), foreign_ref(iss, subject), payload["iat"],
+                    foreign_ref(iss, kid))
+            else:
+                reason = self._revocations.check(tenant, jti_s, subject, payload["iat"], kid)
         if reason is not None:
-            return Verdict(False, reason, tenant, iss, kid, subject, jti_s, expires_at)
+            return Verdict(False, reason, tenant, iss, kid, subject, jti_s, expires_at,
+                           foreign=foreign)
         return Verdict(
-            True, Reason.OK, tenant, iss, kid, subject, jti_s, expires_at, payload_bytes, payload
+            True, Reason.OK, tenant, iss, kid, subject, jti_s, expires_at, payload_bytes, payload,
+            foreign,
         )
 
     def _missing_key_reason(self, kid: str, tenant: str, withdrawn: KeyState | None) -> Reason:

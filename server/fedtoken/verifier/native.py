@@ -75,7 +75,7 @@ NATIVE_AVAILABLE: Final = NATIVE is not None
 Slot = tuple[str, str, VerificationKey]
 Resolved = Verdict | tuple[VerificationKey, str, str]
 Resolve = Callable[[dict[str, Any], str, str, Expectation], Resolved]
-Conclude = Callable[[Reason | None, dict[str, Any], bytes, str, str, str], Verdict]
+Conclude = Callable[[Reason | None, dict[str, Any], bytes, str, str, str, bool], Verdict]
 # What one KeyTable.verify call answers: statuses, payloads, scanned claims.
 Part = tuple[bytes, list[bytes | None], list[dict[str, Any] | None]]
 
@@ -274,10 +274,10 @@ class NativePath:
         if key is not slot_key:
             return None
         if status & INVALID:
-            return Verdict(False, Reason.BAD_SIGNATURE, tenant, iss, key.kid)
+            return Verdict(False, Reason.BAD_SIGNATURE, tenant, iss, key.kid, foreign=key.foreign)
         code = NATIVE.check_claims(payload, now, self._leeway, audience) if scanned else -1
         if code < 0:
             reason = check_claims(payload, now=now, leeway=self._leeway, audience=audience)
         else:
             reason = CLAIM_REASONS[code]
-        return self._conclude(reason, payload, payload_bytes, tenant, iss, key.kid)
+        return self._conclude(reason, payload, payload_bytes, tenant, iss, key.kid, key.foreign)
