@@ -7,6 +7,42 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ExchangeRequest(_message.Message):
+    __slots__ = ("subject_token", "subject_token_type", "tenant", "audience", "lifetime_seconds", "scope")
+    SUBJECT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    LIFETIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    subject_token: str
+    subject_token_type: str
+    tenant: str
+    audience: _containers.RepeatedScalarFieldContainer[str]
+    lifetime_seconds: int
+    scope: str
+    def __init__(self, subject_token: _Optional[str] = ..., subject_token_type: _Optional[str] = ..., tenant: _Optional[str] = ..., audience: _Optional[_Iterable[str]] = ..., lifetime_seconds: _Optional[int] = ..., scope: _Optional[str] = ...) -> None: ...
+
+class ExchangeResponse(_message.Message):
+    __slots__ = ("access_token", "issued_token_type", "jti", "kid", "tenant", "issuer", "subject", "expires_at")
+    ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
+    JTI_FIELD_NUMBER: _ClassVar[int]
+    KID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    access_token: str
+    issued_token_type: str
+    jti: str
+    kid: str
+    tenant: str
+    issuer: str
+    subject: str
+    expires_at: int
+    def __init__(self, access_token: _Optional[str] = ..., issued_token_type: _Optional[str] = ..., jti: _Optional[str] = ..., kid: _Optional[str] = ..., tenant: _Optional[str] = ..., issuer: _Optional[str] = ..., subject: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
+
 class IssueRequest(_message.Message):
     __slots__ = ("tenant", "subject", "audience", "lifetime_seconds", "extra_claims_json", "scope", "client_id")
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -56,7 +92,7 @@ class VerifyRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., audience: _Optional[str] = ..., issuer: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("valid", "reason", "tenant", "issuer", "kid", "subject", "jti", "expires_at", "claims_json")
+    __slots__ = ("valid", "reason", "tenant", "issuer", "kid", "subject", "jti", "expires_at", "claims_json", "foreign")
     VALID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +102,7 @@ class Verdict(_message.Message):
     JTI_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     CLAIMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    FOREIGN_FIELD_NUMBER: _ClassVar[int]
     valid: bool
     reason: _common_pb2.Reason
     tenant: str
@@ -75,7 +112,8 @@ class Verdict(_message.Message):
     jti: str
     expires_at: int
     claims_json: bytes
-    def __init__(self, valid: _Optional[bool] = ..., reason: _Optional[_Union[_common_pb2.Reason, str]] = ..., tenant: _Optional[str] = ..., issuer: _Optional[str] = ..., kid: _Optional[str] = ..., subject: _Optional[str] = ..., jti: _Optional[str] = ..., expires_at: _Optional[int] = ..., claims_json: _Optional[bytes] = ...) -> None: ...
+    foreign: bool
+    def __init__(self, valid: _Optional[bool] = ..., reason: _Optional[_Union[_common_pb2.Reason, str]] = ..., tenant: _Optional[str] = ..., issuer: _Optional[str] = ..., kid: _Optional[str] = ..., subject: _Optional[str] = ..., jti: _Optional[str] = ..., expires_at: _Optional[int] = ..., claims_json: _Optional[bytes] = ..., foreign: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("verdict",)
@@ -142,7 +180,7 @@ class IntrospectResponse(_message.Message):
     def __init__(self, active: _Optional[bool] = ..., scope: _Optional[str] = ..., client_id: _Optional[str] = ..., token_type: _Optional[str] = ..., exp: _Optional[int] = ..., iat: _Optional[int] = ..., nbf: _Optional[int] = ..., sub: _Optional[str] = ..., aud: _Optional[_Iterable[str]] = ..., iss: _Optional[str] = ..., jti: _Optional[str] = ..., tenant: _Optional[str] = ..., kid: _Optional[str] = ..., reason: _Optional[_Union[_common_pb2.Reason, str]] = ...) -> None: ...
 
 class RevokeRequest(_message.Message):
-    __slots__ = ("tenant", "token", "jti", "subject", "kid", "expires_at", "reason")
+    __slots__ = ("tenant", "token", "jti", "subject", "kid", "expires_at", "reason", "issuer")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     JTI_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +188,7 @@ class RevokeRequest(_message.Message):
     KID_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     token: str
     jti: str
@@ -157,7 +196,8 @@ class RevokeRequest(_message.Message):
     kid: str
     expires_at: int
     reason: str
-    def __init__(self, tenant: _Optional[str] = ..., token: _Optional[str] = ..., jti: _Optional[str] = ..., subject: _Optional[_Union[SubjectRevocation, _Mapping]] = ..., kid: _Optional[str] = ..., expires_at: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    issuer: str
+    def __init__(self, tenant: _Optional[str] = ..., token: _Optional[str] = ..., jti: _Optional[str] = ..., subject: _Optional[_Union[SubjectRevocation, _Mapping]] = ..., kid: _Optional[str] = ..., expires_at: _Optional[int] = ..., reason: _Optional[str] = ..., issuer: _Optional[str] = ...) -> None: ...
 
 class SubjectRevocation(_message.Message):
     __slots__ = ("subject", "issued_before")

@@ -64,6 +64,11 @@ class TokenServiceStub:
                 request_serializer=fedtoken_dot_v1_dot_token__service__pb2.GetKeysRequest.SerializeToString,
                 response_deserializer=fedtoken_dot_v1_dot_token__service__pb2.GetKeysResponse.FromString,
                 _registered_method=True)
+        self.Exchange = channel.unary_unary(
+                '/fedtoken.v1.TokenService/Exchange',
+                request_serializer=fedtoken_dot_v1_dot_token__service__pb2.ExchangeRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_token__service__pb2.ExchangeResponse.FromString,
+                _registered_method=True)
 
 
 class TokenServiceServicer:
@@ -132,6 +137,23 @@ class TokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exchange(self, request, context):
+        """Exchange (RFC 8693 semantics) trades a valid token of a trusted foreign
+        issuer for a short-lived token of a local tenant that trusts it. The
+        subject token must be addressed (aud) to that tenant's issuer URL. The
+        new token's sub is the foreign subject under the issuer's namespace
+        ("fed:" + namespace + sub, a prefix local Issue refuses), no foreign
+        claim is copied, the origin (iss, sub, jti) is in its "origin" claim and
+        in the audit trail, and its lifetime never exceeds the foreign token's
+        remaining lifetime or the tenant's policy.
+        Needs the issuer role for the tenant (audiences and lifetime as Issue).
+        Errors: INVALID_ARGUMENT (SUBJECT_TOKEN_INVALID with the verdict reason,
+        MALFORMED_REQUEST), PERMISSION_DENIED, NOT_FOUND (TENANT_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +186,11 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     servicer.GetKeys,
                     request_deserializer=fedtoken_dot_v1_dot_token__service__pb2.GetKeysRequest.FromString,
                     response_serializer=fedtoken_dot_v1_dot_token__service__pb2.GetKeysResponse.SerializeToString,
+            ),
+            'Exchange': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=fedtoken_dot_v1_dot_token__service__pb2.ExchangeRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_token__service__pb2.ExchangeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -328,6 +355,33 @@ class TokenService:
             '/fedtoken.v1.TokenService/GetKeys',
             fedtoken_dot_v1_dot_token__service__pb2.GetKeysRequest.SerializeToString,
             fedtoken_dot_v1_dot_token__service__pb2.GetKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exchange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.TokenService/Exchange',
+            fedtoken_dot_v1_dot_token__service__pb2.ExchangeRequest.SerializeToString,
+            fedtoken_dot_v1_dot_token__service__pb2.ExchangeResponse.FromString,
             options,
             channel_credentials,
             insecure,
