@@ -21,6 +21,7 @@ from fedtoken.store.pool import (
 )
 from fedtoken.store.revocations import PgRevocations
 from fedtoken.store.tenants import PgTenants
+from fedtoken.store.trust import PgKeySetStore, PgTrustRepository
 
 if TYPE_CHECKING:
     from fedtoken.core import ports
@@ -65,6 +66,8 @@ class PgStore:
         self._keys = PgKeys(source)
         self._revocations = PgRevocations(source)
         self._audit = PgAuditLog(source)
+        self._trust = PgTrustRepository(source)
+        self._key_sets = PgKeySetStore(source)
 
     @property
     def request_timeout(self) -> float:
@@ -86,6 +89,18 @@ class PgStore:
     @property
     def audit(self) -> PgAuditLog:
         return self._audit
+
+    @property
+    def trust(self) -> PgTrustRepository:
+        """Trusted foreign issuers (injected into the trust service by
+        ``fedtoken.app``; not part of the ``Store`` port, which nothing needs
+        it through)."""
+        return self._trust
+
+    @property
+    def key_sets(self) -> PgKeySetStore:
+        """The last good key set of each trusted issuer (for the remote JWKS cache)."""
+        return self._key_sets
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PgStore]:
@@ -132,3 +147,8 @@ if TYPE_CHECKING:  # mypy checks that the adapters implement the ports exactly
     ) -> tuple[ports.TenantRepository, ports.KeyRepository, ports.RevocationRepository,
                ports.AuditLog]:
         return store.tenants, store.keys, store.revocations, store.audit
+
+    def _trust_repositories(
+        store: PgStore,
+    ) -> tuple[ports.TrustRepository, ports.KeySetStore]:
+        return store.trust, store.key_sets
