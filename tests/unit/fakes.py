@@ -54,6 +54,7 @@ from fedtoken.core.errors import (
     AlreadyExists,
     AuditUnavailable,
     ErrorReason,
+    FailedPrecondition,
     HsmUnavailable,
     InvalidKeyTransition,
     InvalidRequest,
@@ -66,9 +67,11 @@ from fedtoken.core.jwk import rsa_public_jwk
 from fedtoken.core.model import KeyRecord, KeyState, Tenant, Verdict
 from fedtoken.core.policy import check_key_size
 from fedtoken.core.ports import GeneratedKey
+from fedtoken.core.trust import IssuerStatus, StoredKeySet, TrustedIssuer
 from fedtoken.revocation import InMemoryRevocationView
 from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Verification
 from fedtoken.service.callers import Callers
+from fedtoken.service.trust import TrustAdmin, TrustCatalog
 from fedtoken.verifier import LocalKeyResolver, VerificationEngine
 
 T = TypeVar("T")
@@ -204,11 +207,14 @@ class StoreData:
     revocations: dict[tuple[str, str, str], RevocationRow] = field(default_factory=dict)
     audit: list[AuditRecord] = field(default_factory=list)
     head_hash: bytes = GENESIS_HASH
+    trusted: dict[str, TrustedIssuer] = field(default_factory=dict)
+    key_sets: dict[str, StoredKeySet] = field(default_factory=dict)
 
     def copy(self) -> StoreData:
         # Rows are frozen dataclasses: copying the containers is a deep copy.
         return StoreData(dict(self.tenants), dict(self.keys), dict(self.revocations),
-                         list(self.audit), self.head_hash)
+                         list(self.audit), self.head_hash, dict(self.trusted),
+                         dict(self.key_sets))
 
 
 def _chain_hash(prev: bytes, seq: int, ts: datetime, event: AuditEvent) -> bytes:
@@ -246,6 +252,8 @@ class MemoryStore:
         self._keys = MemoryKeys(self)
         self._revocations = MemoryRevocations(self)
         self._audit = MemoryAuditLog(self)
+        self._trust = MemoryTrust(self)
+        self._key_sets = MemoryKeySets(self)
 
     # -- the Store port ------------------------------------------------------------
 
@@ -264,6 +272,15 @@ class MemoryStore:
     @property
     def audit(self) -> MemoryAuditLog:
         return self._audit
+
+    @property
+    def trust(self) -> MemoryTrust:
+        """Trusted issuers (as ``PgStore.trust``; not part of the Store port)."""
+        return self._trust
+
+    @property
+    def key_sets(self) -> MemoryKeySets:
+        return self._key_sets
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[MemoryStore]:
@@ -349,6 +366,8 @@ class MemoryTenants:
         if any(t.issuer == tenant.issuer for t in data.tenants.values()):
             raise TenantExists("a tenant with this issuer exists", field="issuer",
                                tenant=tenant.id)
+        if tenant.issuer in data.trusted:  # the trigger of migrations/0005_trust.sql
+            raise InvalidRequest("create tenant: value rejected by the database")
         created = replace(tenant, created_at=int(now.timestamp()))
         data.tenants[tenant.id] = created
         return created
@@ -785,6 +804,135 @@ class MemoryCallers:
         return sorted(self.grants.values(), key=lambda g: (g.identity, g.role.value))
 
 
+# --- federation trust ---------------------------------------------------------------
+
+
+class MemoryTrust:
+    """``TrustRepository`` over the store's data, with the checks of
+    migrations/0005_trust.sql: the tenants exist (FailedPrecondition
+    TENANT_NOT_FOUND), the issuer is no tenant's (InvalidRequest), the
+    namespace is unique (AlreadyExists); removing an issuer removes its key set."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._s = store
+
+    async def put(self, trust: TrustedIssuer, *, now: datetime) -> TrustedIssuer:
+        await self._s.enter("trust.put")
+        _aware(now, "now")
+        data = self._s.data
+        if not trust.tenants or not set(trust.tenants) <= set(data.tenants):
+            raise FailedPrecondition("trust issuer: a tenant it names does not exist",
+                                     reason=ErrorReason.TENANT_NOT_FOUND, field="tenants")
+        if any(t.issuer == trust.issuer for t in data.tenants.values()):
+            raise InvalidRequest("trust issuer: value rejected by the database")
+        if any(t.namespace == trust.namespace and t.issuer != trust.issuer
+               for t in data.trusted.values()):
+            raise AlreadyExists("trust issuer: another trusted issuer has this namespace",
+                                field="namespace")
+        previous = data.trusted.get(trust.issuer)
+        stamp = int(now.timestamp())
+        stored = replace(trust, created_at=previous.created_at if previous else stamp,
+                         updated_at=stamp)
+        data.trusted[trust.issuer] = stored
+        return stored
+
+    async def get(self, issuer: str) -> TrustedIssuer | None:
+        await self._s.enter("trust.get")
+        return self._s.data.trusted.get(issuer)
+
+    async def list(self) -> builtins.list[TrustedIssuer]:
+        await self._s.enter("trust.list")
+        return sorted(self._s.data.trusted.values(), key=lambda t: t.issuer)
+
+    async def remove(self, issuer: str) -> bool:
+        await self._s.enter("trust.remove")
+        self._s.data.key_sets.pop(issuer, None)
+        return self._s.data.trusted.pop(issuer, None) is not None
+
+
+class MemoryKeySets:
+    """``KeySetStore`` over the store's data: the later confirmation wins; a
+    key set of an issuer no longer trusted is not kept."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._s = store
+
+    async def load_key_sets(self) -> builtins.list[StoredKeySet]:
+        await self._s.enter("key_sets.load")
+        return sorted(self._s.data.key_sets.values(), key=lambda k: k.issuer)
+
+    async def save_key_set(self, key_set: StoredKeySet) -> None:
+        await self._s.enter("key_sets.save")
+        data = self._s.data
+        stored = data.key_sets.get(key_set.issuer)
+        if key_set.issuer in data.trusted and (
+                stored is None or stored.fetched_at <= key_set.fetched_at):
+            data.key_sets[key_set.issuer] = key_set
+
+
+class RecordingTrustedKeys:
+    """A ``TrustedKeys`` that fetches nothing and remembers what it was told:
+    ``configured`` is every ``configure`` call (issuers by name), ``statuses``
+    what ``status``/``refresh`` report per issuer (set by the test),
+    ``refreshed`` the issuers refreshed; ``fail`` makes ``refresh`` raise."""
+
+    def __init__(self) -> None:
+        self.configured: list[dict[str, TrustedIssuer]] = []
+        self.statuses: dict[str, IssuerStatus] = {}
+        self.refreshed: list[str] = []
+        self.fail: Exception | None = None
+
+    @property
+    def issuers(self) -> dict[str, TrustedIssuer]:
+        """The issuers of the last ``configure``."""
+        return self.configured[-1] if self.configured else {}
+
+    def configure(self, issuers: Iterable[TrustedIssuer]) -> None:
+        self.configured.append({t.issuer: t for t in issuers})
+
+    def issuer_keys(self, issuer: str) -> ports.IssuerKeys | None:
+        return None
+
+    async def await_kid(self, issuer: str, kid: str, timeout: float) -> bool:
+        return False
+
+    async def refresh(self, issuer: str) -> IssuerStatus:
+        await asyncio.sleep(0)
+        if self.fail is not None:
+            raise self.fail
+        self.refreshed.append(issuer)
+        return self.statuses.get(issuer, IssuerStatus(issuer=issuer))
+
+    def status(self) -> builtins.list[IssuerStatus]:
+        return [self.statuses[i] for i in sorted(self.statuses) if i in self.issuers]
+
+
+@dataclass
+class Trust:
+    """The trust use cases over the fakes, wired as ``fedtoken.app`` wires them."""
+
+    admin: TrustAdmin
+    catalog: TrustCatalog
+    keys: RecordingTrustedKeys
+
+
+def build_trust(svc: Services, *, authz: ports.Authorizer | None = None,
+                allow_http_loopback: bool = False, probe: bool = True) -> Trust:
+    """``TrustAdmin`` and ``TrustCatalog`` over ``svc``'s store, audit and clock;
+    authorized by ``authz`` (default: ``svc.callers``), with the caller
+    policy's role probe unless ``probe`` is False."""
+    keys = RecordingTrustedKeys()
+    catalog = TrustCatalog(repo=svc.store.trust, keys=keys)
+    callers = svc.callers
+    admin = TrustAdmin(
+        repo=svc.store.trust, tenants=svc.store.tenants, catalog=catalog, keys=keys,
+        audit=svc.audit, clock=svc.clock, authz=authz or callers,
+        allow_http_loopback=allow_http_loopback,
+        tenants_for=(lambda identity, role: callers.policy.tenants_for(identity, role))
+        if probe else None)
+    return Trust(admin, catalog, keys)
+
+
 @dataclass
 class Services:
     clock: FakeClock
@@ -872,3 +1020,8 @@ if TYPE_CHECKING:  # mypy checks that the fakes implement the ports exactly
     ) -> tuple[ports.TenantRepository, ports.KeyRepository, ports.RevocationRepository,
                ports.AuditLog]:
         return store.tenants, store.keys, store.revocations, store.audit
+
+    def _trust_ports(
+        store: MemoryStore, keys: RecordingTrustedKeys,
+    ) -> tuple[ports.TrustRepository, ports.KeySetStore, ports.TrustedKeys]:
+        return store.trust, store.key_sets, keys

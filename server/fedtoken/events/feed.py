@@ -1,10 +1,12 @@
-"""The one LISTEN feed of a replica: revocations, keys and tenants.
+"""The one LISTEN feed of a replica: revocations, keys, tenants, callers, trust.
 
 It keeps the InMemoryRevocationView current from Postgres (LISTEN/NOTIFY)
-and relays tenant and key changes to the catalog (``on_change``, which
-decides whether its snapshot already reflects them), and asks the catalog
-for a full reload after every (re)connect and periodic resync
-(``on_resync``): notifications are not queued for a disconnected listener.
+and relays tenant, key, caller-grant and trusted-issuer changes
+(``on_change``: the catalog, the caller policy and the trust catalog each
+decide whether a change concerns them and whether their snapshot already
+reflects it), and asks for a full reload after every (re)connect and
+periodic resync (``on_resync``): notifications are not queued for a
+disconnected listener.
 
 One dedicated connection LISTENs on ``fedtoken_events``. Every heartbeat
 interval the task sends a NOTIFY carrying its own id and a counter on that
@@ -79,6 +81,9 @@ _STOP_TIMEOUT = 5.0  # stop(): how long the tasks get to end before they are aba
 _ABANDON_TIMEOUT = 2.0  # how long a cancelled task gets to end before it is abandoned
 _CLOSE_TIMEOUT = 1.0  # a polite close at stop(), before the socket is simply dropped
 _PROGRESS_EVERY = 1024  # snapshot entries between two progress marks
+# Notification types relayed to ``on_change`` (the triggers of migrations
+# 0001, 0002, 0004 and 0005 send them).
+_RELAYED = frozenset({"keys", "tenant", "callers", "trust"})
 
 # A snapshot is either awaited whole, or streamed (an async iterator of
 # entries, built into the view chunk by chunk: a million revocations then
@@ -86,7 +91,8 @@ _PROGRESS_EVERY = 1024  # snapshot entries between two progress marks
 SnapshotLoader = Callable[
     [], Awaitable[Iterable[RevocationEntry]] | AsyncIterator[RevocationEntry]
 ]
-# A tenant or key changed (called on the event loop; must not block).
+# A tenant, key, grant or trusted issuer changed (called on the event loop;
+# must not block).
 ChangeCallback = Callable[[dict[str, Any]], None]
 # Everything may have changed (after a reconnect or a periodic resync).
 ResyncCallback = Callable[[], Awaitable[None]]
@@ -509,7 +515,7 @@ class EventFeed:
             # A key revocation also changes the key's state, which the keys
             # trigger notifies on its own: nothing to relay here.
             return
-        if kind in ("keys", "tenant", "callers") and self._on_change is not None:
+        if kind in _RELAYED and self._on_change is not None:
             try:
                 self._on_change(event)
             except Exception:
