@@ -60,6 +60,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIENCE_NOT_GRANTED: _ClassVar[ErrorReason]
     LIFETIME_NOT_GRANTED: _ClassVar[ErrorReason]
     GRANT_NOT_FOUND: _ClassVar[ErrorReason]
+    ISSUER_NOT_TRUSTED: _ClassVar[ErrorReason]
+    SUBJECT_TOKEN_INVALID: _ClassVar[ErrorReason]
 
 class KeyState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -120,6 +122,8 @@ TENANT_NOT_GRANTED: ErrorReason
 AUDIENCE_NOT_GRANTED: ErrorReason
 LIFETIME_NOT_GRANTED: ErrorReason
 GRANT_NOT_FOUND: ErrorReason
+ISSUER_NOT_TRUSTED: ErrorReason
+SUBJECT_TOKEN_INVALID: ErrorReason
 KEY_STATE_UNSPECIFIED: KeyState
 PENDING: KeyState
 ACTIVE: KeyState
