@@ -254,6 +254,37 @@ class FedtokenClient:
     def list_callers(self) -> list[key_admin_pb2.CallerGrant]:
         return list(self._call(self.admin.ListCallers, key_admin_pb2.ListCallersRequest()).grants)
 
+    # -- trusted issuers (federation) ---------------------------------------------------
+
+    def add_trusted_issuer(self, issuer: str, *, tenants: Sequence[str], jwks_uri: str = "",
+                           algorithms: Sequence[str] = (), audiences: Sequence[str] = (),
+                           namespace: str = "",
+                           max_stale_seconds: int = 0) -> key_admin_pb2.TrustedIssuer:
+        """Trust ``issuer`` for ``tenants``, or replace its whole definition
+        (``created`` in the answer says which). Empty values take the server's
+        defaults: OIDC discovery, RS256, a namespace from the issuer URL, one
+        day of maximum staleness."""
+        return self._call(self.admin.AddTrustedIssuer, key_admin_pb2.AddTrustedIssuerRequest(
+            issuer=issuer, jwks_uri=jwks_uri, algorithms=list(algorithms),
+            audiences=list(audiences), tenants=list(tenants), namespace=namespace,
+            max_stale_seconds=max_stale_seconds))
+
+    def list_trusted_issuers(self, tenant: str = "") -> list[key_admin_pb2.TrustedIssuer]:
+        """Every trusted issuer the caller may see (``tenant``: those it trusts),
+        with the state of each one's cached key set."""
+        return list(self._call(self.admin.ListTrustedIssuers,
+                               key_admin_pb2.ListTrustedIssuersRequest(tenant=tenant)).issuers)
+
+    def remove_trusted_issuer(self, issuer: str) -> key_admin_pb2.TrustedIssuer:
+        """Stop trusting ``issuer``; the definition that was removed."""
+        return self._call(self.admin.RemoveTrustedIssuer,
+                          key_admin_pb2.RemoveTrustedIssuerRequest(issuer=issuer)).removed
+
+    def refresh_trusted_issuer(self, issuer: str) -> key_admin_pb2.TrustedIssuer:
+        """Fetch the issuer's key set now; the issuer with its state after."""
+        return self._call(self.admin.RefreshTrustedIssuer,
+                          key_admin_pb2.RefreshTrustedIssuerRequest(issuer=issuer))
+
 
 class AsyncFedtokenClient:
     """asyncio flavour of the token calls, for services built on grpc.aio."""

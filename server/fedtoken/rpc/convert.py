@@ -15,6 +15,8 @@ from fedtoken.core.audit import AuditRecord, ChainReport
 from fedtoken.core.authz import Grant
 from fedtoken.core.claims import is_numeric_date
 from fedtoken.core.model import Expectation, KeyRecord, KeyState, Reason, Tenant, Verdict
+from fedtoken.core.trust import TrustedIssuer
+from fedtoken.service.trust import NewTrust, TrustView
 from fedtoken.service.types import (
     AuditQuery,
     Introspection,
@@ -241,6 +243,37 @@ def grant_pb(g: Grant) -> key_admin_pb2.CallerGrant:
         audiences=sorted(g.audiences), max_lifetime_seconds=g.max_lifetime_seconds,
         created_at=g.created_at, granted_by=g.granted_by,
     )
+
+
+def new_trust(r: key_admin_pb2.AddTrustedIssuerRequest) -> NewTrust:
+    return NewTrust(
+        issuer=r.issuer, tenants=list(r.tenants), jwks_uri=r.jwks_uri,
+        algorithms=list(r.algorithms), audiences=list(r.audiences), namespace=r.namespace,
+        max_stale_seconds=r.max_stale_seconds,
+    )
+
+
+def trusted_issuer_pb(t: TrustedIssuer) -> key_admin_pb2.TrustedIssuer:
+    """The definition alone (RemoveTrustedIssuer: there is no key set any more)."""
+    return key_admin_pb2.TrustedIssuer(
+        issuer=t.issuer, jwks_uri=t.jwks_uri, algorithms=sorted(t.algorithms),
+        audiences=sorted(t.audiences), tenants=sorted(t.tenants), namespace=t.namespace,
+        max_stale_seconds=t.max_stale_seconds, created_at=t.created_at,
+        updated_at=t.updated_at, added_by=t.added_by,
+    )
+
+
+def trust_view_pb(v: TrustView) -> key_admin_pb2.TrustedIssuer:
+    s = v.status
+    msg = trusted_issuer_pb(v.trust)
+    msg.created = v.created
+    msg.key_set.CopyFrom(key_admin_pb2.TrustedKeySetStatus(
+        kids=list(s.kids), fetched_at=int(s.fetched_at), age_seconds=v.age_seconds,
+        next_refresh_at=int(s.next_refresh_at), serving_stale=s.serving_stale,
+        usable=s.usable, last_outcome=s.last_outcome, last_error=s.last_error,
+        fetches=s.fetches,
+    ))
+    return msg
 
 
 def _str(value: object) -> str:

@@ -11,10 +11,12 @@ from typing import TypeAlias
 
 import grpc
 
+from fedtoken.core.errors import FailedPrecondition
 from fedtoken.rpc import convert
 from fedtoken.rpc.interceptors import call_context
 from fedtoken.service import KeyAdmin, Tokens, Verification
 from fedtoken.service.callers import Callers
+from fedtoken.service.trust import TrustAdmin
 from fedtoken_client._pb.fedtoken.v1 import (
     common_pb2,
     key_admin_pb2,
@@ -65,9 +67,18 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
 
 
 class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
-    def __init__(self, keys: KeyAdmin, callers: Callers) -> None:
+    def __init__(self, keys: KeyAdmin, callers: Callers, trust: TrustAdmin | None = None) -> None:
         self._keys = keys
         self._callers = callers
+        self._trust_admin = trust
+
+    @property
+    def _trust(self) -> TrustAdmin:
+        """``fedtoken.app`` always gives one; a servicer built without (a test
+        of the other RPCs) answers the trust RPCs FAILED_PRECONDITION."""
+        if self._trust_admin is None:
+            raise FailedPrecondition("this server does not administer trusted issuers")
+        return self._trust_admin
 
     async def CreateTenant(self, request: key_admin_pb2.CreateTenantRequest,
                            context: Ctx) -> key_admin_pb2.Tenant:
@@ -130,3 +141,25 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
                           context: Ctx) -> key_admin_pb2.ListCallersResponse:
         grants = await self._callers.list(call_context())
         return key_admin_pb2.ListCallersResponse(grants=[convert.grant_pb(g) for g in grants])
+
+    async def AddTrustedIssuer(self, request: key_admin_pb2.AddTrustedIssuerRequest,
+                               context: Ctx) -> key_admin_pb2.TrustedIssuer:
+        return convert.trust_view_pb(await self._trust.add(convert.new_trust(request),
+                                                           call_context()))
+
+    async def ListTrustedIssuers(self, request: key_admin_pb2.ListTrustedIssuersRequest,
+                                 context: Ctx) -> key_admin_pb2.ListTrustedIssuersResponse:
+        views = await self._trust.list(call_context(), tenant=request.tenant)
+        return key_admin_pb2.ListTrustedIssuersResponse(
+            issuers=[convert.trust_view_pb(v) for v in views])
+
+    async def RemoveTrustedIssuer(self, request: key_admin_pb2.RemoveTrustedIssuerRequest,
+                                  context: Ctx) -> key_admin_pb2.RemoveTrustedIssuerResponse:
+        removed = await self._trust.remove(request.issuer, call_context())
+        return key_admin_pb2.RemoveTrustedIssuerResponse(
+            removed=convert.trusted_issuer_pb(removed))
+
+    async def RefreshTrustedIssuer(self, request: key_admin_pb2.RefreshTrustedIssuerRequest,
+                                   context: Ctx) -> key_admin_pb2.TrustedIssuer:
+        return convert.trust_view_pb(await self._trust.refresh(request.issuer,
+                                                               call_context()))

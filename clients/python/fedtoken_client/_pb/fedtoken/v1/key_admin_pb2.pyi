@@ -226,3 +226,101 @@ class ListCallersResponse(_message.Message):
     GRANTS_FIELD_NUMBER: _ClassVar[int]
     grants: _containers.RepeatedCompositeFieldContainer[CallerGrant]
     def __init__(self, grants: _Optional[_Iterable[_Union[CallerGrant, _Mapping]]] = ...) -> None: ...
+
+class TrustedIssuer(_message.Message):
+    __slots__ = ("issuer", "jwks_uri", "algorithms", "audiences", "tenants", "namespace", "max_stale_seconds", "created_at", "updated_at", "added_by", "key_set", "created")
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    JWKS_URI_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCES_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ADDED_BY_FIELD_NUMBER: _ClassVar[int]
+    KEY_SET_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    issuer: str
+    jwks_uri: str
+    algorithms: _containers.RepeatedScalarFieldContainer[str]
+    audiences: _containers.RepeatedScalarFieldContainer[str]
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    namespace: str
+    max_stale_seconds: int
+    created_at: int
+    updated_at: int
+    added_by: str
+    key_set: TrustedKeySetStatus
+    created: bool
+    def __init__(self, issuer: _Optional[str] = ..., jwks_uri: _Optional[str] = ..., algorithms: _Optional[_Iterable[str]] = ..., audiences: _Optional[_Iterable[str]] = ..., tenants: _Optional[_Iterable[str]] = ..., namespace: _Optional[str] = ..., max_stale_seconds: _Optional[int] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., added_by: _Optional[str] = ..., key_set: _Optional[_Union[TrustedKeySetStatus, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class TrustedKeySetStatus(_message.Message):
+    __slots__ = ("kids", "fetched_at", "age_seconds", "next_refresh_at", "serving_stale", "usable", "last_outcome", "last_error", "fetches")
+    KIDS_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_AT_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_REFRESH_AT_FIELD_NUMBER: _ClassVar[int]
+    SERVING_STALE_FIELD_NUMBER: _ClassVar[int]
+    USABLE_FIELD_NUMBER: _ClassVar[int]
+    LAST_OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    FETCHES_FIELD_NUMBER: _ClassVar[int]
+    kids: _containers.RepeatedScalarFieldContainer[str]
+    fetched_at: int
+    age_seconds: int
+    next_refresh_at: int
+    serving_stale: bool
+    usable: bool
+    last_outcome: str
+    last_error: str
+    fetches: int
+    def __init__(self, kids: _Optional[_Iterable[str]] = ..., fetched_at: _Optional[int] = ..., age_seconds: _Optional[int] = ..., next_refresh_at: _Optional[int] = ..., serving_stale: _Optional[bool] = ..., usable: _Optional[bool] = ..., last_outcome: _Optional[str] = ..., last_error: _Optional[str] = ..., fetches: _Optional[int] = ...) -> None: ...
+
+class AddTrustedIssuerRequest(_message.Message):
+    __slots__ = ("issuer", "jwks_uri", "algorithms", "audiences", "tenants", "namespace", "max_stale_seconds")
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    JWKS_URI_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCES_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    issuer: str
+    jwks_uri: str
+    algorithms: _containers.RepeatedScalarFieldContainer[str]
+    audiences: _containers.RepeatedScalarFieldContainer[str]
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    namespace: str
+    max_stale_seconds: int
+    def __init__(self, issuer: _Optional[str] = ..., jwks_uri: _Optional[str] = ..., algorithms: _Optional[_Iterable[str]] = ..., audiences: _Optional[_Iterable[str]] = ..., tenants: _Optional[_Iterable[str]] = ..., namespace: _Optional[str] = ..., max_stale_seconds: _Optional[int] = ...) -> None: ...
+
+class ListTrustedIssuersRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class ListTrustedIssuersResponse(_message.Message):
+    __slots__ = ("issuers",)
+    ISSUERS_FIELD_NUMBER: _ClassVar[int]
+    issuers: _containers.RepeatedCompositeFieldContainer[TrustedIssuer]
+    def __init__(self, issuers: _Optional[_Iterable[_Union[TrustedIssuer, _Mapping]]] = ...) -> None: ...
+
+class RemoveTrustedIssuerRequest(_message.Message):
+    __slots__ = ("issuer",)
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    issuer: str
+    def __init__(self, issuer: _Optional[str] = ...) -> None: ...
+
+class RemoveTrustedIssuerResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: TrustedIssuer
+    def __init__(self, removed: _Optional[_Union[TrustedIssuer, _Mapping]] = ...) -> None: ...
+
+class RefreshTrustedIssuerRequest(_message.Message):
+    __slots__ = ("issuer",)
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    issuer: str
+    def __init__(self, issuer: _Optional[str] = ...) -> None: ...

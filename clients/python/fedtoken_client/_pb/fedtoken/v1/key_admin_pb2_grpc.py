@@ -95,6 +95,26 @@ class KeyAdminStub:
                 request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.ListCallersRequest.SerializeToString,
                 response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.ListCallersResponse.FromString,
                 _registered_method=True)
+        self.AddTrustedIssuer = channel.unary_unary(
+                '/fedtoken.v1.KeyAdmin/AddTrustedIssuer',
+                request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.AddTrustedIssuerRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.TrustedIssuer.FromString,
+                _registered_method=True)
+        self.ListTrustedIssuers = channel.unary_unary(
+                '/fedtoken.v1.KeyAdmin/ListTrustedIssuers',
+                request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.ListTrustedIssuersRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.ListTrustedIssuersResponse.FromString,
+                _registered_method=True)
+        self.RemoveTrustedIssuer = channel.unary_unary(
+                '/fedtoken.v1.KeyAdmin/RemoveTrustedIssuer',
+                request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.RemoveTrustedIssuerRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.RemoveTrustedIssuerResponse.FromString,
+                _registered_method=True)
+        self.RefreshTrustedIssuer = channel.unary_unary(
+                '/fedtoken.v1.KeyAdmin/RefreshTrustedIssuer',
+                request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.RefreshTrustedIssuerRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.TrustedIssuer.FromString,
+                _registered_method=True)
 
 
 class KeyAdminServicer:
@@ -199,6 +219,45 @@ class KeyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddTrustedIssuer(self, request, context):
+        """Federation: the foreign issuers whose tokens our tenants accept,
+        verified against the issuer's own JWKS (no shared secret). Changing
+        trust needs the admin role for every tenant concerned; listing needs
+        admin or auditor.
+        AddTrustedIssuer trusts an issuer for the tenants named, or replaces
+        its whole definition. Errors: INVALID_ARGUMENT (INVALID_FIELD,
+        POLICY_VIOLATION; ErrorDetail.field names the field),
+        FAILED_PRECONDITION (TENANT_NOT_FOUND), ALREADY_EXISTS (another issuer
+        has the namespace).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTrustedIssuers(self, request, context):
+        """ListTrustedIssuers returns the trusted issuers, ordered by issuer, each
+        with the state of its cached key set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveTrustedIssuer(self, request, context):
+        """RemoveTrustedIssuer stops trusting an issuer (for every tenant) and
+        forgets its stored key set. Errors: NOT_FOUND (field "issuer").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefreshTrustedIssuer(self, request, context):
+        """RefreshTrustedIssuer fetches the issuer's key set now (within its fetch
+        budget) and returns its state after. Errors: NOT_FOUND (field "issuer").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -261,6 +320,26 @@ def add_KeyAdminServicer_to_server(servicer, server):
                     servicer.ListCallers,
                     request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.ListCallersRequest.FromString,
                     response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.ListCallersResponse.SerializeToString,
+            ),
+            'AddTrustedIssuer': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddTrustedIssuer,
+                    request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.AddTrustedIssuerRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.TrustedIssuer.SerializeToString,
+            ),
+            'ListTrustedIssuers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrustedIssuers,
+                    request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.ListTrustedIssuersRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.ListTrustedIssuersResponse.SerializeToString,
+            ),
+            'RemoveTrustedIssuer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveTrustedIssuer,
+                    request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.RemoveTrustedIssuerRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.RemoveTrustedIssuerResponse.SerializeToString,
+            ),
+            'RefreshTrustedIssuer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshTrustedIssuer,
+                    request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.RefreshTrustedIssuerRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.TrustedIssuer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -587,6 +666,114 @@ class KeyAdmin:
             '/fedtoken.v1.KeyAdmin/ListCallers',
             fedtoken_dot_v1_dot_key__admin__pb2.ListCallersRequest.SerializeToString,
             fedtoken_dot_v1_dot_key__admin__pb2.ListCallersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddTrustedIssuer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.KeyAdmin/AddTrustedIssuer',
+            fedtoken_dot_v1_dot_key__admin__pb2.AddTrustedIssuerRequest.SerializeToString,
+            fedtoken_dot_v1_dot_key__admin__pb2.TrustedIssuer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrustedIssuers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.KeyAdmin/ListTrustedIssuers',
+            fedtoken_dot_v1_dot_key__admin__pb2.ListTrustedIssuersRequest.SerializeToString,
+            fedtoken_dot_v1_dot_key__admin__pb2.ListTrustedIssuersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveTrustedIssuer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.KeyAdmin/RemoveTrustedIssuer',
+            fedtoken_dot_v1_dot_key__admin__pb2.RemoveTrustedIssuerRequest.SerializeToString,
+            fedtoken_dot_v1_dot_key__admin__pb2.RemoveTrustedIssuerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshTrustedIssuer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.KeyAdmin/RefreshTrustedIssuer',
+            fedtoken_dot_v1_dot_key__admin__pb2.RefreshTrustedIssuerRequest.SerializeToString,
+            fedtoken_dot_v1_dot_key__admin__pb2.TrustedIssuer.FromString,
             options,
             channel_credentials,
             insecure,
