@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from fedtoken.core import claims as claims_mod
 from fedtoken.core import jose
@@ -26,7 +28,7 @@ from fedtoken.core.errors import (
     StoreUnavailable,
 )
 from fedtoken.core.keys import check_transition
-from fedtoken.core.model import Expectation, KeyState, Reason, Tenant
+from fedtoken.core.model import Expectation, KeyState, Reason, Tenant, foreign_ref
 from fedtoken.core.policy import (
     MAX_CLIENT_ID,
     MAX_JTI,
@@ -47,6 +49,7 @@ from fedtoken.core.ports import (
     RevocationEntry,
     Signer,
     Store,
+    TrustedKeys,
     Verifier,
     utc,
 )
@@ -62,6 +65,15 @@ _REVOCABLE = frozenset({Reason.OK, Reason.EXPIRED, Reason.NOT_YET_VALID,
                         Reason.ISSUED_IN_FUTURE})
 # Introspection reports the audience instead of checking it (RFC 7662).
 _ANY_AUDIENCE = Expectation(audience="", check_audience=False)
+
+
+# Subjects of exchanged tokens: "fed:" + the trusted issuer's namespace + the
+# foreign sub. Local Issue refuses the prefix, so no local subject can ever
+# equal a foreign one.
+FOREIGN_SUBJECT_PREFIX = "fed:"
+# A revocation of a foreign token cannot know how long the foreign issuer
+# lets its tokens live: it lasts at least this long.
+FOREIGN_REVOCATION_SECONDS = 366 * 86400
 
 
 def require_token(token: str) -> None:
@@ -86,6 +98,7 @@ class Tokens:
         leeway: int,
         authz: Authorizer,
         max_token_bytes: int = 8192,
+        trusted: TrustedKeys | None = None,
     ) -> None:
         """``introspector`` is a verification engine that checks everything
         but revocation (introspection asks the store for that itself)."""
@@ -100,14 +113,33 @@ class Tokens:
         self._leeway = leeway
         self._authz = authz
         self._max_token_bytes = max_token_bytes
+        self._trusted = trusted
 
     # -- issue -------------------------------------------------------------------
 
     async def issue(self, params: IssueParams, ctx: CallContext) -> Issued:
         tenant = await self._catalog.tenant(params.tenant)
         subject = check_subject(params.subject)
-        audience = check_audiences(params.audience)
-        lifetime = params.lifetime_seconds or tenant.policy.default_token_lifetime_seconds
+        if subject.startswith(FOREIGN_SUBJECT_PREFIX):
+            raise InvalidRequest(
+                f"subjects starting with {FOREIGN_SUBJECT_PREFIX!r} are reserved for exchanged "
+                "tokens of trusted issuers", reason=ErrorReason.RESERVED_CLAIM, field="subject")
+        extra = claims_mod.validate_extra_claims(params.extra_claims_json)
+        return await self.mint(tenant, subject, params.audience, params.lifetime_seconds, ctx,
+                               extra=extra, scope=params.scope, client_id=params.client_id,
+                               extra_field="extra_claims_json" if params.extra_claims_json
+                               else "")
+
+    async def mint(self, tenant: Tenant, subject: str, audience_in: Sequence[str],
+                   lifetime_seconds: int, ctx: CallContext, *, extra: dict[str, Any] | None = None,
+                   scope: str = "", client_id: str = "", max_lifetime: int | None = None,
+                   audit_details: dict[str, Any] | None = None, extra_field: str = "") -> Issued:
+        """Sign a token for ``tenant`` after the policy and grant checks
+        (Issue and Exchange); durable in the audit trail before it returns.
+        ``max_lifetime`` caps the lifetime below the tenant's (Exchange: the
+        subject token's remaining lifetime)."""
+        audience = check_audiences(audience_in)
+        lifetime = lifetime_seconds or tenant.policy.default_token_lifetime_seconds
         if lifetime < 0:
             raise InvalidRequest("lifetime_seconds must not be negative", field="lifetime_seconds")
         if lifetime > tenant.policy.max_token_lifetime_seconds:
@@ -118,17 +150,18 @@ class Tokens:
                 field="lifetime_seconds",
                 tenant=tenant.id,
             )
-        check_text(params.scope, "scope", MAX_SCOPE)
-        check_text(params.client_id, "client_id", MAX_CLIENT_ID)
+        if max_lifetime is not None:
+            lifetime = min(lifetime, max_lifetime)
+        check_text(scope, "scope", MAX_SCOPE)
+        check_text(client_id, "client_id", MAX_CLIENT_ID)
         await self._authz.require(ctx, Ask(Role.ISSUER, tenant.id, audience, lifetime))
-        extra = claims_mod.validate_extra_claims(params.extra_claims_json)
         key = self._catalog.active_key(tenant)
         now = int(self._clock.now())
         jti = secrets.token_urlsafe(16)  # 128 random bits
         payload = claims_mod.build_claims(
             issuer=tenant.issuer, subject=subject, audience=audience, issued_at=now,
-            lifetime=lifetime, jti=jti, extra=extra, scope=params.scope,
-            client_id=params.client_id,
+            lifetime=lifetime, jti=jti, extra=extra or {}, scope=scope,
+            client_id=client_id,
         )
         header = {"alg": key.alg, "typ": "JWT", "kid": key.kid}
         signing_input = jose.encode_signing_input(header, payload)
@@ -138,13 +171,14 @@ class Tokens:
             raise InvalidRequest(
                 f"the token would exceed max_token_bytes ({self._max_token_bytes}); send "
                 "fewer or shorter claims, audiences or scope", reason=ErrorReason.INVALID_CLAIMS,
-                field="extra_claims_json" if params.extra_claims_json else "")
+                field=extra_field)
         (signature,) = await self._signer.sign(key.hsm_label, key.kid, [signing_input])
         token = jose.assemble(signing_input, signature)
         await self._audit.record(AuditEvent(
             event_type="token.issued", tenant=tenant.id, actor=ctx.actor, subject=subject,
             jti=jti, kid=key.kid, outcome="ok", request_id=ctx.request_id,
-            details={"aud": audience, "exp": now + lifetime, **ctx.untrusted},
+            details={"aud": audience, "exp": now + lifetime, **(audit_details or {}),
+                     **ctx.untrusted},
         ))
         return Issued(token, jti, key.kid, tenant.id, tenant.issuer, now, now + lifetime)
 
@@ -201,6 +235,8 @@ class Tokens:
         check_timestamp(p.issued_before, "issued_before")
         if sum(bool(x) for x in (p.token, p.jti, p.subject, p.kid)) != 1:
             raise InvalidRequest("give exactly one of token, jti, subject or kid", field="target")
+        if p.issuer:
+            return await self._revoke_foreign(p, ctx)
         if p.kid:
             check_kid(p.kid)
             tenant = await self._catalog.tenant(p.tenant)
@@ -298,6 +334,55 @@ class Tokens:
                         kid, tenant.id)
             await self._keys.replace_key(tenant.id, ctx)
         return Revoked(tenant.id, "", int(revoked_at.timestamp()), created, "key", kid)
+
+    async def _revoke_foreign(self, p: RevokeParams, ctx: CallContext) -> Revoked:
+        """Revoke a trusted foreign issuer's jti or subject in a tenant that
+        trusts it (stored under foreign_ref values, so it never touches a
+        local token)."""
+        check_text(p.issuer, "issuer", 2048, required=True)
+        if not (p.jti or p.subject):
+            raise InvalidRequest("with issuer, give jti or subject", field="target")
+        tenant = await self._catalog.tenant(p.tenant)
+        await self._authz.require(ctx, Ask(Role.REVOKER, tenant.id))
+        keys = self._trusted.issuer_keys(p.issuer) if self._trusted is not None else None
+        if keys is None or tenant.id not in keys.trusted_by:
+            raise InvalidRequest(
+                f"tenant {tenant.id!r} does not trust issuer {p.issuer[:200]!r}",
+                reason=ErrorReason.ISSUER_NOT_TRUSTED, field="issuer")
+        now = int(self._clock.now())
+        not_before: int | None = None
+        lasts = max(tenant.policy.max_token_lifetime_seconds, FOREIGN_REVOCATION_SECONDS)
+        if p.jti:
+            check_text(p.jti, "jti", MAX_JTI)
+            kind, value, expires_at = "jti", foreign_ref(p.issuer, p.jti), now + lasts
+        else:
+            check_subject(p.subject)
+            not_before = p.issued_before or now + 1
+            if not_before > now + max(self._leeway, 1) or not_before < 0:
+                raise InvalidRequest("issued_before must not be in the future",
+                                     field="issued_before")
+            kind, value = "subject", foreign_ref(p.issuer, p.subject)
+            expires_at = not_before + lasts
+        expires_at += self._leeway
+        event = AuditEvent(
+            event_type="token.revoked", tenant=tenant.id, actor=ctx.actor, subject=p.subject,
+            jti=p.jti, outcome="ok", reason=p.reason, request_id=ctx.request_id,
+            details={"kind": kind, "expires_at": expires_at, "foreign_issuer": p.issuer,
+                     **ctx.untrusted,
+                     **({"issued_before": not_before} if not_before is not None else {})},
+        )
+
+        async def write(audit: AuditEvent | None) -> tuple[bool, datetime]:
+            return await self._store.revocations.revoke(
+                tenant.id, kind, value, expires_at=utc(expires_at), now=utc(now),
+                not_before=utc(not_before) if not_before is not None else None,
+                reason=p.reason, actor=ctx.actor, audit=audit,
+            )
+
+        created, revoked_at = await self._audit.record_with(event, write)
+        self._revocations.add(RevocationEntry(tenant.id, kind, value, expires_at,
+                                              not_before or 0))
+        return Revoked(tenant.id, p.jti, int(revoked_at.timestamp()), created, kind, value)
 
     def _authenticate_for_revocation(self, token: str) -> tuple[Tenant, str, int]:
         """The token must be ours and genuinely signed; its exp and jti are read.

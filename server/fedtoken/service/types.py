@@ -43,6 +43,24 @@ class RevokeParams:
     kid: str = ""
     expires_at: int = 0
     reason: str = ""
+    # Federation: jti or subject is this trusted foreign issuer's.
+    issuer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeParams:
+    subject_token: str
+    tenant: str
+    audience: Sequence[str]
+    subject_token_type: str = ""
+    lifetime_seconds: int = 0
+    scope: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Exchanged:
+    issued: Issued
+    subject: str
 
 
 @dataclass(frozen=True, slots=True)
