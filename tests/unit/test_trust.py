@@ -225,6 +225,10 @@ def test_one_of_our_own_issuers_is_never_trusted(issuer: str) -> None:
     with pytest.raises(PolicyViolation) as info:
         validate_trusted_issuer(trust(issuer), local_issuers=[LOCAL_A, LOCAL_B])
     assert refused(info.value) == (PolicyViolation, ErrorReason.POLICY_VIOLATION, "issuer")
+    # Ours even where the URL rule would refuse it (a dev tenant on http).
+    with pytest.raises(PolicyViolation):
+        validate_trusted_issuer(trust("http://127.0.0.1:8080/t/a"),
+                                local_issuers=["http://127.0.0.1:8080/t/a"])
     # Another path of the same host is another issuer.
     assert validate_trusted_issuer(trust("https://auth.example/t/c"),
                                    local_issuers=[LOCAL_A, LOCAL_B])

@@ -252,12 +252,15 @@ def validate_trusted_issuer(trust: TrustedIssuer, *, local_issuers: Iterable[str
     issuers: trusting one of them is refused (a token of ours must only ever
     verify as ours, under our own keys).
     """
-    check_trust_url(trust.issuer, "issuer", allow_http_loopback=allow_http_loopback)
-    if trust.jwks_uri:
-        check_trust_url(trust.jwks_uri, "jwks_uri", allow_http_loopback=allow_http_loopback)
+    # Ours first: a local issuer may be http://localhost, which the URL rule
+    # would refuse with a less useful answer.
+    check_text(trust.issuer, "issuer", MAX_TRUST_URL, required=True)
     if names_local_issuer(trust.issuer, local_issuers):
         raise PolicyViolation("issuer is the issuer of one of this instance's own tenants; "
                               "its tokens verify as local tokens already", field="issuer")
+    check_trust_url(trust.issuer, "issuer", allow_http_loopback=allow_http_loopback)
+    if trust.jwks_uri:
+        check_trust_url(trust.jwks_uri, "jwks_uri", allow_http_loopback=allow_http_loopback)
     algorithms = check_federation_algorithms(trust.algorithms)
     if len(trust.audiences) > MAX_AUDIENCES:
         raise InvalidRequest(f"at most {MAX_AUDIENCES} audiences", field="audiences")
