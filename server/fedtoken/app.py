@@ -29,7 +29,7 @@ from fedtoken.audit.checkpoint_file import FileCheckpointJournal
 from fedtoken.audit.spill import spill_dir_for
 from fedtoken.config import Settings
 from fedtoken.core.errors import FedtokenError, HsmUnavailable, InvalidRequest
-from fedtoken.core.ports import CallContext, SystemClock
+from fedtoken.core.ports import CallContext, Clock, SystemClock, TrustedKeys
 from fedtoken.events import EventFeed, revocation_loader
 from fedtoken.hsm import HsmConfig, Pkcs11Hsm
 from fedtoken.hsm.devtoken import ensure_dev_token, find_softhsm_module
@@ -41,6 +41,7 @@ from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Ve
 from fedtoken.service.callers import Callers
 from fedtoken.service.checkpoints import Checkpoints
 from fedtoken.service.retention import Retention
+from fedtoken.service.trust import FetchAudit, NullTrustedKeys, TrustAdmin, TrustCatalog
 from fedtoken.service.types import Introspection, KeySet
 from fedtoken.store import PgStore, apply_migrations, create_pool
 from fedtoken.store.callers import PgCallers
@@ -76,6 +77,8 @@ class Services:
     keys: KeyAdmin
     jobs: Jobs
     callers: Callers
+    trust: TrustAdmin
+    trust_catalog: TrustCatalog
 
 
 @dataclass
@@ -92,6 +95,9 @@ class App:
     grpc_port: int
     http_port: int = 0
     dsn: str = ""
+    # The remote JWKS cache of the trusted issuers (a KeyResolver half for
+    # the verification engine).
+    trusted_keys: TrustedKeys = field(default_factory=NullTrustedKeys)
     _closers: list[Closer] = field(default_factory=list)
 
     @property
@@ -124,19 +130,50 @@ def _http_tls(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def _fan_out(catalog: Catalog, callers: Callers) -> Callable[[dict[str, Any]], None]:
-    """The feed's change callback: tenants and keys to the catalog, grants to callers."""
+def _fan_out(catalog: Catalog, callers: Callers,
+             trust: TrustCatalog) -> Callable[[dict[str, Any]], None]:
+    """The feed's change callback: tenants and keys to the catalog, grants to
+    callers, trusted issuers to the trust catalog (each ignores the rest)."""
 
     def on_change(event: dict[str, Any]) -> None:
         catalog.notice(event)
         callers.notice(event)
+        trust.notice(event)
 
     return on_change
 
 
-async def _reload_all(catalog: Catalog, callers: Callers) -> None:
+async def _reload_all(catalog: Catalog, callers: Callers, trust: TrustCatalog) -> None:
     await catalog.reload()
     await callers.reload()
+    # The feed runs this after each (re)connect and resync, and a failure
+    # here fails the feed's session (revocations fail closed until the
+    # next). Trusted issuers have nothing to do with revocation freshness:
+    # a failed trust reload is only logged; the next resync retries it.
+    try:
+        await trust.reload()
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.warning("reloading the trusted issuers failed (%s); the next resync retries",
+                    type(exc).__name__)
+
+
+def _trusted_keys(settings: Settings, store: PgStore, clock: Clock,
+                  on_fetch: FetchAudit) -> TrustedKeys:
+    """The remote JWKS cache of the trusted issuers.
+
+    This build has none yet (``fedtoken.federation`` lands separately): the
+    null cache, which trusts no key, so trusted issuers are administered and
+    propagated but their tokens are not verified. The real one is built
+    here, from ``store.key_sets``, ``clock``, ``on_fetch`` and the federation
+    settings (``federation_allow_http_loopback``, a CA bundle).
+    """
+    return NullTrustedKeys()
+
+
+def _allow_http_loopback(settings: Settings) -> bool:
+    """``federation_allow_http_loopback`` (tests only: trusted issuers on
+    http://localhost), off when the settings do not have it yet."""
+    return bool(getattr(settings, "federation_allow_http_loopback", False))
 
 
 class _NoRevocations:
@@ -351,7 +388,20 @@ async def start_app(
                                     authz=callers, catalog=catalog)
         jobs = Jobs(catalog=catalog, store=store, keys=keys, revocations=revocations,
                     clock=clock, defaults=defaults)
-        services = Services(catalog, tokens, verification, keys, jobs, callers)
+        fetch_audit = FetchAudit(audit, clock)
+        trusted_keys = _trusted_keys(settings, store, clock, fetch_audit)
+        closers.append(fetch_audit.drain)
+        trust_catalog = TrustCatalog(repo=store.trust, keys=trusted_keys)
+        closers.append(trust_catalog.close)
+        await trust_catalog.reload()
+        trust = TrustAdmin(repo=store.trust, tenants=store.tenants, catalog=trust_catalog,
+                           keys=trusted_keys, audit=audit, clock=clock, authz=callers,
+                           allow_http_loopback=_allow_http_loopback(settings),
+                           # Late-bound: each reload replaces the policy.
+                           tenants_for=lambda identity, role: callers.policy.tenants_for(
+                               identity, role))
+        services = Services(catalog, tokens, verification, keys, jobs, callers, trust,
+                            trust_catalog)
         await jobs.bootstrap(settings.default_tenant
                              if bootstrap and settings.create_default_tenant else None)
 
@@ -360,8 +410,8 @@ async def start_app(
             dsn, revocations, revocation_loader(store.revocations, clock.now),
             heartbeat=settings.revocation_heartbeat_seconds,
             resync=settings.revocation_resync_seconds,
-            on_change=_fan_out(catalog, callers),
-            on_resync=lambda: _reload_all(catalog, callers),
+            on_change=_fan_out(catalog, callers, trust_catalog),
+            on_resync=lambda: _reload_all(catalog, callers, trust_catalog),
         )
         await feed.start()
         closers.append(feed.stop)
@@ -398,8 +448,8 @@ async def start_app(
         server = grpc.aio.server(options=grpc_options(settings), interceptors=[boundary])
         token_service_pb2_grpc.add_TokenServiceServicer_to_server(
             TokenServicer(tokens, verification), server)
-        key_admin_pb2_grpc.add_KeyAdminServicer_to_server(KeyAdminServicer(keys, callers),
-                                                          server)
+        key_admin_pb2_grpc.add_KeyAdminServicer_to_server(
+            KeyAdminServicer(keys, callers, trust), server)
         address = f"{settings.grpc_host}:{settings.grpc_port}"
         port = (server.add_insecure_port(address) if transport.tls is None
                 else server.add_secure_port(address, server_credentials(transport.tls)))
@@ -408,7 +458,7 @@ async def start_app(
         await server.start()
         closers.append(lambda: server.stop(0))  # a failed start; App.stop is graceful
         app = App(settings, services, server, hsm, store, audit, revocations, port, dsn=dsn,
-                  _closers=closers)
+                  trusted_keys=trusted_keys, _closers=closers)
         if http and settings.http_port >= 0:
 
             async def health() -> tuple[bool, dict[str, object]]:
