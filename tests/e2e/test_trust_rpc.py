@@ -115,9 +115,9 @@ def test_an_admin_adds_lists_updates_and_removes_a_trusted_issuer(world: World) 
     removed = admin.remove_trusted_issuer(issuer)
     assert removed.issuer == issuer and sorted(removed.tenants) == sorted([world.a, world.b])
     assert issuer not in {i.issuer for i in admin.list_trusted_issuers()}
-    with _refused(grpc.StatusCode.NOT_FOUND, "NOT_FOUND", "issuer"):
+    with _refused(grpc.StatusCode.NOT_FOUND, "ISSUER_NOT_TRUSTED", "issuer"):
         admin.remove_trusted_issuer(issuer)
-    with _refused(grpc.StatusCode.NOT_FOUND, "NOT_FOUND", "issuer"):
+    with _refused(grpc.StatusCode.NOT_FOUND, "ISSUER_NOT_TRUSTED", "issuer"):
         admin.refresh_trusted_issuer(issuer)
 
     # Every change is in the audit trail, under each tenant concerned.
@@ -301,7 +301,7 @@ def test_trust_through_the_cli(world: World) -> None:
     assert not [i for i in _ok(srv.cli("trust", "list")) if i["issuer"] == issuer]
 
     again = srv.cli("trust", "remove", issuer)
-    assert again.returncode == 2 and "NOT_FOUND" in again.stderr, again
+    assert again.returncode == 2 and "NOT_FOUND ISSUER_NOT_TRUSTED" in again.stderr, again
     hs = srv.cli("trust", "add", issuer, "--tenant", world.a, "--alg", "HS256")
     assert hs.returncode == 2 and "INVALID_ARGUMENT POLICY_VIOLATION" in hs.stderr, hs
     none = srv.cli("trust", "add", issuer)

@@ -372,7 +372,7 @@ async def test_list_reads_through_to_the_store(svc: Services, t: Trust) -> None:
 async def test_remove_forgets_the_issuer_and_its_key_set(svc: Services, t: Trust) -> None:
     with pytest.raises(NotFound) as unknown:
         await t.admin.remove(PARTNER, OPERATOR)
-    assert refused(unknown.value) == (NotFound, ErrorReason.NOT_FOUND, "issuer")
+    assert refused(unknown.value) == (NotFound, ErrorReason.ISSUER_NOT_TRUSTED, "issuer")
     await t.admin.add(NewTrust(issuer=PARTNER, tenants=["a", "b"]), OPERATOR)
     await svc.store.key_sets.save_key_set(StoredKeySet(PARTNER, "https://b.example/jwks",
                                                        b"{}", "etag", NOW))

@@ -331,7 +331,8 @@ def _describe(trust: TrustedIssuer) -> dict[str, Any]:
 
 
 def _not_trusted() -> NotFound:
-    return NotFound("no such trusted issuer (see `fedtoken trust list`)", field="issuer")
+    return NotFound("no such trusted issuer (see `fedtoken trust list`)",
+                    reason=ErrorReason.ISSUER_NOT_TRUSTED, field="issuer")
 
 
 # --- fetch outcomes into the audit trail -------------------------------------------------

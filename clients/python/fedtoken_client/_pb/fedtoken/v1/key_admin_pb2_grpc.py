@@ -244,7 +244,7 @@ class KeyAdminServicer:
 
     def RemoveTrustedIssuer(self, request, context):
         """RemoveTrustedIssuer stops trusting an issuer (for every tenant) and
-        forgets its stored key set. Errors: NOT_FOUND (field "issuer").
+        forgets its stored key set. Errors: NOT_FOUND (ISSUER_NOT_TRUSTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -252,7 +252,7 @@ class KeyAdminServicer:
 
     def RefreshTrustedIssuer(self, request, context):
         """RefreshTrustedIssuer fetches the issuer's key set now (within its fetch
-        budget) and returns its state after. Errors: NOT_FOUND (field "issuer").
+        budget) and returns its state after. Errors: NOT_FOUND (ISSUER_NOT_TRUSTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
