@@ -31,6 +31,7 @@ from fedtoken.config import Settings
 from fedtoken.core.errors import FedtokenError, HsmUnavailable, InvalidRequest
 from fedtoken.core.ports import CallContext, Clock, SystemClock, TrustedKeys
 from fedtoken.events import EventFeed, revocation_loader
+from fedtoken.federation import CacheSettings, RemoteJwksCache
 from fedtoken.hsm import HsmConfig, Pkcs11Hsm
 from fedtoken.hsm.devtoken import ensure_dev_token, find_softhsm_module
 from fedtoken.http import combine, create_ops_app, create_public_app, start_site
@@ -40,9 +41,10 @@ from fedtoken.rpc.servicers import KeyAdminServicer, TokenServicer
 from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Verification
 from fedtoken.service.callers import Callers
 from fedtoken.service.checkpoints import Checkpoints
+from fedtoken.service.exchange import Exchange
 from fedtoken.service.retention import Retention
 from fedtoken.service.trust import FetchAudit, NullTrustedKeys, TrustAdmin, TrustCatalog
-from fedtoken.service.types import Introspection, KeySet
+from fedtoken.service.types import Exchanged, ExchangeParams, Introspection, KeySet
 from fedtoken.store import PgStore, apply_migrations, create_pool
 from fedtoken.store.callers import PgCallers
 from fedtoken.store.embedded import EmbeddedPostgres
@@ -50,7 +52,9 @@ from fedtoken.store.migrate import service_role_problems
 from fedtoken.store.pool import caller_deadline
 from fedtoken.tls import ServerTls, ensure_dev_pki, server_credentials, spiffe_id_of
 from fedtoken.tls.devca import OPERATOR_ID
+from fedtoken.tls.identity import spiffe_id_of_der
 from fedtoken.verifier import LocalKeyResolver, VerificationEngine
+from fedtoken.verifier.federated import FederatedResolver
 from fedtoken_client._pb.fedtoken.v1 import key_admin_pb2_grpc, token_service_pb2_grpc
 
 log = logging.getLogger("fedtoken")
@@ -119,14 +123,19 @@ async def _close_all(closers: list[Closer]) -> None:
                 await result
 
 
-def _http_tls(settings: Settings) -> ssl.SSLContext | None:
-    """TLS for the bridge listener when configured (no client certificates:
-    JWKS and discovery are public, introspection has its own client auth)."""
+def _http_tls(settings: Settings, client_ca: Path | None) -> ssl.SSLContext | None:
+    """TLS for the bridge listener when configured. A client certificate is
+    asked for but optional (JWKS and discovery are public, introspection has
+    its own client auth); the token endpoint serves only callers whose
+    certificate the client CA (the gRPC one) verified."""
     if not settings.http_tls_cert:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(settings.http_tls_cert, settings.http_tls_key)
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.load_verify_locations(cafile=str(client_ca))
     return context
 
 
@@ -158,22 +167,24 @@ async def _reload_all(catalog: Catalog, callers: Callers, trust: TrustCatalog) -
 
 
 def _trusted_keys(settings: Settings, store: PgStore, clock: Clock,
-                  on_fetch: FetchAudit) -> TrustedKeys:
-    """The remote JWKS cache of the trusted issuers.
-
-    This build has none yet (``fedtoken.federation`` lands separately): the
-    null cache, which trusts no key, so trusted issuers are administered and
-    propagated but their tokens are not verified. The real one is built
-    here, from ``store.key_sets``, ``clock``, ``on_fetch`` and the federation
-    settings (``federation_allow_http_loopback``, a CA bundle).
-    """
-    return NullTrustedKeys()
-
-
-def _allow_http_loopback(settings: Settings) -> bool:
-    """``federation_allow_http_loopback`` (tests only: trusted issuers on
-    http://localhost), off when the settings do not have it yet."""
-    return bool(getattr(settings, "federation_allow_http_loopback", False))
+                  on_fetch: FetchAudit) -> RemoteJwksCache:
+    """The remote JWKS cache of the trusted issuers (docs/federation.md)."""
+    return RemoteJwksCache(
+        store=store.key_sets, clock=clock, ca_file=settings.federation_ca_file or None,
+        allow_loopback_http=settings.federation_allow_http_loopback, on_fetch=on_fetch,
+        settings=CacheSettings(
+            fetch_timeout=settings.federation_fetch_timeout_seconds,
+            default_max_age=settings.federation_default_max_age_seconds,
+            min_max_age=settings.federation_min_max_age_seconds,
+            max_max_age=settings.federation_max_max_age_seconds,
+            kid_miss_cooldown=settings.federation_kid_miss_cooldown_seconds,
+            negative_ttl=settings.federation_negative_ttl_seconds,
+            fetch_budget=settings.federation_fetch_budget,
+            budget_window=settings.federation_budget_window_seconds,
+            error_backoff_min=min(CacheSettings().error_backoff_min,
+                                  settings.federation_error_backoff_max_seconds),
+            error_backoff_max=settings.federation_error_backoff_max_seconds,
+        ))
 
 
 class _NoRevocations:
@@ -305,9 +316,13 @@ class _PublicApi:
 
     catalog: Catalog
     tokens: Tokens
+    exchanger: Exchange
 
     async def key_set(self, tenant: str) -> KeySet:
         return await self.catalog.key_set(tenant)
+
+    async def exchange(self, params: ExchangeParams, ctx: CallContext) -> Exchanged:
+        return await self.exchanger.exchange(params, ctx)
 
     async def introspect(self, token: str, ctx: CallContext) -> Introspection:
         # The bridge authenticated its RFC 7662 client (client secret) itself.
@@ -354,6 +369,10 @@ async def start_app(
         await asyncio.to_thread(hsm.open)
         closers.append(hsm.aclose)
         resolver = LocalKeyResolver()
+        fetch_audit = FetchAudit(audit, clock)
+        closers.append(fetch_audit.drain)
+        trusted_keys = _trusted_keys(settings, store, clock, fetch_audit)
+        closers.append(trusted_keys.close)
         revocations = InMemoryRevocationView(staleness=settings.revocation_staleness_seconds)
         engine_options: dict[str, Any] = {
             "clock": clock,
@@ -361,7 +380,8 @@ async def start_app(
             "max_token_size": settings.max_token_bytes,
             "threads": settings.verify_threads,
         }
-        engine = VerificationEngine(resolver, revocations, **engine_options)
+        engine = VerificationEngine(FederatedResolver(resolver, trusted_keys), revocations,
+                                    **engine_options)
         closers.append(engine.close)
         # Introspection checks revocation in Postgres itself, after the engine.
         introspector = VerificationEngine(resolver, _NoRevocations(), **engine_options)
@@ -383,20 +403,24 @@ async def start_app(
         tokens = Tokens(catalog=catalog, store=store, signer=hsm, audit=audit,
                         introspector=introspector, revocations=revocations, keys=keys,
                         clock=clock, leeway=settings.leeway_seconds, authz=callers,
-                        max_token_bytes=settings.max_token_bytes)
+                        max_token_bytes=settings.max_token_bytes, trusted=trusted_keys)
         verification = Verification(engine=engine, audit=audit, max_batch=settings.max_batch,
-                                    authz=callers, catalog=catalog)
+                                    authz=callers, catalog=catalog, trusted=trusted_keys,
+                                    kid_wait_seconds=settings.federation_kid_wait_seconds)
         jobs = Jobs(catalog=catalog, store=store, keys=keys, revocations=revocations,
                     clock=clock, defaults=defaults)
-        fetch_audit = FetchAudit(audit, clock)
-        trusted_keys = _trusted_keys(settings, store, clock, fetch_audit)
-        closers.append(fetch_audit.drain)
         trust_catalog = TrustCatalog(repo=store.trust, keys=trusted_keys)
         closers.append(trust_catalog.close)
         await trust_catalog.reload()
+        await trusted_keys.start()  # the persisted last good sets serve at once
+        exchange = Exchange(tokens=tokens, engine=engine, trusted=trusted_keys,
+                            trust_of=trust_catalog.get, catalog=catalog, clock=clock,
+                            authz=callers,
+                            kid_wait_seconds=settings.federation_kid_wait_seconds)
         trust = TrustAdmin(repo=store.trust, tenants=store.tenants, catalog=trust_catalog,
                            keys=trusted_keys, audit=audit, clock=clock, authz=callers,
-                           allow_http_loopback=_allow_http_loopback(settings),
+                           allow_http_loopback=settings.federation_allow_http_loopback,
+                           min_max_stale_seconds=settings.federation_min_max_stale_seconds,
                            # Late-bound: each reload replaces the policy.
                            tenants_for=lambda identity, role: callers.policy.tenants_for(
                                identity, role))
@@ -447,7 +471,7 @@ async def start_app(
                             deadline_scope=caller_deadline)
         server = grpc.aio.server(options=grpc_options(settings), interceptors=[boundary])
         token_service_pb2_grpc.add_TokenServiceServicer_to_server(
-            TokenServicer(tokens, verification), server)
+            TokenServicer(tokens, verification, exchange), server)
         key_admin_pb2_grpc.add_KeyAdminServicer_to_server(
             KeyAdminServicer(keys, callers, trust), server)
         address = f"{settings.grpc_host}:{settings.grpc_port}"
@@ -465,12 +489,15 @@ async def start_app(
                 return True, {"revocations_fresh": revocations.is_fresh,
                               "audit": audit.mode.value}
 
-            web_app = combine(create_public_app(_PublicApi(catalog, tokens), settings),
+            web_app = combine(create_public_app(_PublicApi(catalog, tokens, exchange), settings,
+                                                identity_of=spiffe_id_of_der),
                               create_ops_app(health))
             runner, app.http_port = await start_site(web_app, settings.http_host,
                                                      settings.http_port,
                                                      reuse_port=reuse_http_port,
-                                                     ssl_context=_http_tls(settings))
+                                                     ssl_context=_http_tls(
+                                                         settings, transport.tls.client_ca
+                                                         if transport.tls else None))
             closers.append(runner.cleanup)
         return app
     except BaseException:

@@ -126,6 +126,32 @@ class Settings:
     # key and appended to state_dir/audit/checkpoints.jsonl and the log (by
     # worker 0 only). 0 disables them.
     audit_checkpoint_seconds: float = 60.0
+    # Federation (docs/federation.md): the remote JWKS cache of trusted issuers.
+    # A CA bundle for their https endpoints ("" : the system's).
+    federation_ca_file: str = ""
+    # Tests and demos only: trust issuers on http://127.0.0.1 / localhost.
+    federation_allow_http_loopback: bool = False
+    # One HTTP request to an issuer (discovery or JWKS) must finish within this.
+    federation_fetch_timeout_seconds: float = 5.0
+    # Cache-Control max-age of a trusted JWKS, clamped to [min, max]; default
+    # when the issuer sends none.
+    federation_default_max_age_seconds: float = 900.0
+    federation_min_max_age_seconds: float = 60.0
+    federation_max_max_age_seconds: float = 6 * 3600.0
+    # Unknown kid: at most one refetch per cooldown per issuer; kids a
+    # refetch did not find stay unknown for negative_ttl; every fetch of an
+    # issuer spends one of fetch_budget per budget_window.
+    federation_kid_miss_cooldown_seconds: float = 30.0
+    federation_negative_ttl_seconds: float = 60.0
+    federation_fetch_budget: int = 10
+    federation_budget_window_seconds: float = 300.0
+    # Longest wait between background refreshes after errors.
+    federation_error_backoff_max_seconds: float = 300.0
+    # How long a Verify or VerifyBatch waits for that one refetch.
+    federation_kid_wait_seconds: float = 1.0
+    # The least max_stale a trusted issuer may be given (tests and demos only
+    # go below a minute).
+    federation_min_max_stale_seconds: int = 60
     # Audit retention: rows older than this leave Postgres for an archive
     # file under state_dir/audit/archive (after a checkpoint covers them;
     # docs/security.md, "Audit retention"). 0 keeps every row forever.
@@ -292,6 +318,19 @@ def _validate(s: Settings) -> None:
         raise InvalidRequest("revocation_staleness_seconds must exceed the heartbeat interval")
     if s.audit_checkpoint_seconds < 0:
         raise InvalidRequest("audit_checkpoint_seconds must not be negative (0: no checkpoints)")
+    for name in ("federation_fetch_timeout_seconds", "federation_default_max_age_seconds",
+                 "federation_min_max_age_seconds", "federation_max_max_age_seconds",
+                 "federation_kid_miss_cooldown_seconds", "federation_negative_ttl_seconds",
+                 "federation_budget_window_seconds", "federation_error_backoff_max_seconds",
+                 "federation_kid_wait_seconds"):
+        if getattr(s, name) <= 0:
+            raise InvalidRequest(f"{name} must be positive")
+    if not (s.federation_min_max_age_seconds <= s.federation_default_max_age_seconds
+            <= s.federation_max_max_age_seconds):
+        raise InvalidRequest("federation max-age: need min <= default <= max")
+    if s.federation_fetch_budget < 1 or s.federation_min_max_stale_seconds < 1:
+        raise InvalidRequest("federation_fetch_budget and federation_min_max_stale_seconds "
+                             "must be at least 1")
     if s.audit_retention_seconds < 0 or s.audit_retention_check_seconds <= 0:
         raise InvalidRequest("audit_retention_seconds must not be negative (0: keep forever) "
                              "and audit_retention_check_seconds must be positive")

@@ -128,3 +128,17 @@ def test_size_bound() -> None:
 
 def test_empty_set() -> None:
     assert parse_trusted_jwks(b'{"keys":[]}') == {}
+
+
+@pytest.mark.parametrize("alg", [["RS256"], {"v": "RS256"}, 256, None])
+def test_a_non_string_alg_is_a_refusal_not_an_error(alg: object) -> None:
+    """A JWK member of the wrong JSON type (an unhashable list, say) makes the
+    key unusable; it must never escape as a TypeError (INTERNAL)."""
+    from fedtoken.core.errors import PolicyViolation
+    from fedtoken.core.keys import load_rsa_public_key
+
+    body = json.dumps({"keys": [{"kty": "RSA", "alg": alg, "kid": "k", "n": "AQAB",
+                                 "e": "AQAB"}]}).encode()
+    assert parse_trusted_jwks(body) == {}
+    with pytest.raises(PolicyViolation):
+        load_rsa_public_key({"kty": "RSA", "alg": alg, "n": "AQAB", "e": "AQAB"})

@@ -27,7 +27,7 @@ PACKAGE = SERVER / "fedtoken"
 CORE = "fedtoken.core"
 SERVICE = "fedtoken.service"
 ADAPTERS = ("fedtoken.hsm", "fedtoken.store", "fedtoken.events", "fedtoken.verifier",
-            "fedtoken.revocation", "fedtoken.audit", "fedtoken.tls")
+            "fedtoken.revocation", "fedtoken.audit", "fedtoken.tls", "fedtoken.federation")
 RPC, HTTP = "fedtoken.rpc", "fedtoken.http"
 COMPOSITION = ("fedtoken.app", "fedtoken.serve", "fedtoken.cli")
 CONFIG = "fedtoken.config"  # settings: read by the composition root and the HTTP boundary

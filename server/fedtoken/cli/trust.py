@@ -10,8 +10,9 @@ administered through KeyAdmin like every other command.
 
 ``add`` needs at least one ``--tenant`` (a foreign token verifies only in a
 tenant that trusts its issuer; there is no default), and replaces the whole
-definition of an issuer already trusted (give every tenant again). ``refresh`` exits 1 when the issuer's key set is not
-usable afterwards (its tokens are refused), so scripts notice.
+definition of an issuer already trusted (give every tenant again).
+``refresh`` exits 1 when the issuer's key set is not usable afterwards (its
+tokens are refused), so scripts notice.
 
 ``cli.main`` registers these with its own helpers (client, output,
 durations), passed in rather than imported back.

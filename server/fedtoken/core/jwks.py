@@ -102,7 +102,8 @@ def parse_trusted_jwks(body: bytes, *, max_bytes: int = MAX_JWKS_BYTES) -> dict[
 def _usable(entry: dict[str, Any]) -> bool:
     if entry.get("kty") != "RSA" or entry.get("use", "sig") != "sig":
         return False
-    if entry.get("alg", "RS256") not in ASYMMETRIC_ALGORITHMS:
+    alg = entry.get("alg", "RS256")
+    if type(alg) is not str or alg not in ASYMMETRIC_ALGORITHMS:
         return False
     # A kid that check_header would refuse in a token can never be looked up.
     return is_valid_kid(entry.get("kid"))

@@ -187,11 +187,13 @@ def load_rsa_public_key(jwk: Mapping[str, Any]) -> RSAPublicKey:
 
     if not PRIVATE_RSA_MEMBERS.isdisjoint(jwk):
         raise refuse("the JWK carries private key members; publish the public key only")
+    # Members from outside may be of any JSON type: compare strings only (a
+    # list is unhashable, and must be a refusal, not an error).
     if jwk.get("kty") != "RSA":
         raise refuse("only RSA keys (kty RSA) are accepted")
     if jwk.get("use", "sig") != "sig":
         raise refuse("the key's use is not sig")
-    if "alg" in jwk and jwk["alg"] not in ASYMMETRIC_ALGORITHMS:
+    if "alg" in jwk and (type(jwk["alg"]) is not str or jwk["alg"] not in ASYMMETRIC_ALGORITHMS):
         raise refuse(f"alg must be one of {sorted(ASYMMETRIC_ALGORITHMS)}")
     n_b64, e_b64 = jwk.get("n"), jwk.get("e")
     if type(n_b64) is not str or type(e_b64) is not str:

@@ -233,8 +233,9 @@ class TrustedKeys(Protocol):
         ...
 
     def issuer_keys(self, issuer: str) -> IssuerKeys | None:
-        """The usable keys of a trusted issuer (local=False), or None when it
-        is not trusted or its key set is missing or past max staleness."""
+        """The usable keys of a trusted issuer (local=False); None only when
+        it is not trusted. With no key set yet, or past its max staleness,
+        ``keys`` is empty (its tokens are UNKNOWN_KEY: fail closed)."""
         ...
 
     async def await_kid(self, issuer: str, kid: str, timeout: float) -> bool:

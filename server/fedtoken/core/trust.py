@@ -216,13 +216,15 @@ def check_federation_algorithms(algorithms: Collection[str],
     return chosen
 
 
-def check_max_stale(seconds: int, field: str = "max_stale_seconds") -> int:
-    """0 takes the default (a day); otherwise 60 s to 30 days."""
+def check_max_stale(seconds: int, field: str = "max_stale_seconds", *,
+                    minimum: int = MIN_MAX_STALE_SECONDS) -> int:
+    """0 takes the default (a day); otherwise ``minimum`` (60 s unless the
+    service's test setting lowers it) to 30 days."""
     if seconds == 0:
         return DEFAULT_MAX_STALE_SECONDS
-    if not MIN_MAX_STALE_SECONDS <= seconds <= MAX_MAX_STALE_SECONDS:
+    if not minimum <= seconds <= MAX_MAX_STALE_SECONDS:
         raise PolicyViolation(
-            f"{field} must be {MIN_MAX_STALE_SECONDS} s to {MAX_MAX_STALE_SECONDS} s "
+            f"{field} must be {minimum} s to {MAX_MAX_STALE_SECONDS} s "
             "(30 days), or 0 for the default (1 day)", field=field)
     return seconds
 
@@ -243,7 +245,8 @@ def names_local_issuer(issuer: str, local_issuers: Iterable[str]) -> bool:
 
 
 def validate_trusted_issuer(trust: TrustedIssuer, *, local_issuers: Iterable[str] = (),
-                            allow_http_loopback: bool = False) -> TrustedIssuer:
+                            allow_http_loopback: bool = False,
+                            min_max_stale: int = MIN_MAX_STALE_SECONDS) -> TrustedIssuer:
     """``trust`` checked, with its defaults applied (algorithms RS256, the
     default namespace, max staleness one day).
 
@@ -280,4 +283,5 @@ def validate_trusted_issuer(trust: TrustedIssuer, *, local_issuers: Iterable[str
                              "(e.g. 'partner-b:')", field="namespace")
     check_namespace(namespace)
     return replace(trust, algorithms=algorithms, namespace=namespace,
-                   max_stale_seconds=check_max_stale(trust.max_stale_seconds))
+                   max_stale_seconds=check_max_stale(trust.max_stale_seconds,
+                                                     minimum=min_max_stale))

@@ -54,6 +54,7 @@ from fedtoken.core.ports import (
 from fedtoken.core.trust import (
     MAX_TRUST_TENANTS,
     MAX_TRUST_URL,
+    MIN_MAX_STALE_SECONDS,
     FetchOutcome,
     IssuerStatus,
     TrustedIssuer,
@@ -150,7 +151,8 @@ class TrustAdmin:
     def __init__(self, *, repo: TrustRepository, tenants: TenantRepository,
                  catalog: TrustCatalog, keys: TrustedKeys, audit: AuditSink, clock: Clock,
                  authz: Authorizer, allow_http_loopback: bool = False,
-                 tenants_for: RoleProbe | None = None) -> None:
+                 tenants_for: RoleProbe | None = None,
+                 min_max_stale_seconds: int = MIN_MAX_STALE_SECONDS) -> None:
         self._repo = repo
         self._tenants = tenants
         self._catalog = catalog
@@ -160,6 +162,7 @@ class TrustAdmin:
         self._authz = authz
         self._allow_http_loopback = allow_http_loopback
         self._tenants_for = tenants_for
+        self._min_max_stale = min_max_stale_seconds
 
     # -- changes ----------------------------------------------------------------------
 
@@ -182,7 +185,7 @@ class TrustAdmin:
                           audiences=frozenset(req.audiences), namespace=req.namespace,
                           max_stale_seconds=req.max_stale_seconds, added_by=ctx.actor),
             local_issuers=[t.issuer for t in tenants],
-            allow_http_loopback=self._allow_http_loopback)
+            allow_http_loopback=self._allow_http_loopback, min_max_stale=self._min_max_stale)
         # The caller's own tenants first: a tenant outside its scope is denied
         # before anything tells whether it exists.
         await self._admin_of_all(ctx, scope, trust.tenants)
