@@ -120,8 +120,10 @@ def _issue_request(subject: str, audience: str | Sequence[str], tenant: str,
 
 
 def _revoke_request(token: str, jti: str, subject: str, issued_before: int, kid: str,
-                    tenant: str, expires_at: int, reason: str) -> token_service_pb2.RevokeRequest:
-    req = token_service_pb2.RevokeRequest(tenant=tenant, expires_at=expires_at, reason=reason)
+                    tenant: str, expires_at: int, reason: str,
+                    issuer: str = "") -> token_service_pb2.RevokeRequest:
+    req = token_service_pb2.RevokeRequest(tenant=tenant, expires_at=expires_at, reason=reason,
+                                          issuer=issuer)
     if token:
         req.token = token
     elif jti:
@@ -132,6 +134,14 @@ def _revoke_request(token: str, jti: str, subject: str, issued_before: int, kid:
     elif kid:
         req.kid = kid
     return req
+
+
+def _exchange_request(subject_token: str, tenant: str, audience: str | Sequence[str],
+                      lifetime_seconds: int, scope: str) -> token_service_pb2.ExchangeRequest:
+    return token_service_pb2.ExchangeRequest(
+        subject_token=subject_token, tenant=tenant,
+        audience=[audience] if isinstance(audience, str) else list(audience),
+        lifetime_seconds=lifetime_seconds, scope=scope)
 
 
 class FedtokenClient:
@@ -188,11 +198,22 @@ class FedtokenClient:
 
     def revoke(self, *, token: str = "", jti: str = "", subject: str = "",
                issued_before: int = 0, kid: str = "", tenant: str = "",
-               expires_at: int = 0, reason: str = "") -> token_service_pb2.RevokeResponse:
+               expires_at: int = 0, reason: str = "",
+               issuer: str = "") -> token_service_pb2.RevokeResponse:
         """Revoke exactly one target: a token, a jti, a subject's tokens issued
-        before ``issued_before`` (0: now), or every token of key ``kid``."""
+        before ``issued_before`` (0: now), or every token of key ``kid``.
+        With ``issuer`` (a trusted foreign issuer), jti or subject is that
+        issuer's, revoked in ``tenant``."""
         return self._call(self.tokens.Revoke, _revoke_request(
-            token, jti, subject, issued_before, kid, tenant, expires_at, reason))
+            token, jti, subject, issued_before, kid, tenant, expires_at, reason, issuer))
+
+    def exchange(self, subject_token: str, audience: str | Sequence[str], *, tenant: str = "",
+                 lifetime_seconds: int = 0,
+                 scope: str = "") -> token_service_pb2.ExchangeResponse:
+        """RFC 8693 token exchange: a trusted foreign issuer's token for a
+        short-lived token of ``tenant``."""
+        return self._call(self.tokens.Exchange, _exchange_request(
+            subject_token, tenant, audience, lifetime_seconds, scope))
 
     def get_keys(self, tenant: str = "") -> token_service_pb2.GetKeysResponse:
         return self._call(self.tokens.GetKeys, token_service_pb2.GetKeysRequest(tenant=tenant))
@@ -326,9 +347,15 @@ class AsyncFedtokenClient:
 
     async def revoke(self, *, token: str = "", jti: str = "", subject: str = "",
                      issued_before: int = 0, kid: str = "", tenant: str = "",
-                     reason: str = "") -> token_service_pb2.RevokeResponse:
+                     reason: str = "", issuer: str = "") -> token_service_pb2.RevokeResponse:
         return await self._call(self.tokens.Revoke, _revoke_request(
-            token, jti, subject, issued_before, kid, tenant, 0, reason))
+            token, jti, subject, issued_before, kid, tenant, 0, reason, issuer))
+
+    async def exchange(self, subject_token: str, audience: str | Sequence[str], *,
+                       tenant: str = "", lifetime_seconds: int = 0,
+                       scope: str = "") -> token_service_pb2.ExchangeResponse:
+        return await self._call(self.tokens.Exchange, _exchange_request(
+            subject_token, tenant, audience, lifetime_seconds, scope))
 
     async def introspect(self, token: str) -> token_service_pb2.IntrospectResponse:
         return await self._call(self.tokens.Introspect,

@@ -207,9 +207,21 @@ def cmd_token(ns: argparse.Namespace) -> int:
             if sum(bool(x) for x in (ns.token, ns.jti, ns.subject, ns.kid)) != 1:
                 print("give exactly one of --token, --jti, --subject or --kid", file=sys.stderr)
                 return 2
+            if ns.issuer and not (ns.jti or ns.subject):
+                print("--issuer goes with --jti or --subject", file=sys.stderr)
+                return 2
             _print(c.revoke(token=_token_arg(ns.token) if ns.token else "", jti=ns.jti or "",
                             subject=ns.subject or "", issued_before=ns.issued_before,
-                            kid=ns.kid or "", tenant=ns.tenant, reason=ns.reason))
+                            kid=ns.kid or "", tenant=ns.tenant, reason=ns.reason,
+                            issuer=ns.issuer))
+            return 0
+        if ns.action == "exchange":
+            done = c.exchange(_token_arg(ns.subject_token), ns.aud, tenant=ns.tenant,
+                              lifetime_seconds=ns.lifetime, scope=ns.scope)
+            if ns.json:
+                _print(done)
+            else:
+                print(done.access_token)
             return 0
     return 2
 
@@ -399,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "unexpired token it signed fails from now on (audited)")
     k.set_defaults(func=cmd_keys)
 
-    tok = sub.add_parser("token", help="issue, verify, introspect, revoke or decode tokens")
+    tok = sub.add_parser("token", help="issue, verify, introspect, revoke, exchange or decode "
+                         "tokens")
     tsub2 = tok.add_subparsers(dest="action", required=True)
     iss = tsub2.add_parser("issue")
     iss.add_argument("--sub", required=True)
@@ -425,6 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
     rev.add_argument("--kid", help="EMERGENCY: the key is compromised; reject all its tokens")
     rev.add_argument("--tenant", default="")
     rev.add_argument("--reason", default="")
+    rev.add_argument("--issuer", default="",
+                     help="federation: --jti/--subject is this trusted issuer's (revoked in "
+                          "--tenant, which must trust it)")
+    exc = tsub2.add_parser("exchange", help="RFC 8693: a trusted issuer's token for a "
+                           "short-lived local one")
+    exc.add_argument("subject_token", help="the foreign token, or - to read it from stdin")
+    exc.add_argument("--tenant", required=True, help="a local tenant that trusts its issuer")
+    exc.add_argument("--aud", required=True, action="append")
+    exc.add_argument("--lifetime", type=int, default=0)
+    exc.add_argument("--scope", default="")
+    exc.add_argument("--json", action="store_true", help="print the whole response")
     dec = tsub2.add_parser("decode", help="print header and payload, UNVERIFIED")
     dec.add_argument("token")
     tok.set_defaults(func=cmd_token)

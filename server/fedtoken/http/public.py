@@ -19,17 +19,25 @@ import hashlib
 import hmac
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_plus
 
 from aiohttp import web
 
 from fedtoken.config import Settings, parse_introspection_clients
-from fedtoken.core.errors import InvalidRequest, NotFound, Unavailable
+from fedtoken.core.errors import (
+    FedtokenError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from fedtoken.core.policy import is_tenant_id
 from fedtoken.core.ports import CallContext, Principal
 from fedtoken.http.guard import LIMITS_KEY, NOTE_KEY, HttpLimits, Note, boundary, terse
-from fedtoken.service.types import Introspection, KeySet
+from fedtoken.service.types import Exchanged, ExchangeParams, Introspection, KeySet
 
 __all__ = ["PublicApi", "create_public_app"]
 
@@ -50,10 +58,31 @@ class PublicApi(Protocol):
         cannot be decided."""
         ...
 
+    async def exchange(self, params: ExchangeParams, ctx: CallContext) -> Exchanged:
+        """Token exchange (``fedtoken.service.exchange``) for an authenticated caller."""
+        ...
+
 
 _MAX_FORM_BYTES = 32 * 1024
 _DUMMY_DIGEST = hashlib.sha256(b"fedtoken: no such client").digest()
 _CLAIMS_SUPPORTED = ["iss", "sub", "aud", "exp", "nbf", "iat", "jti", "scope", "client_id"]
+TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
+_JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
+# Form parameters of the token endpoint that may repeat (RFC 8693 section 2.1).
+_REPEATABLE = frozenset({"audience"})
+
+
+def _peer_certificate(request: web.Request) -> bytes | None:
+    """The DER client certificate the TLS handshake verified (the bridge asks
+    for one when it has a client CA), or None."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return der if isinstance(der, bytes) else None
+
+
+def _no_identity(der: bytes | None) -> str:
+    raise Unauthenticated("this bridge authenticates no workloads")
 
 
 def _etag_matches(header: str, etag: str) -> bool:
@@ -131,7 +160,11 @@ def _json_error(exc: type[web.HTTPException], error: str,
                headers=headers)
 
 
-def create_public_app(api: PublicApi, settings: Settings) -> web.Application:
+def create_public_app(api: PublicApi, settings: Settings,
+                      identity_of: Callable[[bytes | None], str] = _no_identity
+                      ) -> web.Application:
+    """``identity_of``: the caller's SPIFFE ID from its verified client
+    certificate (DER; raises Unauthenticated), for the token endpoint."""
     base = settings.http_public_url
     auth = _ClientAuth(parse_introspection_clients(settings.introspection_clients))
 
@@ -178,9 +211,10 @@ def create_public_app(api: PublicApi, settings: Settings) -> web.Application:
             "jwks_uri": f"{prefix}/.well-known/jwks.json",
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": list(ks.algorithms),
-            "token_endpoint_auth_methods_supported": ["none"],
+            "token_endpoint": f"{prefix}/token",
+            "token_endpoint_auth_methods_supported": ["tls_client_auth"],
             "response_types_supported": ["token"],
-            "grant_types_supported": [],
+            "grant_types_supported": [TOKEN_EXCHANGE_GRANT],
             "claims_supported": _CLAIMS_SUPPORTED,
             "introspection_endpoint": f"{base}/introspect",
             "introspection_endpoint_auth_methods_supported": ["client_secret_basic",
@@ -256,9 +290,82 @@ def create_public_app(api: PublicApi, settings: Settings) -> web.Application:
                                      headers={**headers, "Retry-After": "1"})
         return web.json_response(_introspection_body(result), headers=headers)
 
+    async def token(request: web.Request) -> web.Response:
+        """RFC 8693 token exchange. The caller is the workload of its client
+        certificate (mTLS, RFC 8705 tls_client_auth), authorized as for the
+        gRPC Exchange; without one the answer is invalid_client."""
+        headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+        note = note_of(request)
+
+        def error(status: int, code: str) -> web.Response:
+            return web.json_response({"error": code}, status=status, headers=headers)
+
+        if request.content_length is not None and request.content_length > _MAX_FORM_BYTES:
+            return error(413, "invalid_request")
+        if request.content_type != "application/x-www-form-urlencoded":
+            return error(400, "invalid_request")
+        raw = await read_form(request)
+        if isinstance(raw, web.Response):
+            return raw
+        try:
+            pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError:
+            return error(400, "invalid_request")
+        form: dict[str, str] = {}
+        audiences: list[str] = []
+        for name, value in pairs:
+            if name in _REPEATABLE:
+                audiences.append(value)
+            elif name in form:
+                return error(400, "invalid_request")
+            else:
+                form[name] = value
+        if form.get("grant_type") != TOKEN_EXCHANGE_GRANT:
+            return error(400, "unsupported_grant_type")
+        try:
+            identity = identity_of(_peer_certificate(request))
+        except Unauthenticated:
+            note.marks.append("auth=no-client-cert")
+            return error(401, "invalid_client")
+        note.client = identity
+        requested = form.get("requested_token_type", "")
+        if requested not in ("", _JWT_TOKEN_TYPE, "urn:ietf:params:oauth:token-type:access_token"):
+            return error(400, "invalid_request")
+        try:
+            lifetime = int(form.get("lifetime_seconds", "0") or 0)
+        except ValueError:
+            return error(400, "invalid_request")
+        params = ExchangeParams(
+            subject_token=form.get("subject_token", ""), tenant=tenant_of(request),
+            audience=audiences, subject_token_type=form.get("subject_token_type", ""),
+            lifetime_seconds=lifetime, scope=form.get("scope", ""))
+        ctx = CallContext(principal=Principal(identity=identity, peer=request.remote or ""),
+                          request_id=uuid.uuid4().hex)
+        try:
+            done = await api.exchange(params, ctx)
+        except PermissionDenied:
+            return error(403, "unauthorized_client")
+        except NotFound:
+            return error(404, "invalid_target")
+        except Unavailable:
+            return web.json_response({"error": "temporarily_unavailable"}, status=503,
+                                     headers={**headers, "Retry-After": "1"})
+        except (InvalidRequest, FedtokenError):
+            return error(400, "invalid_request")
+        issued = done.issued
+        body: dict[str, Any] = {
+            "access_token": issued.token, "issued_token_type": _JWT_TOKEN_TYPE,
+            "token_type": "Bearer", "expires_in": issued.expires_at - issued.issued_at,
+        }
+        if params.scope:
+            body["scope"] = params.scope
+        return web.json_response(body, headers=headers)
+
     app = web.Application(client_max_size=_MAX_FORM_BYTES, middlewares=[boundary])
     app[LIMITS_KEY] = HttpLimits.from_settings(settings)
     app.router.add_post("/introspect", introspect)
+    app.router.add_post("/token", token)
+    app.router.add_post("/t/{tenant}/token", token)
     app.router.add_get("/.well-known/jwks.json", jwks)
     app.router.add_get("/t/{tenant}/.well-known/jwks.json", jwks)
     app.router.add_get("/.well-known/openid-configuration", discovery)

@@ -16,9 +16,12 @@ from fedtoken.core.authz import Grant
 from fedtoken.core.claims import is_numeric_date
 from fedtoken.core.model import Expectation, KeyRecord, KeyState, Reason, Tenant, Verdict
 from fedtoken.core.trust import TrustedIssuer
+from fedtoken.service.exchange import JWT_TOKEN_TYPE
 from fedtoken.service.trust import NewTrust, TrustView
 from fedtoken.service.types import (
     AuditQuery,
+    Exchanged,
+    ExchangeParams,
     Introspection,
     Issued,
     IssueParams,
@@ -79,6 +82,7 @@ def _verdict_fields(v: Verdict) -> dict[str, Any]:
         # must never fail the call, so out-of-range values go out as 0.
         "expires_at": v.expires_at if is_numeric_date(v.expires_at) else 0,
         "claims_json": v.claims_json,
+        "foreign": v.foreign,
     }
 
 
@@ -106,7 +110,24 @@ def revoke_params(r: token_service_pb2.RevokeRequest) -> RevokeParams:
         tenant=r.tenant, token=r.token, jti=r.jti,
         subject=r.subject.subject if by_subject else "",
         issued_before=r.subject.issued_before if by_subject else 0,
-        kid=r.kid, expires_at=r.expires_at, reason=r.reason,
+        kid=r.kid, expires_at=r.expires_at, reason=r.reason, issuer=r.issuer,
+    )
+
+
+def exchange_params(r: token_service_pb2.ExchangeRequest) -> ExchangeParams:
+    return ExchangeParams(
+        subject_token=r.subject_token, tenant=r.tenant, audience=list(r.audience),
+        subject_token_type=r.subject_token_type, lifetime_seconds=r.lifetime_seconds,
+        scope=r.scope,
+    )
+
+
+def exchange_response(e: Exchanged) -> token_service_pb2.ExchangeResponse:
+    i = e.issued
+    return token_service_pb2.ExchangeResponse(
+        access_token=i.token, issued_token_type=JWT_TOKEN_TYPE,
+        jti=i.jti, kid=i.kid, tenant=i.tenant, issuer=i.issuer, subject=e.subject,
+        expires_at=i.expires_at,
     )
 
 

@@ -16,6 +16,7 @@ from fedtoken.rpc import convert
 from fedtoken.rpc.interceptors import call_context
 from fedtoken.service import KeyAdmin, Tokens, Verification
 from fedtoken.service.callers import Callers
+from fedtoken.service.exchange import Exchange
 from fedtoken.service.trust import TrustAdmin
 from fedtoken_client._pb.fedtoken.v1 import (
     common_pb2,
@@ -29,9 +30,18 @@ Ctx: TypeAlias = grpc.aio.ServicerContext
 
 
 class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
-    def __init__(self, tokens: Tokens, verification: Verification) -> None:
+    def __init__(self, tokens: Tokens, verification: Verification,
+                 exchange: Exchange | None = None) -> None:
         self._tokens = tokens
         self._verification = verification
+        self._exchange = exchange
+
+    async def Exchange(self, request: token_service_pb2.ExchangeRequest,
+                       context: Ctx) -> token_service_pb2.ExchangeResponse:
+        if self._exchange is None:
+            raise FailedPrecondition("this server does not exchange tokens")
+        done = await self._exchange.exchange(convert.exchange_params(request), call_context())
+        return convert.exchange_response(done)
 
     async def Issue(self, request: token_service_pb2.IssueRequest,
                     context: Ctx) -> token_service_pb2.IssueResponse:

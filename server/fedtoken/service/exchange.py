@@ -23,9 +23,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
+from fedtoken.core.authz import Ask, Role
 from fedtoken.core.errors import ErrorReason, InvalidRequest
 from fedtoken.core.model import Expectation, Reason, Verdict
-from fedtoken.core.ports import CallContext, Clock, TrustedKeys, Verifier
+from fedtoken.core.ports import Authorizer, CallContext, Clock, TrustedKeys, Verifier
 from fedtoken.core.trust import TrustedIssuer
 from fedtoken.service.catalog import Catalog
 from fedtoken.service.tokens import FOREIGN_SUBJECT_PREFIX, Tokens, require_token
@@ -39,8 +40,9 @@ _SUBJECT_TOKEN_TYPES: Final = frozenset({"", JWT_TOKEN_TYPE, ACCESS_TOKEN_TYPE})
 class Exchange:
     def __init__(self, *, tokens: Tokens, engine: Verifier, trusted: TrustedKeys,
                  trust_of: Callable[[str], TrustedIssuer | None], catalog: Catalog,
-                 clock: Clock, kid_wait_seconds: float = 1.0) -> None:
+                 clock: Clock, authz: Authorizer, kid_wait_seconds: float = 1.0) -> None:
         self._tokens = tokens
+        self._authz = authz
         self._engine = engine
         self._trusted = trusted
         self._trust_of = trust_of
@@ -53,8 +55,11 @@ class Exchange:
         if p.subject_token_type not in _SUBJECT_TOKEN_TYPES:
             raise InvalidRequest(
                 f"subject_token_type must be {JWT_TOKEN_TYPE} or {ACCESS_TOKEN_TYPE}",
-                reason=ErrorReason.MALFORMED_REQUEST, field="subject_token_type")
+                reason=ErrorReason.INVALID_FIELD, field="subject_token_type")
         tenant = await self._catalog.tenant(p.tenant)
+        # Before anything about the subject token is looked at: a caller that
+        # may not mint for this tenant learns nothing from the answer.
+        await self._authz.require(ctx, Ask(Role.ISSUER, tenant.id))
         expect = Expectation(audience=tenant.issuer, tenant=tenant.id)
         verdict = self._engine.verify(p.subject_token, expect)
         if verdict.foreign and verdict.reason is Reason.UNKNOWN_KEY and verdict.kid and \

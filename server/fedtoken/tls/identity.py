@@ -13,6 +13,7 @@ from collections import OrderedDict
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from fedtoken.core.authz import is_spiffe_id
 from fedtoken.core.errors import Unauthenticated
@@ -39,6 +40,19 @@ def _parse(pem: bytes) -> str:
     if not is_spiffe_id(spiffe[0]):
         raise Unauthenticated("the client certificate's SPIFFE ID is malformed")
     return spiffe[0]
+
+
+def spiffe_id_of_der(der: bytes | None) -> str:
+    """The SPIFFE ID of a client certificate the TLS layer verified (the
+    HTTP bridge's ``getpeercert(binary_form=True)``); Unauthenticated when
+    there is none."""
+    if not der:
+        raise Unauthenticated("no client certificate: connect with mTLS")
+    try:
+        pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+    except ValueError as exc:
+        raise Unauthenticated("the client certificate cannot be parsed") from exc
+    return spiffe_id_of({"x509_pem_cert": [pem]})
 
 
 def spiffe_id_of(auth_context: dict[str, Any]) -> str:

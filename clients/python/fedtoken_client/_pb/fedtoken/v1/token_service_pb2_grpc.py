@@ -148,7 +148,7 @@ class TokenServiceServicer:
         remaining lifetime or the tenant's policy.
         Needs the issuer role for the tenant (audiences and lifetime as Issue).
         Errors: INVALID_ARGUMENT (SUBJECT_TOKEN_INVALID with the verdict reason,
-        MALFORMED_REQUEST), PERMISSION_DENIED, NOT_FOUND (TENANT_NOT_FOUND).
+        INVALID_FIELD), PERMISSION_DENIED, NOT_FOUND (TENANT_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
