@@ -324,6 +324,15 @@ def _minimal_requests(w: World) -> dict[str, Message]:
                                                       role="admin"),
         "KeyAdmin/RevokeCaller": ka.RevokeCallerRequest(identity=OPERATOR_ID),
         "KeyAdmin/ListCallers": ka.ListCallersRequest(),
+        "KeyAdmin/AddTrustedIssuer": ka.AddTrustedIssuerRequest(
+            issuer=f"https://zt-never-{uuid.uuid4().hex[:6]}.example", tenants=[w.a]),
+        "KeyAdmin/ListTrustedIssuers": ka.ListTrustedIssuersRequest(),
+        "KeyAdmin/RemoveTrustedIssuer": ka.RemoveTrustedIssuerRequest(
+            issuer="https://zt-never.example"),
+        "KeyAdmin/RefreshTrustedIssuer": ka.RefreshTrustedIssuerRequest(
+            issuer="https://zt-never.example"),
+        "TokenService/Exchange": ts.ExchangeRequest(subject_token=w.token_a, tenant=w.a,
+                                                    audience=["svc"]),
     }
 
 
@@ -376,7 +385,8 @@ def test_an_identity_with_no_grant_is_denied_every_rpc(world: World) -> None:
     assert not [e for e in after if e.event_type in ("token.issued", "token.revoked",
                                                      "tenant.created", "key.generated",
                                                      "key.activated", "key.retiring",
-                                                     "caller.granted", "caller.revoked")]
+                                                     "caller.granted", "caller.revoked",
+                                                     "trust.added", "trust.removed")]
     assert {t.id for t in world.admin.list_tenants()} == tenants_before
     assert [(k.kid, k.state) for k in world.admin.list_keys(world.a)] == keys_before
     assert world.admin.verify(world.token_a, "svc").valid
@@ -664,7 +674,8 @@ def test_the_operator_is_served_every_rpc_it_was_denied(
     requests = _minimal_requests(world)
     # Not these: they would change the shared world for the other tests.
     skip = {"TokenService/Revoke", "KeyAdmin/ActivateKey", "KeyAdmin/RetireKey",
-            "KeyAdmin/RevokeCaller", "KeyAdmin/GenerateKey", "KeyAdmin/CreateTenant"}
+            "KeyAdmin/RevokeCaller", "KeyAdmin/GenerateKey", "KeyAdmin/CreateTenant",
+            "KeyAdmin/AddTrustedIssuer"}
     granted = requests["KeyAdmin/GrantCaller"]
     assert isinstance(granted, key_admin_pb2.GrantCallerRequest)
     for name, method in _every_rpc():

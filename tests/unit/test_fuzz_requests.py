@@ -85,6 +85,7 @@ from fedtoken.core.policy import check_key_size
 from fedtoken.core.ports import CallContext, GeneratedKey, Principal, RevocationEntry
 from fedtoken.rpc.interceptors import ERROR_DETAIL_KEY, REASON_KEY
 from fedtoken.rpc.servicers import KeyAdminServicer, TokenServicer
+from fedtoken.service.exchange import Exchange
 from fedtoken.service.types import IssueParams, NewTenant, RevokeParams
 from fedtoken_client._pb.fedtoken.v1 import (
     common_pb2,
@@ -94,7 +95,16 @@ from fedtoken_client._pb.fedtoken.v1 import (
     token_service_pb2_grpc,
 )
 from tests.unit import _fuzz as fz
-from tests.unit.fakes import NOW, MemorySigner, Services, StoreData, build_services, issuer_for
+from tests.unit.fakes import (
+    NOW,
+    MemorySigner,
+    RecordingTrustedKeys,
+    Services,
+    StoreData,
+    build_services,
+    build_trust,
+    issuer_for,
+)
 
 EXAMPLES = int(os.environ.get("FEDTOKEN_FUZZ_EXAMPLES", "300"))
 STATS = os.environ.get("FEDTOKEN_FUZZ_STATS") == "1"
@@ -548,11 +558,16 @@ def fuzz() -> Iterator[Fuzz]:
         pool, snapshot = await _build_world(svc)
         handlers = {
             **await fz.unary_handlers(token_service_pb2_grpc.add_TokenServiceServicer_to_server,
-                                      TokenServicer(svc.tokens, svc.verification),
+                                      TokenServicer(svc.tokens, svc.verification, Exchange(
+                                          tokens=svc.tokens, engine=svc.engine,
+                                          trusted=RecordingTrustedKeys(),
+                                          trust_of=lambda issuer: None, catalog=svc.catalog,
+                                          clock=svc.clock, authz=svc.callers)),
                                       TOKEN_SERVICE,
                                       [m for m, v in METHODS.items() if v[0] == TOKEN_SERVICE]),
             **await fz.unary_handlers(key_admin_pb2_grpc.add_KeyAdminServicer_to_server,
-                                      KeyAdminServicer(svc.keys, svc.callers), KEY_ADMIN,
+                                      KeyAdminServicer(svc.keys, svc.callers,
+                                                       build_trust(svc).admin), KEY_ADMIN,
                                       [m for m, v in METHODS.items() if v[0] == KEY_ADMIN]),
         }
         return pool, snapshot, handlers
