@@ -126,6 +126,49 @@ class Signer(Protocol):
         """Destroy the key pair (C_DestroyObject); idempotent."""
         ...
 
+    async def destroy_private(self, hsm_label: str) -> None:
+        """Destroy only the private half (the key stops signing for good; its
+        public key stays in Postgres and the JWKS for the grace); idempotent."""
+        ...
+
+    async def key_labels(self) -> list[str]:
+        """The labels of every tenant key pair object in the HSM (private or
+        public half), for reconciliation."""
+        ...
+
+    async def key_attributes(self, hsm_label: str) -> HsmKeyAttributes:
+        """The private key's attributes read back from the token now."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class HsmKeyAttributes:
+    """What the HSM says about a private key object (present=False: none)."""
+
+    present: bool
+    sensitive: bool = False
+    extractable: bool = False
+    sign: bool = False
+    decrypt: bool = False
+    unwrap: bool = False
+    never_extractable: bool = False
+    always_sensitive: bool = False
+
+
+class LeaderLock(Protocol):
+    """One leader at a time among replicas (a Postgres advisory lock held on a
+    dedicated connection, ``fedtoken.store``). Losing the connection loses
+    the lock: ``held`` turns False, and every action re-checks it."""
+
+    async def try_acquire(self) -> bool:
+        """Take the lock if free (never waits); True if we hold it now."""
+        ...
+
+    @property
+    def held(self) -> bool: ...
+
+    async def release(self) -> None: ...
+
 
 class CheckpointSigner(Protocol):
     """Signs audit checkpoints (``core.checkpoint``) with the HSM's one

@@ -40,7 +40,7 @@ from fedtoken.core.checkpoint import CHECKPOINT_LABEL_PREFIX
 from fedtoken.core.errors import HsmUnavailable, InvalidRequest
 from fedtoken.core.jwk import rsa_public_jwk, rsa_thumbprint
 from fedtoken.core.policy import check_key_size
-from fedtoken.core.ports import GeneratedKey
+from fedtoken.core.ports import GeneratedKey, HsmKeyAttributes
 from fedtoken.hsm.session import PKCS11_LOCK, TokenChannel, channel_for
 
 if TYPE_CHECKING:
@@ -176,6 +176,18 @@ class Pkcs11Hsm:
     async def destroy(self, hsm_label: str) -> None:
         """destroy_key on this instance's worker thread."""
         await self._offload(functools.partial(self.destroy_key, hsm_label))
+
+    async def destroy_private(self, hsm_label: str) -> None:
+        """destroy_private_key on this instance's worker thread."""
+        await self._offload(functools.partial(self.destroy_private_key, hsm_label))
+
+    async def key_labels(self) -> list[str]:
+        """all_key_labels on this instance's worker thread."""
+        return await self._offload(self.all_key_labels)
+
+    async def key_attributes(self, hsm_label: str) -> HsmKeyAttributes:
+        """read_key_attributes on this instance's worker thread."""
+        return await self._offload(functools.partial(self.read_key_attributes, hsm_label))
 
     # --- the CheckpointSigner port: the audit checkpoint key ---------------------
 
@@ -314,6 +326,59 @@ class Pkcs11Hsm:
 
         self._call("destroy a key", destroy)
         _log.info("destroyed key %s in %s", hsm_label, self._channel.where)
+
+    def destroy_private_key(self, hsm_label: str) -> None:
+        """Destroy the private half only (nothing can sign with it again; the
+        public half stays). Idempotent."""
+        _check_label(hsm_label)
+
+        def destroy(channel: TokenChannel) -> None:
+            channel.forget(hsm_label)
+            found = list(channel.session().get_objects(
+                {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: hsm_label}))
+            for obj in found:
+                obj.destroy()
+
+        self._call("destroy a private key", destroy)
+        _log.info("destroyed the private key %s in %s", hsm_label, self._channel.where)
+
+    def all_key_labels(self) -> list[str]:
+        """Labels of every fedtoken tenant key object (either half), sorted."""
+
+        def read_labels(channel: TokenChannel) -> list[str]:
+            labels: set[str] = set()
+            for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+                for obj in channel.session().get_objects({Attribute.CLASS: object_class}):
+                    label = str(obj[Attribute.LABEL])
+                    if label.startswith(LABEL_PREFIX):
+                        labels.add(label)
+            return sorted(labels)
+
+        return self._call("list key objects", read_labels)
+
+    def read_key_attributes(self, hsm_label: str) -> HsmKeyAttributes:
+        """The private key's protection as the token reports it now
+        (present=False when the token has no such private key)."""
+        _check_label(hsm_label)
+
+        def read(channel: TokenChannel) -> HsmKeyAttributes:
+            found = list(channel.session().get_objects(
+                {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: hsm_label}))
+            if not found:
+                return HsmKeyAttributes(present=False)
+            attrs = [Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.SIGN,
+                     Attribute.DECRYPT, Attribute.UNWRAP, Attribute.NEVER_EXTRACTABLE,
+                     Attribute.ALWAYS_SENSITIVE]
+            values = found[0].get_attributes(attrs)
+            return HsmKeyAttributes(
+                present=True, sensitive=bool(values[Attribute.SENSITIVE]),
+                extractable=bool(values[Attribute.EXTRACTABLE]),
+                sign=bool(values[Attribute.SIGN]), decrypt=bool(values[Attribute.DECRYPT]),
+                unwrap=bool(values[Attribute.UNWRAP]),
+                never_extractable=bool(values[Attribute.NEVER_EXTRACTABLE]),
+                always_sensitive=bool(values[Attribute.ALWAYS_SENSITIVE]))
+
+        return self._call("read key attributes", read)
 
     # --- the audit checkpoint key: sync, under PKCS11_LOCK ---------------------
 

@@ -88,7 +88,7 @@ class AuditChainReport(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., rows_checked: _Optional[int] = ..., head_seq: _Optional[int] = ..., head_hash: _Optional[str] = ..., first_bad_seq: _Optional[int] = ..., problem: _Optional[str] = ..., anchor_seq: _Optional[int] = ..., anchor_hash: _Optional[str] = ...) -> None: ...
 
 class Tenant(_message.Message):
-    __slots__ = ("id", "issuer", "max_token_lifetime_seconds", "default_token_lifetime_seconds", "allowed_algorithms", "key_size", "created_at")
+    __slots__ = ("id", "issuer", "max_token_lifetime_seconds", "default_token_lifetime_seconds", "allowed_algorithms", "key_size", "created_at", "rotation_period_seconds", "prepublish_seconds", "grace_seconds", "jwks_max_age_seconds", "next_rotation_step_at", "next_rotation_step")
     ID_FIELD_NUMBER: _ClassVar[int]
     ISSUER_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKEN_LIFETIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,12 @@ class Tenant(_message.Message):
     ALLOWED_ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
     KEY_SIZE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREPUBLISH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    JWKS_MAX_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ROTATION_STEP_AT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ROTATION_STEP_FIELD_NUMBER: _ClassVar[int]
     id: str
     issuer: str
     max_token_lifetime_seconds: int
@@ -103,10 +109,150 @@ class Tenant(_message.Message):
     allowed_algorithms: _containers.RepeatedScalarFieldContainer[str]
     key_size: int
     created_at: int
-    def __init__(self, id: _Optional[str] = ..., issuer: _Optional[str] = ..., max_token_lifetime_seconds: _Optional[int] = ..., default_token_lifetime_seconds: _Optional[int] = ..., allowed_algorithms: _Optional[_Iterable[str]] = ..., key_size: _Optional[int] = ..., created_at: _Optional[int] = ...) -> None: ...
+    rotation_period_seconds: int
+    prepublish_seconds: int
+    grace_seconds: int
+    jwks_max_age_seconds: int
+    next_rotation_step_at: int
+    next_rotation_step: str
+    def __init__(self, id: _Optional[str] = ..., issuer: _Optional[str] = ..., max_token_lifetime_seconds: _Optional[int] = ..., default_token_lifetime_seconds: _Optional[int] = ..., allowed_algorithms: _Optional[_Iterable[str]] = ..., key_size: _Optional[int] = ..., created_at: _Optional[int] = ..., rotation_period_seconds: _Optional[int] = ..., prepublish_seconds: _Optional[int] = ..., grace_seconds: _Optional[int] = ..., jwks_max_age_seconds: _Optional[int] = ..., next_rotation_step_at: _Optional[int] = ..., next_rotation_step: _Optional[str] = ...) -> None: ...
+
+class UpdateTenantRequest(_message.Message):
+    __slots__ = ("id", "rotation_period_seconds", "max_token_lifetime_seconds", "default_token_lifetime_seconds")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKEN_LIFETIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOKEN_LIFETIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    rotation_period_seconds: int
+    max_token_lifetime_seconds: int
+    default_token_lifetime_seconds: int
+    def __init__(self, id: _Optional[str] = ..., rotation_period_seconds: _Optional[int] = ..., max_token_lifetime_seconds: _Optional[int] = ..., default_token_lifetime_seconds: _Optional[int] = ...) -> None: ...
+
+class RotateKeyRequest(_message.Message):
+    __slots__ = ("tenant", "reason")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    reason: str
+    def __init__(self, tenant: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReconcileKeysRequest(_message.Message):
+    __slots__ = ("fix",)
+    FIX_FIELD_NUMBER: _ClassVar[int]
+    fix: bool
+    def __init__(self, fix: _Optional[bool] = ...) -> None: ...
+
+class HsmObject(_message.Message):
+    __slots__ = ("hsm_label", "kid", "problem", "destroyed")
+    HSM_LABEL_FIELD_NUMBER: _ClassVar[int]
+    KID_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    DESTROYED_FIELD_NUMBER: _ClassVar[int]
+    hsm_label: str
+    kid: str
+    problem: str
+    destroyed: bool
+    def __init__(self, hsm_label: _Optional[str] = ..., kid: _Optional[str] = ..., problem: _Optional[str] = ..., destroyed: _Optional[bool] = ...) -> None: ...
+
+class ReconcileKeysReport(_message.Message):
+    __slots__ = ("objects", "hsm_objects", "records")
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    HSM_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    objects: _containers.RepeatedCompositeFieldContainer[HsmObject]
+    hsm_objects: int
+    records: int
+    def __init__(self, objects: _Optional[_Iterable[_Union[HsmObject, _Mapping]]] = ..., hsm_objects: _Optional[int] = ..., records: _Optional[int] = ...) -> None: ...
+
+class ComplianceReportRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class HsmAttributes(_message.Message):
+    __slots__ = ("present", "sensitive", "extractable", "sign", "decrypt", "unwrap", "never_extractable", "always_sensitive")
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    SENSITIVE_FIELD_NUMBER: _ClassVar[int]
+    EXTRACTABLE_FIELD_NUMBER: _ClassVar[int]
+    SIGN_FIELD_NUMBER: _ClassVar[int]
+    DECRYPT_FIELD_NUMBER: _ClassVar[int]
+    UNWRAP_FIELD_NUMBER: _ClassVar[int]
+    NEVER_EXTRACTABLE_FIELD_NUMBER: _ClassVar[int]
+    ALWAYS_SENSITIVE_FIELD_NUMBER: _ClassVar[int]
+    present: bool
+    sensitive: bool
+    extractable: bool
+    sign: bool
+    decrypt: bool
+    unwrap: bool
+    never_extractable: bool
+    always_sensitive: bool
+    def __init__(self, present: _Optional[bool] = ..., sensitive: _Optional[bool] = ..., extractable: _Optional[bool] = ..., sign: _Optional[bool] = ..., decrypt: _Optional[bool] = ..., unwrap: _Optional[bool] = ..., never_extractable: _Optional[bool] = ..., always_sensitive: _Optional[bool] = ...) -> None: ...
+
+class KeyCompliance(_message.Message):
+    __slots__ = ("kid", "tenant", "alg", "modulus_bits", "public_exponent", "state", "age_seconds", "next_step", "next_step_at", "hsm")
+    KID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ALG_FIELD_NUMBER: _ClassVar[int]
+    MODULUS_BITS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_EXPONENT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_AT_FIELD_NUMBER: _ClassVar[int]
+    HSM_FIELD_NUMBER: _ClassVar[int]
+    kid: str
+    tenant: str
+    alg: str
+    modulus_bits: int
+    public_exponent: int
+    state: _common_pb2.KeyState
+    age_seconds: int
+    next_step: str
+    next_step_at: int
+    hsm: HsmAttributes
+    def __init__(self, kid: _Optional[str] = ..., tenant: _Optional[str] = ..., alg: _Optional[str] = ..., modulus_bits: _Optional[int] = ..., public_exponent: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.KeyState, str]] = ..., age_seconds: _Optional[int] = ..., next_step: _Optional[str] = ..., next_step_at: _Optional[int] = ..., hsm: _Optional[_Union[HsmAttributes, _Mapping]] = ...) -> None: ...
+
+class ComplianceViolation(_message.Message):
+    __slots__ = ("code", "tenant", "kid", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    KID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    tenant: str
+    kid: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., tenant: _Optional[str] = ..., kid: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class TenantCompliance(_message.Message):
+    __slots__ = ("tenant", "keys", "violations")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
+    tenant: Tenant
+    keys: _containers.RepeatedCompositeFieldContainer[KeyCompliance]
+    violations: _containers.RepeatedCompositeFieldContainer[ComplianceViolation]
+    def __init__(self, tenant: _Optional[_Union[Tenant, _Mapping]] = ..., keys: _Optional[_Iterable[_Union[KeyCompliance, _Mapping]]] = ..., violations: _Optional[_Iterable[_Union[ComplianceViolation, _Mapping]]] = ...) -> None: ...
+
+class ComplianceReport(_message.Message):
+    __slots__ = ("ok", "generated_at", "tenants", "violations", "audit_chain_ok")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_AT_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_CHAIN_OK_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    generated_at: int
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantCompliance]
+    violations: _containers.RepeatedCompositeFieldContainer[ComplianceViolation]
+    audit_chain_ok: bool
+    def __init__(self, ok: _Optional[bool] = ..., generated_at: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantCompliance, _Mapping]]] = ..., violations: _Optional[_Iterable[_Union[ComplianceViolation, _Mapping]]] = ..., audit_chain_ok: _Optional[bool] = ...) -> None: ...
 
 class CreateTenantRequest(_message.Message):
-    __slots__ = ("id", "issuer", "max_token_lifetime_seconds", "default_token_lifetime_seconds", "allowed_algorithms", "key_size", "generate_key")
+    __slots__ = ("id", "issuer", "max_token_lifetime_seconds", "default_token_lifetime_seconds", "allowed_algorithms", "key_size", "generate_key", "rotation_period_seconds")
     ID_FIELD_NUMBER: _ClassVar[int]
     ISSUER_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKEN_LIFETIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +260,7 @@ class CreateTenantRequest(_message.Message):
     ALLOWED_ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
     KEY_SIZE_FIELD_NUMBER: _ClassVar[int]
     GENERATE_KEY_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_PERIOD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     issuer: str
     max_token_lifetime_seconds: int
@@ -121,7 +268,8 @@ class CreateTenantRequest(_message.Message):
     allowed_algorithms: _containers.RepeatedScalarFieldContainer[str]
     key_size: int
     generate_key: bool
-    def __init__(self, id: _Optional[str] = ..., issuer: _Optional[str] = ..., max_token_lifetime_seconds: _Optional[int] = ..., default_token_lifetime_seconds: _Optional[int] = ..., allowed_algorithms: _Optional[_Iterable[str]] = ..., key_size: _Optional[int] = ..., generate_key: _Optional[bool] = ...) -> None: ...
+    rotation_period_seconds: int
+    def __init__(self, id: _Optional[str] = ..., issuer: _Optional[str] = ..., max_token_lifetime_seconds: _Optional[int] = ..., default_token_lifetime_seconds: _Optional[int] = ..., allowed_algorithms: _Optional[_Iterable[str]] = ..., key_size: _Optional[int] = ..., generate_key: _Optional[bool] = ..., rotation_period_seconds: _Optional[int] = ...) -> None: ...
 
 class GetTenantRequest(_message.Message):
     __slots__ = ("id",)

@@ -80,6 +80,26 @@ class KeyAdminStub:
                 request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.VerifyAuditChainRequest.SerializeToString,
                 response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.AuditChainReport.FromString,
                 _registered_method=True)
+        self.UpdateTenant = channel.unary_unary(
+                '/fedtoken.v1.KeyAdmin/UpdateTenant',
+                request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.UpdateTenantRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.Tenant.FromString,
+                _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/fedtoken.v1.KeyAdmin/RotateKey',
+                request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_common__pb2.Key.FromString,
+                _registered_method=True)
+        self.ReconcileKeys = channel.unary_unary(
+                '/fedtoken.v1.KeyAdmin/ReconcileKeys',
+                request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.ReconcileKeysRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.ReconcileKeysReport.FromString,
+                _registered_method=True)
+        self.GetComplianceReport = channel.unary_unary(
+                '/fedtoken.v1.KeyAdmin/GetComplianceReport',
+                request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.ComplianceReportRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.ComplianceReport.FromString,
+                _registered_method=True)
         self.GrantCaller = channel.unary_unary(
                 '/fedtoken.v1.KeyAdmin/GrantCaller',
                 request_serializer=fedtoken_dot_v1_dot_key__admin__pb2.GrantCallerRequest.SerializeToString,
@@ -196,6 +216,43 @@ class KeyAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateTenant(self, request, context):
+        """Rotation (docs/operations.md, "Key rotation"). UpdateTenant changes a
+        tenant's rotation period and token lifetimes; a maximum token lifetime
+        the keys' grace would not cover is refused (INVALID_ARGUMENT
+        POLICY_VIOLATION). Errors: NOT_FOUND (TENANT_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateKey(self, request, context):
+        """RotateKey rotates a tenant's signing key now, out of schedule
+        (emergency): a new key is generated and activated at once, the old one
+        becomes RETIRING. Audited as an emergency rotation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReconcileKeys(self, request, context):
+        """ReconcileKeys compares the tenant key objects in the HSM with Postgres
+        and reports orphans (with fix: destroys them); a key Postgres says may
+        still sign is never touched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetComplianceReport(self, request, context):
+        """GetComplianceReport: every key's algorithm, size, exponent, state, age,
+        next rotation step and HSM attributes read back now, and every policy
+        violation. Needs the auditor or admin role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GrantCaller(self, request, context):
         """Callers (zero trust): every RPC needs a role granted to the caller's
         SPIFFE ID (from its mTLS client certificate). Deny by default.
@@ -305,6 +362,26 @@ def add_KeyAdminServicer_to_server(servicer, server):
                     servicer.VerifyAuditChain,
                     request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.VerifyAuditChainRequest.FromString,
                     response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.AuditChainReport.SerializeToString,
+            ),
+            'UpdateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTenant,
+                    request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.UpdateTenantRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.Tenant.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.RotateKeyRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_common__pb2.Key.SerializeToString,
+            ),
+            'ReconcileKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReconcileKeys,
+                    request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.ReconcileKeysRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.ReconcileKeysReport.SerializeToString,
+            ),
+            'GetComplianceReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetComplianceReport,
+                    request_deserializer=fedtoken_dot_v1_dot_key__admin__pb2.ComplianceReportRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_key__admin__pb2.ComplianceReport.SerializeToString,
             ),
             'GrantCaller': grpc.unary_unary_rpc_method_handler(
                     servicer.GrantCaller,
@@ -585,6 +662,114 @@ class KeyAdmin:
             '/fedtoken.v1.KeyAdmin/VerifyAuditChain',
             fedtoken_dot_v1_dot_key__admin__pb2.VerifyAuditChainRequest.SerializeToString,
             fedtoken_dot_v1_dot_key__admin__pb2.AuditChainReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.KeyAdmin/UpdateTenant',
+            fedtoken_dot_v1_dot_key__admin__pb2.UpdateTenantRequest.SerializeToString,
+            fedtoken_dot_v1_dot_key__admin__pb2.Tenant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.KeyAdmin/RotateKey',
+            fedtoken_dot_v1_dot_key__admin__pb2.RotateKeyRequest.SerializeToString,
+            fedtoken_dot_v1_dot_common__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReconcileKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.KeyAdmin/ReconcileKeys',
+            fedtoken_dot_v1_dot_key__admin__pb2.ReconcileKeysRequest.SerializeToString,
+            fedtoken_dot_v1_dot_key__admin__pb2.ReconcileKeysReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetComplianceReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.KeyAdmin/GetComplianceReport',
+            fedtoken_dot_v1_dot_key__admin__pb2.ComplianceReportRequest.SerializeToString,
+            fedtoken_dot_v1_dot_key__admin__pb2.ComplianceReport.FromString,
             options,
             channel_credentials,
             insecure,
