@@ -175,13 +175,16 @@ def run_load(load: Load) -> LoadResult:
     return result
 
 
-def batch_requests(tokens: Sequence[str], size: int, audience: str) -> list[bytes]:
+def batch_requests(tokens: Sequence[str], size: int, audience: str,
+                   tenant: str = "") -> list[bytes]:
     from fedtoken_client._pb.fedtoken.v1 import token_service_pb2 as pb
 
     if size == 1:
-        return [pb.VerifyRequest(token=t, audience=audience).SerializeToString() for t in tokens]
+        return [pb.VerifyRequest(token=t, audience=audience, tenant=tenant).SerializeToString()
+                for t in tokens]
     return [
-        pb.VerifyBatchRequest(tokens=tokens[i : i + size], audience=audience).SerializeToString()
+        pb.VerifyBatchRequest(tokens=tokens[i : i + size], audience=audience,
+                              tenant=tenant).SerializeToString()
         for i in range(0, len(tokens) - size + 1, size)
     ]
 

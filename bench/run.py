@@ -213,12 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             admin = pg.start()
         service = Service(state / "svc", create_database(admin))
         service.state.mkdir()
+        # A second, independent instance whose tokens the service trusts
+        # (its own SoftHSM token, PKI and database): the foreign-token row.
+        partner = Service(state / "partner", create_database(admin), name="partner")
+        partner.state.mkdir()
         empty = EmptyServer(state, pki=state / "svc" / "tls")
         try:
             rows = _measure(service, empty, n_tokens, seconds, warmup, ossl_seconds, batches,
-                            cmdline, say)
+                            cmdline, say, partner)
         finally:
             service.stop()
+            partner.stop()
             empty.stop()
             if pg is not None:
                 pg.stop()
@@ -235,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _measure(service: Service, empty: EmptyServer, n_tokens: int, seconds: float, warmup: float,
              ossl_seconds: int, batches: Sequence[int], cmdline: str,
-             log: Callable[[str], None]) -> list[Row]:
+             log: Callable[[str], None], partner: Service | None = None) -> list[Row]:
     from fedtoken.verifier.engine import NATIVE_AVAILABLE
 
     native = NATIVE_AVAILABLE and native_wanted()
@@ -243,14 +248,52 @@ def _measure(service: Service, empty: EmptyServer, n_tokens: int, seconds: float
     if NATIVE_AVAILABLE and not native:
         with native_blocked():
             return _measure_rows(service, empty, n_tokens, seconds, warmup, ossl_seconds,
-                                 batches, cmdline, log, native)
+                                 batches, cmdline, log, native, partner)
     return _measure_rows(service, empty, n_tokens, seconds, warmup, ossl_seconds, batches,
-                         cmdline, log, native)
+                         cmdline, log, native, partner)
+
+
+# The service under test trusts the partner's loopback http issuer.
+FEDERATION_ENV = {"FEDTOKEN_FEDERATION_ALLOW_HTTP_LOOPBACK": "1"}
+
+
+def _foreign_row(service: Service, partner: Service | None, n_tokens: int,
+                 batches: Sequence[int], seconds: float, warmup: float,
+                 log: Callable[[str], None]) -> tuple[int, LoadResult] | None:
+    """VerifyBatch of the partner's tokens on the service (its default tenant
+    trusts the partner), at the largest batch size, once the cache is warm."""
+    sizes = [b for b in batches if b > 1]
+    if partner is None or not sizes:
+        return None
+    size = max(sizes)
+    log("partner instance: issuing its tokens; the service trusts it")
+    partner.start(1)
+    try:
+        foreign = asyncio.run(issue_tokens(partner.target, n_tokens, AUDIENCE, tls=partner.tls))
+        with service.client() as c:
+            c.add_trusted_issuer(partner.issuer, tenants=["default"], max_stale_seconds=3600)
+            deadline = time.monotonic() + 60
+            while not all(i.key_set.usable for i in c.list_trusted_issuers()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the partner's key set never became usable")
+                time.sleep(0.2)
+        requests = batch_requests(foreign, size, AUDIENCE, tenant="default")
+        log(f"VerifyBatch batch {size} of foreign tokens, 2 worker(s)")
+        assert service.proc is not None
+        res = run_load(Load(service.target, "VerifyBatch", requests, size, 4, 1, seconds,
+                            warmup, server_pid=service.proc.pid, tls=service.tls))
+        if res.errors or res.valid != res.tokens:
+            raise RuntimeError(f"foreign VerifyBatch: {res.errors} errors, {res.valid} valid "
+                               f"of {res.tokens}")
+        return size, res
+    finally:
+        partner.stop()
 
 
 def _measure_rows(service: Service, empty: EmptyServer, n_tokens: int, seconds: float,
                   warmup: float, ossl_seconds: int, batches: Sequence[int], cmdline: str,
-                  log: Callable[[str], None], native: bool) -> list[Row]:
+                  log: Callable[[str], None], native: bool,
+                  partner: Service | None = None) -> list[Row]:
 
     from fedtoken_client._pb.fedtoken.v1 import token_service_pb2 as pb
     from fedtoken_client._pb.fedtoken.v1 import token_service_pb2_grpc
@@ -269,7 +312,7 @@ def _measure_rows(service: Service, empty: EmptyServer, n_tokens: int, seconds: 
                     command=" ".join(baselines.openssl_command(ossl_seconds, 2))))
 
     log("starting fedtoken serve --workers 2")
-    service.start(2)
+    service.start(2, env_extra=FEDERATION_ENV)
     t0 = time.perf_counter()
     tokens = asyncio.run(issue_tokens(service.target, n_tokens, AUDIENCE, tls=service.tls))
     log(f"issued {len(set(tokens))} distinct tokens in {time.perf_counter() - t0:.1f} s")
@@ -316,6 +359,7 @@ def _measure_rows(service: Service, empty: EmptyServer, n_tokens: int, seconds: 
         return results
 
     two = grpc_rows(2)
+    foreign = _foreign_row(service, partner, n_tokens, batches, seconds, warmup, log)
     service.stop()
     # The same rows with the Python path, for the ratio in this run.
     python_two: dict[int, LoadResult] = {}
@@ -369,6 +413,13 @@ def _measure_rows(service: Service, empty: EmptyServer, n_tokens: int, seconds: 
             res.tokens_per_s, baseline="same with native fast path",
             baseline_value=two[b].tokens_per_s,
             command=f"{NATIVE_ENV}=off " + serve_cmd.format(w=2)))
+    if foreign is not None:
+        fb, res = foreign
+        rows.append(Row(
+            f"VerifyBatch via gRPC, batch {fb}, 2 worker(s), FOREIGN tokens (trusted issuer, "
+            f"cache warm), {path}", res.tokens_per_s,
+            baseline="the same with local tokens", baseline_value=two[fb].tokens_per_s,
+            target="within noise of 1x", command=serve_cmd.format(w=2)))
     best_b = max((b for b in batches if b > 1), key=lambda b: two[b].tokens_per_s, default=None)
     if best_b is not None:
         rows.append(Row(f"VerifyBatch batch {best_b}, 2 workers, vs PyJWT loop",

@@ -124,17 +124,24 @@ class Service:
         return FedtokenClient(self.target, tls=Tls(*files) if files else None,
                               insecure=files is None)
 
+    @property
+    def issuer(self) -> str:
+        """The default tenant's issuer (its public URL)."""
+        return f"http://127.0.0.1:{self.http_port}"
+
     def command(self, workers: int) -> list[str]:
         return [sys.executable, "-m", "fedtoken.cli.main", "serve",
                 "--state-dir", str(self.state), "--dsn", self.dsn,
                 "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
                 "--workers", str(workers), "--log-level", "warning"]
 
-    def start(self, workers: int, *, insecure: bool = False) -> Service:
+    def start(self, workers: int, *, insecure: bool = False,
+              env_extra: dict[str, str] | None = None) -> Service:
         """``insecure``: plaintext with every caller taken to be the dev
-        operator, to measure what mTLS costs in the same run."""
+        operator, to measure what mTLS costs in the same run. ``env_extra``:
+        more FEDTOKEN_* settings."""
         self.insecure = insecure
-        env = child_env()
+        env = {**child_env(), **(env_extra or {})}
         if insecure:
             operator = "spiffe://fedtoken.dev/operator"
             env.update(FEDTOKEN_INSECURE="1", FEDTOKEN_INSECURE_IDENTITY=operator,

@@ -291,3 +291,33 @@ def test_the_http_token_endpoint_needs_a_client_certificate(world: World) -> Non
             headers={"Content-Type": "application/x-www-form-urlencoded"}), timeout=10)
     assert info.value.code == 401
     assert json.loads(info.value.read()) == {"error": "invalid_client"}
+
+
+NODE_DIR = Path(__file__).resolve().parents[1] / "interop" / "node"
+
+
+def test_an_exchanged_token_verifies_with_node_jose_against_a_jwks(world: World) -> None:
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None or not (NODE_DIR / "node_modules" / "jose").is_dir():
+        pytest.skip("node or its jose package is missing (scripts/dev test installs jose "
+                    "with npm ci when npm exists)")
+    with world.a.client() as c:
+        t_issuer = tenant_issuer(c, "t")
+        out = c.exchange(b_token(world, audience=t_issuer), ["api://local"], tenant="t")
+    jwks = f"{world.a.http_base}/t/t/.well-known/jwks.json"
+
+    def run(token: str, audience: str) -> tuple[int, dict[str, Any]]:
+        done = subprocess.run([node, "verify.mjs", jwks, t_issuer, audience], input=token,
+                              capture_output=True, text=True, cwd=NODE_DIR, timeout=60)
+        return done.returncode, json.loads(done.stdout or "{}")
+
+    code, result = run(out.access_token, "api://local")
+    assert code == 0, result
+    assert result["payload"]["sub"] == out.subject
+    assert result["payload"]["origin"]["iss"] == world.b.issuer
+    # And it is a real check: another audience, or a foreign token, fails.
+    assert run(out.access_token, "api://other")[0] == 1
+    assert run(b_token(world, audience=t_issuer), "api://local")[0] == 1
