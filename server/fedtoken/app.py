@@ -30,6 +30,7 @@ from fedtoken.audit.spill import spill_dir_for
 from fedtoken.config import Settings
 from fedtoken.core.errors import FedtokenError, HsmUnavailable, InvalidRequest
 from fedtoken.core.ports import CallContext, Clock, SystemClock, TrustedKeys
+from fedtoken.core.rotation import Timings
 from fedtoken.events import EventFeed, revocation_loader
 from fedtoken.federation import CacheSettings, RemoteJwksCache
 from fedtoken.hsm import HsmConfig, Pkcs11Hsm
@@ -43,11 +44,13 @@ from fedtoken.service.callers import Callers
 from fedtoken.service.checkpoints import Checkpoints
 from fedtoken.service.exchange import Exchange
 from fedtoken.service.retention import Retention
+from fedtoken.service.rotation import ROTATION_LEADER_LOCK, Rotation
 from fedtoken.service.trust import FetchAudit, NullTrustedKeys, TrustAdmin, TrustCatalog
 from fedtoken.service.types import Exchanged, ExchangeParams, Introspection, KeySet
 from fedtoken.store import PgStore, apply_migrations, create_pool
 from fedtoken.store.callers import PgCallers
 from fedtoken.store.embedded import EmbeddedPostgres
+from fedtoken.store.leader import PgLeaderLock
 from fedtoken.store.migrate import service_role_problems
 from fedtoken.store.pool import caller_deadline
 from fedtoken.tls import ServerTls, ensure_dev_pki, server_credentials, spiffe_id_of
@@ -121,6 +124,18 @@ async def _close_all(closers: list[Closer]) -> None:
             result = closer()
             if inspect.isawaitable(result):
                 await result
+
+
+def _cancel_and_wait(task: asyncio.Task[Any]) -> Closer:
+    """A closer that cancels ``task`` and waits for its cleanup (the
+    scheduler gives its leader lock up before the pool and HSM close)."""
+
+    async def close() -> None:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(task, 5)
+
+    return close
 
 
 def _http_tls(settings: Settings, client_ca: Path | None) -> ssl.SSLContext | None:
@@ -388,18 +403,23 @@ async def start_app(
         closers.append(introspector.close)
 
         # -- service layer ----------------------------------------------------
+        timings = Timings(configured_max_age=settings.jwks_max_age_seconds,
+                          leeway=settings.leeway_seconds,
+                          min_period=settings.min_rotation_period_seconds)
         defaults = TenantDefaults(
             issuer_for=settings.issuer_for, key_size=settings.key_size,
-            grace_margin_seconds=settings.jwks_max_age_seconds + settings.leeway_seconds)
+            grace_margin_seconds=settings.jwks_max_age_seconds + settings.leeway_seconds,
+            timings=timings)
         catalog = Catalog(store, resolver, default_tenant=settings.default_tenant,
-                          jwks_max_age=settings.jwks_max_age_seconds)
+                          jwks_max_age=settings.jwks_max_age_seconds, timings=timings)
         closers.append(catalog.close)
         callers = Callers(repo=PgCallers.over_pool(pool), audit=audit, clock=clock,
                           bootstrap=transport.bootstrap)
         closers.append(callers.close)
         await callers.reload()
         keys = KeyAdmin(catalog=catalog, store=store, signer=hsm, audit=audit, clock=clock,
-                        defaults=defaults, authz=callers)
+                        defaults=defaults, authz=callers, policies=store.tenants,
+                        marks=store.keys)
         tokens = Tokens(catalog=catalog, store=store, signer=hsm, audit=audit,
                         introspector=introspector, revocations=revocations, keys=keys,
                         clock=clock, leeway=settings.leeway_seconds, authz=callers,
@@ -462,6 +482,15 @@ async def start_app(
                                       settings.audit_retention_check_seconds),
                 name="audit-checkpoints")
             closers.append(checkpointing.cancel)
+        if worker == 0:
+            # Every replica runs the scheduler; the leader lock picks the one
+            # that acts (service.rotation).
+            rotation = Rotation(store=store, marks=store.keys, signer=hsm, audit=audit,
+                                catalog=catalog, clock=clock, timings=timings,
+                                lock=PgLeaderLock(dsn, ROTATION_LEADER_LOCK, name="rotation"))
+            rotating = asyncio.create_task(rotation.run(settings.rotation_check_seconds),
+                                           name="key-rotation")
+            closers.append(_cancel_and_wait(rotating))
         if not await feed.wait_ready(10):
             log.warning("revocation view not confirmed fresh yet; verdicts fail closed")
 

@@ -110,8 +110,14 @@ class Settings:
     # the client package's receive limit.
     grpc_max_message_bytes: int = 96 * 1024 * 1024
     verify_threads: int = 2
-    # JWKS Cache-Control max-age, seconds.
+    # JWKS Cache-Control max-age, seconds: the upper bound; each tenant's is
+    # derived from its rotation schedule (fedtoken.core.rotation), never more.
     jwks_max_age_seconds: int = 300
+    # Scheduled key rotation: the shortest rotation period a tenant may have
+    # (lower only for tests and demos), and how often the scheduler checks
+    # (worker 0 of every serve; one leader at a time acts).
+    min_rotation_period_seconds: int = 3600
+    rotation_check_seconds: float = 30.0
     # Revocation view: verdicts turn REVOCATION_UNAVAILABLE when the view has
     # not been confirmed current for this long (fail closed).
     revocation_staleness_seconds: float = 5.0
@@ -316,6 +322,13 @@ def _validate(s: Settings) -> None:
         raise InvalidRequest("leeway_seconds must be between 0 and 300")
     if s.revocation_staleness_seconds <= s.revocation_heartbeat_seconds:
         raise InvalidRequest("revocation_staleness_seconds must exceed the heartbeat interval")
+    if s.jwks_max_age_seconds < 1:
+        raise InvalidRequest("jwks_max_age_seconds must be at least 1")
+    if s.min_rotation_period_seconds < 1:
+        raise InvalidRequest("min_rotation_period_seconds must be at least 1")
+    if not 0 < s.rotation_check_seconds <= 3600:
+        raise InvalidRequest("rotation_check_seconds must be above 0 and at most 3600 (the "
+                             "scheduler must check well within a rotation period)")
     if s.audit_checkpoint_seconds < 0:
         raise InvalidRequest("audit_checkpoint_seconds must not be negative (0: no checkpoints)")
     for name in ("federation_fetch_timeout_seconds", "federation_default_max_age_seconds",

@@ -74,6 +74,9 @@ class TenantPolicy:
     default_token_lifetime_seconds: int = 900
     allowed_algorithms: tuple[str, ...] = ("RS256",)
     key_size: int = 2048
+    # A new signing key every this many seconds (fedtoken.core.rotation;
+    # 30 days). The other timings of the schedule are derived from it.
+    rotation_period_seconds: int = 30 * 86_400
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,8 @@ class KeyRecord:
     retiring_at: int = 0
     retired_at: int = 0
     compromised_at: int = 0
+    # When the private half was destroyed in the HSM (0: it may still exist).
+    private_destroyed_at: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from fedtoken.core.claims import is_numeric_date
 from fedtoken.core.model import Expectation, KeyRecord, KeyState, Reason, Tenant, Verdict
 from fedtoken.core.trust import TrustedIssuer
 from fedtoken.service.exchange import JWT_TOKEN_TYPE
+from fedtoken.service.keyadmin import TenantTiming
 from fedtoken.service.trust import NewTrust, TrustView
 from fedtoken.service.types import (
     AuditQuery,
@@ -29,6 +30,7 @@ from fedtoken.service.types import (
     NewTenant,
     Revoked,
     RevokeParams,
+    TenantUpdate,
 )
 from fedtoken_client._pb.fedtoken.v1 import common_pb2, key_admin_pb2, token_service_pb2
 
@@ -189,8 +191,10 @@ def key_pb(k: KeyRecord) -> common_pb2.Key:
     )
 
 
-def tenant_pb(t: Tenant) -> key_admin_pb2.Tenant:
-    return key_admin_pb2.Tenant(
+def tenant_pb(t: Tenant, timing: TenantTiming | None = None) -> key_admin_pb2.Tenant:
+    """A tenant with, when ``timing`` is given, its derived rotation timings
+    and next scheduled step."""
+    pb = key_admin_pb2.Tenant(
         id=t.id,
         issuer=t.issuer,
         max_token_lifetime_seconds=t.policy.max_token_lifetime_seconds,
@@ -198,7 +202,22 @@ def tenant_pb(t: Tenant) -> key_admin_pb2.Tenant:
         allowed_algorithms=list(t.policy.allowed_algorithms),
         key_size=t.policy.key_size,
         created_at=t.created_at,
+        rotation_period_seconds=t.policy.rotation_period_seconds,
     )
+    if timing is not None:
+        pb.prepublish_seconds = timing.schedule.prepublish
+        pb.grace_seconds = timing.schedule.grace
+        pb.jwks_max_age_seconds = timing.schedule.jwks_max_age
+        pb.next_rotation_step_at = timing.next_step_at
+        pb.next_rotation_step = timing.next_step
+    return pb
+
+
+def tenant_update(r: key_admin_pb2.UpdateTenantRequest) -> TenantUpdate:
+    return TenantUpdate(
+        id=r.id, rotation_period_seconds=r.rotation_period_seconds,
+        max_token_lifetime_seconds=r.max_token_lifetime_seconds,
+        default_token_lifetime_seconds=r.default_token_lifetime_seconds)
 
 
 def new_tenant(r: key_admin_pb2.CreateTenantRequest) -> NewTenant:
@@ -206,7 +225,7 @@ def new_tenant(r: key_admin_pb2.CreateTenantRequest) -> NewTenant:
         id=r.id, issuer=r.issuer, max_token_lifetime_seconds=r.max_token_lifetime_seconds,
         default_token_lifetime_seconds=r.default_token_lifetime_seconds,
         allowed_algorithms=tuple(r.allowed_algorithms), key_size=r.key_size,
-        generate_key=r.generate_key,
+        generate_key=r.generate_key, rotation_period_seconds=r.rotation_period_seconds,
     )
 
 

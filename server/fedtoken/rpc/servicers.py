@@ -93,16 +93,28 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
     async def CreateTenant(self, request: key_admin_pb2.CreateTenantRequest,
                            context: Ctx) -> key_admin_pb2.Tenant:
         created = await self._keys.create_tenant(convert.new_tenant(request), call_context())
-        return convert.tenant_pb(created)
+        return convert.tenant_pb(created, self._keys.timing(created))
 
     async def GetTenant(self, request: key_admin_pb2.GetTenantRequest,
                         context: Ctx) -> key_admin_pb2.Tenant:
-        return convert.tenant_pb(await self._keys.get_tenant(request.id, call_context()))
+        tenant = await self._keys.get_tenant(request.id, call_context())
+        return convert.tenant_pb(tenant, self._keys.timing(tenant))
+
+    async def UpdateTenant(self, request: key_admin_pb2.UpdateTenantRequest,
+                           context: Ctx) -> key_admin_pb2.Tenant:
+        updated = await self._keys.update_tenant(convert.tenant_update(request), call_context())
+        return convert.tenant_pb(updated, self._keys.timing(updated))
+
+    async def RotateKey(self, request: key_admin_pb2.RotateKeyRequest,
+                        context: Ctx) -> common_pb2.Key:
+        return convert.key_pb(await self._keys.rotate_now(request.tenant, request.reason,
+                                                          call_context()))
 
     async def ListTenants(self, request: key_admin_pb2.ListTenantsRequest,
                           context: Ctx) -> key_admin_pb2.ListTenantsResponse:
         tenants = await self._keys.list_tenants(call_context())
-        return key_admin_pb2.ListTenantsResponse(tenants=[convert.tenant_pb(t) for t in tenants])
+        return key_admin_pb2.ListTenantsResponse(
+            tenants=[convert.tenant_pb(t, self._keys.timing(t)) for t in tenants])
 
     async def GenerateKey(self, request: key_admin_pb2.GenerateKeyRequest,
                           context: Ctx) -> common_pb2.Key:

@@ -24,6 +24,7 @@ from fedtoken.core.jwks import render_jwks
 from fedtoken.core.model import KeyRecord, KeyState, Tenant
 from fedtoken.core.policy import is_tenant_id
 from fedtoken.core.ports import KeyTable, Store
+from fedtoken.core.rotation import Timings
 from fedtoken.service._reload import CoalescedReload
 from fedtoken.service.types import KeySet
 
@@ -37,11 +38,15 @@ class _Snapshot:
 
 class Catalog:
     def __init__(self, store: Store, table: KeyTable, *, default_tenant: str,
-                 jwks_max_age: int) -> None:
+                 jwks_max_age: int, timings: Timings | None = None) -> None:
         self._store = store
         self._table = table
         self._default = default_tenant
         self._max_age = jwks_max_age
+        # With timings, each tenant's JWKS max-age is derived from its
+        # rotation schedule (never longer than jwks_max_age, and short enough
+        # that a cache refetches before the next key signs).
+        self._timings = timings
         self._snap = _Snapshot()
         self._key_sets: dict[str, KeySet] = {}
         self._reloader = CoalescedReload(self._load, name="catalog", what="tenants and keys")
@@ -91,16 +96,28 @@ class Catalog:
         )
 
     async def key_set(self, tenant_id: str) -> KeySet:
-        """The tenant's published keys as a JWKS, rendered once per snapshot."""
+        """The tenant's published keys as a JWKS, rendered once per snapshot.
+
+        The ETag is derived from the body alone, so it stays the same while
+        the set of published keys does (a change of state among published
+        keys, PENDING -> ACTIVE -> RETIRING, does not change the body)."""
         tenant = await self.tenant(tenant_id)
         cached = self._key_sets.get(tenant.id)
         if cached is not None:
             return cached
         records = tuple(k for k in self._snap.keys.get(tenant.id, ()) if k.state.published)
         body = render_jwks(list(records))
-        key_set = KeySet(tenant, body, jwks_etag(body), self._max_age, records)
+        key_set = KeySet(tenant, body, jwks_etag(body), self.max_age_of(tenant), records)
         self._key_sets[tenant.id] = key_set
         return key_set
+
+    def max_age_of(self, tenant: Tenant) -> int:
+        """The Cache-Control max-age of the tenant's JWKS (core.rotation)."""
+        if self._timings is None:
+            return self._max_age
+        p = tenant.policy
+        return self._timings.of(p.rotation_period_seconds,
+                                p.max_token_lifetime_seconds).jwks_max_age
 
     # -- reloading -------------------------------------------------------------
 
@@ -149,9 +166,10 @@ class Catalog:
             algs = event.get("allowed_algorithms")
             return (event.get("issuer"), event.get("max_token_lifetime_s"),
                     event.get("default_token_lifetime_s"), event.get("key_size"),
-                    tuple(algs) if isinstance(algs, list) else algs) == (
+                    tuple(algs) if isinstance(algs, list) else algs,
+                    event.get("rotation_period_s", p.rotation_period_seconds)) == (
                 tenant.issuer, p.max_token_lifetime_seconds, p.default_token_lifetime_seconds,
-                p.key_size, tuple(p.allowed_algorithms))
+                p.key_size, tuple(p.allowed_algorithms), p.rotation_period_seconds)
         return True  # not ours to reload for
 
     def notice(self, event: Mapping[str, Any]) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
 
 from fedtoken.core.audit import AuditEvent, AuditRecord, ChainReport
 from fedtoken.core.authz import Ask, Role
@@ -38,8 +40,9 @@ from fedtoken.core.policy import (
     check_timestamp,
 )
 from fedtoken.core.ports import AuditSink, Authorizer, CallContext, Clock, Signer, Store, utc
+from fedtoken.core.rotation import DEFAULT_ROTATION_PERIOD, Schedule, Timings, plan
 from fedtoken.service.catalog import Catalog
-from fedtoken.service.types import AuditQuery, NewTenant
+from fedtoken.service.types import AuditQuery, NewTenant, TenantUpdate
 
 MAX_AUDIT_PAGE = 1000
 
@@ -54,13 +57,36 @@ class TenantDefaults:
     # token lifetime (JWKS max-age plus leeway), so caches keep it while any
     # token it signed can still be valid.
     grace_margin_seconds: int = 0
+    # What each tenant's rotation schedule is derived with (core.rotation).
+    timings: Timings = field(default_factory=Timings)
 
 
+class PolicyWriter(Protocol):
+    """Where a tenant's policy changes (``store.tenants.update_policy``)."""
+
+    async def update_policy(self, tenant_id: str, policy: TenantPolicy) -> Tenant: ...
+
+
+class PrivateDestroyer(Protocol):
+    """Records a private half destroyed (``store.keys.mark_private_destroyed``)."""
+
+    async def mark_private_destroyed(self, kid: str, *, now: datetime) -> KeyRecord: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TenantTiming:
+    """A tenant's derived rotation timings and its next scheduled step."""
+
+    schedule: Schedule
+    next_step_at: int = 0
+    next_step: str = ""
 
 
 class KeyAdmin:
     def __init__(self, *, catalog: Catalog, store: Store, signer: Signer, audit: AuditSink,
-                 clock: Clock, defaults: TenantDefaults, authz: Authorizer) -> None:
+                 clock: Clock, defaults: TenantDefaults, authz: Authorizer,
+                 policies: PolicyWriter | None = None,
+                 marks: PrivateDestroyer | None = None) -> None:
         self._catalog = catalog
         self._store = store
         self._signer = signer
@@ -68,6 +94,12 @@ class KeyAdmin:
         self._clock = clock
         self._defaults = defaults
         self._authz = authz
+        # Not part of the Store port (which nothing else needs them through):
+        # the adapters are injected by fedtoken.app. Without them, UpdateTenant
+        # is refused and an emergency rotation leaves the old private half to
+        # the scheduler.
+        self._policies = policies
+        self._marks = marks
 
     # -- tenants -----------------------------------------------------------------
 
@@ -84,6 +116,7 @@ class KeyAdmin:
                 or min(d.default_token_lifetime_seconds, max_lifetime),
                 allowed_algorithms=tuple(req.allowed_algorithms) or d.allowed_algorithms,
                 key_size=req.key_size or self._defaults.key_size,
+                rotation_period_seconds=req.rotation_period_seconds or DEFAULT_ROTATION_PERIOD,
             ),
         )
 
@@ -98,6 +131,7 @@ class KeyAdmin:
         check_tenant_id(tenant.id)
         check_issuer_url(tenant.issuer)
         check_tenant_policy(tenant.policy)
+        self.check_schedule(tenant.policy)
         try:
             created = await self._store.tenants.create(tenant, now=utc(self._clock.now()))
         except TenantExists as exc:
@@ -114,6 +148,88 @@ class KeyAdmin:
 
     async def get_tenant(self, tenant_id: str, ctx: CallContext) -> Tenant:
         return await self._admin_of(tenant_id, ctx)
+
+    def check_schedule(self, policy: TenantPolicy) -> Schedule:
+        """The policy's rotation schedule; PolicyViolation (naming the
+        numbers) when a cache could miss a key or a token outlive its key's
+        publication."""
+        return self._defaults.timings.check(policy.rotation_period_seconds,
+                                            policy.max_token_lifetime_seconds)
+
+    def timing(self, tenant: Tenant) -> TenantTiming:
+        """The derived timings and the next step, from this replica's
+        snapshot (for GetTenant, ListTenants and the CLI)."""
+        p = tenant.policy
+        sched = self._defaults.timings.of(p.rotation_period_seconds,
+                                          p.max_token_lifetime_seconds)
+        upcoming = plan(sched, self._catalog.keys_of(tenant.id), int(self._clock.now())).upcoming
+        if upcoming is None:
+            return TenantTiming(sched)
+        return TenantTiming(sched, upcoming.at, upcoming.kind.value)
+
+    async def update_tenant(self, req: TenantUpdate, ctx: CallContext) -> Tenant:
+        """Change a tenant's rotation period and token lifetimes (0: keep).
+
+        The new schedule applies from the next plan on: a shorter period
+        rotates sooner; a longer token lifetime is refused unless the grace
+        of the (new) schedule covers it."""
+        tenant = await self._admin_of(req.id, ctx)
+        if self._policies is None:
+            raise FailedPrecondition("tenant updates are not available in this process",
+                                     tenant=tenant.id)
+        for name in ("rotation_period_seconds", "max_token_lifetime_seconds",
+                     "default_token_lifetime_seconds"):
+            if getattr(req, name) < 0:
+                raise InvalidRequest(f"{name} must not be negative", field=name,
+                                     tenant=tenant.id)
+        old = tenant.policy
+        max_lifetime = req.max_token_lifetime_seconds or old.max_token_lifetime_seconds
+        policy = dataclasses.replace(
+            old,
+            rotation_period_seconds=req.rotation_period_seconds or old.rotation_period_seconds,
+            max_token_lifetime_seconds=max_lifetime,
+            default_token_lifetime_seconds=req.default_token_lifetime_seconds
+            or min(old.default_token_lifetime_seconds, max_lifetime),
+        )
+        try:
+            check_tenant_policy(policy)
+            sched = self.check_schedule(policy)
+        except InvalidRequest as exc:
+            exc.tenant = tenant.id
+            raise
+        updated = await self._policies.update_policy(tenant.id, policy)
+        await self._audit.record(AuditEvent(
+            event_type="tenant.updated", tenant=tenant.id, actor=ctx.actor, outcome="ok",
+            request_id=ctx.request_id, details={
+                "rotation_period_s": policy.rotation_period_seconds,
+                "max_token_lifetime_s": policy.max_token_lifetime_seconds,
+                "default_token_lifetime_s": policy.default_token_lifetime_seconds,
+                "prepublish_s": sched.prepublish, "grace_s": sched.grace,
+                "jwks_max_age_s": sched.jwks_max_age, **ctx.untrusted}))
+        await self._catalog.reload()
+        return updated
+
+    async def rotate_now(self, tenant_id: str, reason: str, ctx: CallContext) -> KeyRecord:
+        """Emergency rotation: a new key generated and activated at once, the
+        old one RETIRING (still published for its grace) with its private
+        half destroyed. Caches that have not seen the new key yet refetch on
+        its unknown kid; every step is audited with ``"emergency": true``."""
+        tenant = await self._admin_of(tenant_id, ctx)
+        check_text(reason, "reason", 1024)
+        previous = [k for k in self._catalog.keys_of(tenant.id) if k.state is KeyState.ACTIVE]
+        extra = {"emergency": True, **({"reason": reason} if reason else {})}
+        record = await self._generate(tenant.id, 0, True, ctx, extra=extra)
+        if self._marks is not None:
+            for old in previous:
+                current = await self._store.keys.get(old.kid)
+                if current is None or current.state is not KeyState.RETIRING:
+                    continue
+                await self._signer.destroy_private(old.hsm_label)
+                marked = await self._marks.mark_private_destroyed(
+                    old.kid, now=utc(self._clock.now()))
+                await self._audit.record(_key_event("key.private_destroyed", marked, ctx,
+                                                    extra))
+        return record
 
     async def list_tenants(self, ctx: CallContext) -> list[Tenant]:
         await self._authz.require(ctx, Ask(Role.ADMIN))
@@ -134,7 +250,8 @@ class KeyAdmin:
         return await self._generate(tenant_id, 0, True, ctx)
 
     async def _generate(self, tenant_id: str, key_size: int, activate: bool,
-                        ctx: CallContext) -> KeyRecord:
+                        ctx: CallContext, *, extra: dict[str, object] | None = None
+                        ) -> KeyRecord:
         tenant = await self._catalog.tenant(tenant_id)
         try:
             bits = check_key_size(key_size or tenant.policy.key_size)
@@ -158,11 +275,18 @@ class KeyAdmin:
         await self._audit.record(AuditEvent(
             event_type="key.generated", tenant=tenant.id, actor=ctx.actor, kid=record.kid,
             outcome="ok", request_id=ctx.request_id,
-            details={"key_size": bits, "hsm_label": record.hsm_label, **ctx.untrusted},
+            details={"key_size": bits, "hsm_label": record.hsm_label, **(extra or {}),
+                     **ctx.untrusted},
         ))
         if activate:
+            before = {k.kid for k in await self._store.keys.list(tenant.id)
+                      if k.state is KeyState.ACTIVE}
             record = await self._store.keys.activate(tenant.id, record.kid, now=utc(now))
-            await self._audit.record(_key_event("key.activated", record, ctx))
+            await self._audit.record(_key_event("key.activated", record, ctx, extra))
+            for kid in before:
+                retiring = await self._store.keys.get(kid)
+                if retiring is not None:
+                    await self._audit.record(_key_event("key.retiring", retiring, ctx, extra))
         await self._catalog.reload()
         return record
 
@@ -207,8 +331,13 @@ class KeyAdmin:
         early = False
         if target is KeyState.RETIRED:
             tenant = await self._catalog.tenant(key.tenant)
-            grace_end = (key.retiring_at + tenant.policy.max_token_lifetime_seconds
-                         + self._defaults.grace_margin_seconds)
+            p = tenant.policy
+            sched = self._defaults.timings.of(p.rotation_period_seconds,
+                                              p.max_token_lifetime_seconds)
+            # The longer of the schedule's grace and the configured margin:
+            # never unpublish sooner than either promised.
+            grace_end = key.retiring_at + max(
+                sched.grace, p.max_token_lifetime_seconds + self._defaults.grace_margin_seconds)
             early = now < grace_end
             if early and not emergency:
                 raise FailedPrecondition(
@@ -261,8 +390,10 @@ class KeyAdmin:
         return await self._store.audit.verify_chain()
 
 
-def _key_event(event_type: str, key: KeyRecord, ctx: CallContext) -> AuditEvent:
+def _key_event(event_type: str, key: KeyRecord, ctx: CallContext,
+               extra: dict[str, object] | None = None) -> AuditEvent:
     return AuditEvent(
         event_type=event_type, tenant=key.tenant, actor=ctx.actor, kid=key.kid, outcome="ok",
-        request_id=ctx.request_id, details={"state": key.state.value, **ctx.untrusted},
+        request_id=ctx.request_id,
+        details={"state": key.state.value, **(extra or {}), **ctx.untrusted},
     )

@@ -108,6 +108,17 @@ class NewTenant:
     allowed_algorithms: tuple[str, ...] = ()
     key_size: int = 0
     generate_key: bool = False
+    rotation_period_seconds: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TenantUpdate:
+    """UpdateTenant's request; 0 leaves a field unchanged."""
+
+    id: str
+    rotation_period_seconds: int = 0
+    max_token_lifetime_seconds: int = 0
+    default_token_lifetime_seconds: int = 0
 
 
 @dataclass(frozen=True, slots=True)

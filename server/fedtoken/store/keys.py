@@ -22,7 +22,7 @@ from fedtoken.store.pool import ConnectionSource, aware, db_errors, epoch, from_
 
 _COLUMNS: Final = (
     "kid, tenant_id, alg, key_size, state, public_jwk::text AS public_jwk, hsm_label, "
-    "created_at, activated_at, retiring_at, retired_at, compromised_at"
+    "created_at, activated_at, retiring_at, retired_at, compromised_at, private_destroyed_at"
 )
 # The timestamp column each state sets when it is entered (PENDING: created_at).
 _STATE_COLUMN: Final[dict[KeyState, str]] = {
@@ -49,6 +49,7 @@ def _key(row: asyncpg.Record) -> KeyRecord:
         retiring_at=epoch(row["retiring_at"]),
         retired_at=epoch(row["retired_at"]),
         compromised_at=epoch(row["compromised_at"]),
+        private_destroyed_at=epoch(row["private_destroyed_at"]),
     )
 
 
@@ -75,9 +76,9 @@ class PgKeys:
                         f"""
                         INSERT INTO keys (kid, tenant_id, alg, key_size, state, public_jwk,
                             hsm_label, created_at, activated_at, retiring_at, retired_at,
-                            compromised_at)
+                            compromised_at, private_destroyed_at)
                         VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7,
-                            COALESCE($8, now()), $9, $10, $11, $12)
+                            COALESCE($8, now()), $9, $10, $11, $12, $13)
                         RETURNING {_COLUMNS}
                         """,
                         key.kid,
@@ -92,6 +93,7 @@ class PgKeys:
                         from_epoch(key.retiring_at),
                         from_epoch(key.retired_at),
                         from_epoch(key.compromised_at),
+                        from_epoch(key.private_destroyed_at),
                     )
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name == _ONE_ACTIVE_INDEX:
@@ -205,3 +207,29 @@ class PgKeys:
                     tenant_id,
                 )
         return [_key(r) for r in rows]
+
+    async def mark_private_destroyed(self, kid: str, *, now: datetime) -> KeyRecord:
+        """Record that the private half of ``kid`` is gone from the HSM (the
+        first time only: a repeated destroy keeps the first stamp), unless
+        the key is one that may still sign (PENDING, ACTIVE): that would be a
+        lie the compliance report could not catch, so it is refused."""
+        aware(now, "now")
+        with db_errors("mark private key destroyed"):
+            async with self._source.transaction() as conn:
+                row = await conn.fetchrow(
+                    f"""
+                    UPDATE keys SET private_destroyed_at = COALESCE(private_destroyed_at, $2)
+                     WHERE kid = $1 AND state NOT IN ('PENDING', 'ACTIVE')
+                    RETURNING {_COLUMNS}
+                    """,
+                    kid,
+                    now,
+                )
+                if row is None:
+                    current = await conn.fetchval("SELECT state FROM keys WHERE kid = $1", kid)
+                    if current is None:
+                        raise KeyNotFound("no such key", kid=kid)
+                    raise InvalidKeyTransition(
+                        f"key is {current}: its private half must exist while it may sign",
+                        kid=kid)
+        return _key(row)

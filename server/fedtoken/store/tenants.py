@@ -8,13 +8,13 @@ from typing import Final
 
 import asyncpg
 
-from fedtoken.core.errors import TenantExists
+from fedtoken.core.errors import TenantExists, TenantNotFound
 from fedtoken.core.model import Tenant, TenantPolicy
 from fedtoken.store.pool import ConnectionSource, aware, db_errors, epoch
 
 _COLUMNS: Final = (
     "id, issuer, max_token_lifetime_s, default_token_lifetime_s, allowed_algorithms, "
-    "key_size, created_at"
+    "key_size, created_at, rotation_period_s"
 )
 _ISSUER_UNIQUE: Final = "tenants_issuer_key"
 
@@ -28,6 +28,7 @@ def _tenant(row: asyncpg.Record) -> Tenant:
             default_token_lifetime_seconds=row["default_token_lifetime_s"],
             allowed_algorithms=tuple(row["allowed_algorithms"]),
             key_size=row["key_size"],
+            rotation_period_seconds=row["rotation_period_s"],
         ),
         created_at=epoch(row["created_at"]),
     )
@@ -48,8 +49,9 @@ class PgTenants:
                     row = await conn.fetchrow(
                         f"""
                         INSERT INTO tenants (id, issuer, max_token_lifetime_s,
-                            default_token_lifetime_s, allowed_algorithms, key_size, created_at)
-                        VALUES ($1, $2, $3, $4, $5, $6, $7)
+                            default_token_lifetime_s, allowed_algorithms, key_size, created_at,
+                            rotation_period_s)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                         RETURNING {_COLUMNS}
                         """,
                         tenant.id,
@@ -59,6 +61,7 @@ class PgTenants:
                         builtins.list(p.allowed_algorithms),
                         p.key_size,
                         aware(now, "now"),
+                        p.rotation_period_seconds,
                     )
             except asyncpg.UniqueViolationError as exc:
                 field = "issuer" if exc.constraint_name == _ISSUER_UNIQUE else "id"
@@ -81,3 +84,24 @@ class PgTenants:
             async with self._source.connection() as conn:
                 rows = await conn.fetch(f"SELECT {_COLUMNS} FROM tenants ORDER BY id")
         return [_tenant(r) for r in rows]
+
+    async def update_policy(self, tenant_id: str, policy: TenantPolicy) -> Tenant:
+        """Replace the rotation period and token lifetimes of a tenant (the
+        service validated them); TenantNotFound if there is no such tenant."""
+        with db_errors("update tenant"):
+            async with self._source.connection() as conn:
+                row = await conn.fetchrow(
+                    f"""
+                    UPDATE tenants SET rotation_period_s = $2, max_token_lifetime_s = $3,
+                           default_token_lifetime_s = $4
+                     WHERE id = $1
+                    RETURNING {_COLUMNS}
+                    """,
+                    tenant_id,
+                    policy.rotation_period_seconds,
+                    policy.max_token_lifetime_seconds,
+                    policy.default_token_lifetime_seconds,
+                )
+        if row is None:
+            raise TenantNotFound("no such tenant", tenant=tenant_id)
+        return _tenant(row)
