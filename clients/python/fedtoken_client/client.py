@@ -225,6 +225,22 @@ class FedtokenClient:
         return self._call(self.admin.CreateTenant, key_admin_pb2.CreateTenantRequest(
             id=tenant_id, issuer=issuer, generate_key=generate_key, **policy))
 
+    def update_tenant(self, tenant_id: str, *, rotation_period_seconds: int = 0,
+                      max_token_lifetime_seconds: int = 0,
+                      default_token_lifetime_seconds: int = 0) -> key_admin_pb2.Tenant:
+        """Change a tenant's rotation period and token lifetimes (0: keep);
+        a lifetime the keys' grace would not cover is refused (POLICY_VIOLATION)."""
+        return self._call(self.admin.UpdateTenant, key_admin_pb2.UpdateTenantRequest(
+            id=tenant_id, rotation_period_seconds=rotation_period_seconds,
+            max_token_lifetime_seconds=max_token_lifetime_seconds,
+            default_token_lifetime_seconds=default_token_lifetime_seconds))
+
+    def rotate_key(self, tenant: str = "", *, reason: str = "") -> common_pb2.Key:
+        """Emergency rotation: a new key signs at once, the old one retires
+        (audited as an emergency)."""
+        return self._call(self.admin.RotateKey, key_admin_pb2.RotateKeyRequest(
+            tenant=tenant, reason=reason))
+
     def list_tenants(self) -> list[key_admin_pb2.Tenant]:
         return list(self._call(self.admin.ListTenants,
                                key_admin_pb2.ListTenantsRequest()).tenants)

@@ -155,12 +155,36 @@ def cmd_tenants(ns: argparse.Namespace) -> int:
                 policy["default_token_lifetime_seconds"] = ns.default_lifetime
             if ns.key_size:
                 policy["key_size"] = ns.key_size
-            _print(c.create_tenant(ns.id, ns.issuer or "", generate_key=not ns.no_key, **policy))
+            if ns.rotation_period:
+                policy["rotation_period_seconds"] = ns.rotation_period
+            _print_tenant(c.create_tenant(ns.id, ns.issuer or "", generate_key=not ns.no_key,
+                                          **policy))
+        elif ns.action == "update":
+            _print_tenant(c.update_tenant(
+                ns.id, rotation_period_seconds=ns.rotation_period,
+                max_token_lifetime_seconds=ns.max_lifetime,
+                default_token_lifetime_seconds=ns.default_lifetime))
         else:
             from fedtoken_client._pb.fedtoken.v1 import key_admin_pb2
 
-            _print(c._call(c.admin.GetTenant, key_admin_pb2.GetTenantRequest(id=ns.id)))
+            _print_tenant(c._call(c.admin.GetTenant, key_admin_pb2.GetTenantRequest(id=ns.id)))
     return 0
+
+
+def _print_tenant(tenant: Any) -> None:
+    """The tenant, and its derived rotation timings spelled out (the JSON
+    has the numbers; the note says what they promise)."""
+    _print(tenant)
+    if tenant.rotation_period_seconds:
+        print(f"# rotation: a new key every {tenant.rotation_period_seconds} s, published "
+              f"{tenant.prepublish_seconds} s before it signs; after it stops signing it stays "
+              f"published {tenant.grace_seconds} s (max token lifetime "
+              f"{tenant.max_token_lifetime_seconds} s + JWKS max-age "
+              f"{tenant.jwks_max_age_seconds} s + leeway), then is unpublished; its private "
+              "half is destroyed as soon as its successor signs", file=sys.stderr)
+        if tenant.next_rotation_step:
+            print(f"# next step: {tenant.next_rotation_step} at {tenant.next_rotation_step_at} "
+                  "(Unix seconds)", file=sys.stderr)
 
 
 def cmd_keys(ns: argparse.Namespace) -> int:
@@ -174,6 +198,13 @@ def cmd_keys(ns: argparse.Namespace) -> int:
             _print(c.activate_key(ns.kid, ns.tenant))
         elif ns.action == "retire":
             _print(c.retire_key(ns.kid, ns.tenant, emergency=ns.emergency))
+        elif ns.action == "rotate":
+            if not ns.now:
+                print("keys rotate: rotation follows the tenant's schedule (tenants update "
+                      "--rotation-period); pass --now for an emergency rotation",
+                      file=sys.stderr)
+                return 2
+            _print(c.rotate_key(ns.tenant, reason=ns.reason))
     return 0
 
 
@@ -389,15 +420,22 @@ def build_parser() -> argparse.ArgumentParser:
     create = tsub.add_parser("create")
     create.add_argument("id")
     create.add_argument("--issuer", help="issuer URL (default: <public_url>/t/<id>)")
-    create.add_argument("--max-lifetime", type=int, default=0)
-    create.add_argument("--default-lifetime", type=int, default=0)
+    update = tsub.add_parser("update", help="change the rotation period or token lifetimes")
+    update.add_argument("id")
+    for p in (create, update):
+        p.add_argument("--max-lifetime", "--max-token-lifetime", type=_duration, default=0,
+                       help="maximum token lifetime (900, 90s, 15m, 1h)")
+        p.add_argument("--default-lifetime", "--default-token-lifetime", type=_duration,
+                       default=0)
+        p.add_argument("--rotation-period", type=_duration, default=0,
+                       help="a new signing key every DURATION (e.g. 30d; default 30d)")
     create.add_argument("--key-size", type=int, default=0)
     create.add_argument("--no-key", action="store_true", help="do not generate a first key")
     t.set_defaults(func=cmd_tenants)
 
     k = sub.add_parser("keys", help="generate, list, activate, retire HSM keys")
     ksub = k.add_subparsers(dest="action", required=True)
-    for name in ("list", "generate", "activate", "retire"):
+    for name in ("list", "generate", "activate", "retire", "rotate"):
         a = ksub.add_parser(name)
         a.add_argument("--tenant", default="")
         if name == "generate":
@@ -409,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--emergency", action="store_true",
                            help="retire a RETIRING key before its grace is over: every "
                                 "unexpired token it signed fails from now on (audited)")
+        if name == "rotate":
+            a.add_argument("--now", action="store_true",
+                           help="emergency: a new key signs at once, the current one retires "
+                                "and its private half is destroyed (audited)")
+            a.add_argument("--reason", default="", help="recorded in the audit trail")
     k.set_defaults(func=cmd_keys)
 
     tok = sub.add_parser("token", help="issue, verify, introspect, revoke, exchange or decode "
