@@ -422,13 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--issuer", help="issuer URL (default: <public_url>/t/<id>)")
     update = tsub.add_parser("update", help="change the rotation period or token lifetimes")
     update.add_argument("id")
-    for p in (create, update):
-        p.add_argument("--max-lifetime", "--max-token-lifetime", type=_duration, default=0,
-                       help="maximum token lifetime (900, 90s, 15m, 1h)")
-        p.add_argument("--default-lifetime", "--default-token-lifetime", type=_duration,
-                       default=0)
-        p.add_argument("--rotation-period", type=_duration, default=0,
-                       help="a new signing key every DURATION (e.g. 30d; default 30d)")
+    for policy_parser in (create, update):  # not "p": that is the top-level parser
+        policy_parser.add_argument("--max-lifetime", "--max-token-lifetime", type=_duration,
+                                   default=0, help="maximum token lifetime (900, 90s, 15m, 1h)")
+        policy_parser.add_argument("--default-lifetime", "--default-token-lifetime",
+                                   type=_duration, default=0)
+        policy_parser.add_argument("--rotation-period", type=_duration, default=0,
+                                   help="a new signing key every DURATION (e.g. 30d; default 30d)")
     create.add_argument("--key-size", type=int, default=0)
     create.add_argument("--no-key", action="store_true", help="do not generate a first key")
     t.set_defaults(func=cmd_tenants)
