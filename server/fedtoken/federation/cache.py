@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import random
@@ -756,7 +757,10 @@ class RemoteJwksCache:
         except PolicyViolation as exc:
             raise FetchFailed(FetchOutcome.REJECTED, exc.message) from exc
         keyset = _KeySet(uri, document.body, document.etag, now, lifetime, keys, loaded)
-        return keyset, FetchOutcome.OK, f"{len(keys)} usable keys"
+        # The digest of the kids makes a rotation that keeps the key count a
+        # new detail, so the audit trail records it as a new key set.
+        kids = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+        return keyset, FetchOutcome.OK, f"{len(keys)} usable keys (kids {kids})"
 
     def _failed(self, state: _Issuer, outcome: FetchOutcome, detail: str, trigger: str) -> None:
         issuer = state.config.issuer
