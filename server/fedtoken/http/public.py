@@ -241,9 +241,11 @@ def create_public_app(api: PublicApi, settings: Settings,
         except web.HTTPRequestEntityTooLarge:
             return terse(413, "invalid_request", {"Cache-Control": "no-store"})
 
-    async def introspect(request: web.Request) -> web.Response:
-        headers = {"Cache-Control": "no-store"}
-        note = note_of(request)
+    async def form_pairs(request: web.Request, headers: dict[str, str]
+                         ) -> list[tuple[str, str]] | web.Response:
+        """The urlencoded form of a POST (RFC 6749 endpoints), within the size
+        limit and the read timeout; [] when it is not ASCII (nothing in it can
+        be used). A Response when the request must be refused as it is."""
         if request.content_length is not None and request.content_length > _MAX_FORM_BYTES:
             return web.json_response({"error": "invalid_request"}, status=413, headers=headers)
         if request.content_type != "application/x-www-form-urlencoded":
@@ -252,9 +254,16 @@ def create_public_app(api: PublicApi, settings: Settings,
         if isinstance(raw, web.Response):
             return raw
         try:
-            pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, strict_parsing=False)
+            return parse_qsl(raw.decode("ascii"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:
-            pairs = []
+            return []
+
+    async def introspect(request: web.Request) -> web.Response:
+        headers = {"Cache-Control": "no-store"}
+        note = note_of(request)
+        pairs = await form_pairs(request, headers)
+        if isinstance(pairs, web.Response):
+            return pairs
         form = dict(pairs)
         if len(form) != len(pairs):
             # RFC 6749 section 3.2 / RFC 7662: no parameter more than once.
@@ -300,16 +309,10 @@ def create_public_app(api: PublicApi, settings: Settings,
         def error(status: int, code: str) -> web.Response:
             return web.json_response({"error": code}, status=status, headers=headers)
 
-        if request.content_length is not None and request.content_length > _MAX_FORM_BYTES:
-            return error(413, "invalid_request")
-        if request.content_type != "application/x-www-form-urlencoded":
-            return error(400, "invalid_request")
-        raw = await read_form(request)
-        if isinstance(raw, web.Response):
-            return raw
-        try:
-            pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, strict_parsing=False)
-        except UnicodeDecodeError:
+        pairs = await form_pairs(request, headers)
+        if isinstance(pairs, web.Response):
+            return pairs
+        if not pairs:
             return error(400, "invalid_request")
         form: dict[str, str] = {}
         audiences: list[str] = []

@@ -277,11 +277,21 @@ class Tokens:
             # Every token issued before the cut has expired by then.
             expires_at = not_before + tenant.policy.max_token_lifetime_seconds
             await self._authz.require(ctx, Ask(Role.REVOKER, tenant.id))
-        expires_at += leeway
+        return await self._record_revocation(
+            tenant, kind, value, jti=jti, subject=subject, expires_at=expires_at + leeway,
+            not_before=not_before, now=now, reason=p.reason, ctx=ctx)
+
+    async def _record_revocation(self, tenant: Tenant, kind: str, value: str, *, jti: str,
+                                 subject: str, expires_at: int, not_before: int | None,
+                                 now: int, reason: str, ctx: CallContext,
+                                 details: dict[str, Any] | None = None) -> Revoked:
+        """Store the revocation and its audit record in one transaction, then
+        enforce it here at once (other replicas learn it by notification)."""
         event = AuditEvent(
             event_type="token.revoked", tenant=tenant.id, actor=ctx.actor, subject=subject,
-            jti=jti, outcome="ok", reason=p.reason, request_id=ctx.request_id,
-            details={"kind": kind, "expires_at": expires_at, **ctx.untrusted,
+            jti=jti, outcome="ok", reason=reason, request_id=ctx.request_id,
+            details={"kind": kind, "expires_at": expires_at, **(details or {}),
+                     **ctx.untrusted,
                      **({"issued_before": not_before} if not_before is not None else {})},
         )
 
@@ -289,11 +299,10 @@ class Tokens:
             return await self._store.revocations.revoke(
                 tenant.id, kind, value, expires_at=utc(expires_at), now=utc(now),
                 not_before=utc(not_before) if not_before is not None else None,
-                reason=p.reason, actor=ctx.actor, audit=audit,
+                reason=reason, actor=ctx.actor, audit=audit,
             )
 
         created, revoked_at = await self._audit.record_with(event, write)
-        # Enforced here at once; other replicas learn it by notification.
         self._revocations.add(RevocationEntry(tenant.id, kind, value, expires_at,
                                               not_before or 0))
         return Revoked(tenant.id, jti, int(revoked_at.timestamp()), created, kind, value)
@@ -363,26 +372,10 @@ class Tokens:
                                      field="issued_before")
             kind, value = "subject", foreign_ref(p.issuer, p.subject)
             expires_at = not_before + lasts
-        expires_at += self._leeway
-        event = AuditEvent(
-            event_type="token.revoked", tenant=tenant.id, actor=ctx.actor, subject=p.subject,
-            jti=p.jti, outcome="ok", reason=p.reason, request_id=ctx.request_id,
-            details={"kind": kind, "expires_at": expires_at, "foreign_issuer": p.issuer,
-                     **ctx.untrusted,
-                     **({"issued_before": not_before} if not_before is not None else {})},
-        )
-
-        async def write(audit: AuditEvent | None) -> tuple[bool, datetime]:
-            return await self._store.revocations.revoke(
-                tenant.id, kind, value, expires_at=utc(expires_at), now=utc(now),
-                not_before=utc(not_before) if not_before is not None else None,
-                reason=p.reason, actor=ctx.actor, audit=audit,
-            )
-
-        created, revoked_at = await self._audit.record_with(event, write)
-        self._revocations.add(RevocationEntry(tenant.id, kind, value, expires_at,
-                                              not_before or 0))
-        return Revoked(tenant.id, p.jti, int(revoked_at.timestamp()), created, kind, value)
+        return await self._record_revocation(
+            tenant, kind, value, jti=p.jti, subject=p.subject,
+            expires_at=expires_at + self._leeway, not_before=not_before, now=now,
+            reason=p.reason, ctx=ctx, details={"foreign_issuer": p.issuer})
 
     def _authenticate_for_revocation(self, token: str) -> tuple[Tenant, str, int]:
         """The token must be ours and genuinely signed; its exp and jti are read.
