@@ -64,9 +64,10 @@ from fedtoken.core.errors import (
     TenantNotFound,
 )
 from fedtoken.core.jwk import rsa_public_jwk
-from fedtoken.core.model import KeyRecord, KeyState, Tenant, Verdict
+from fedtoken.core.model import KeyRecord, KeyState, Tenant, TenantPolicy, Verdict
 from fedtoken.core.policy import check_key_size
 from fedtoken.core.ports import GeneratedKey
+from fedtoken.core.rotation import Timings
 from fedtoken.core.trust import IssuerStatus, StoredKeySet, TrustedIssuer
 from fedtoken.revocation import InMemoryRevocationView
 from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Verification
@@ -100,6 +101,34 @@ def _aware(ts: datetime, name: str) -> datetime:
 
 
 # --- time -------------------------------------------------------------------------
+
+
+class MemoryLeaderLock:
+    """A ``LeaderLock`` shared by name: ``MemoryLeaderLock(registry)`` per
+    replica; ``lose()`` drops it silently (as a lost connection does)."""
+
+    def __init__(self, registry: dict[str, object], name: str = "leader") -> None:
+        self._registry = registry
+        self._name = name
+        self.acquired = 0
+
+    @property
+    def held(self) -> bool:
+        return self._registry.get(self._name) is self
+
+    async def try_acquire(self) -> bool:
+        await asyncio.sleep(0)
+        if self._registry.get(self._name) is None:
+            self._registry[self._name] = self
+            self.acquired += 1
+        return self.held
+
+    def lose(self) -> None:
+        if self.held:
+            del self._registry[self._name]
+
+    async def release(self) -> None:
+        self.lose()
 
 
 class FakeClock:
@@ -137,6 +166,8 @@ class MemorySigner:
         self.generated: list[GeneratedKey] = []
         self.signed: list[tuple[str, bytes]] = []  # (kid, signing input) per signature
         self.destroyed: list[str] = []
+        self.publics: set[str] = set()  # labels whose public half is still in the "HSM"
+        self.private_destroyed: list[str] = []
         self._count = 0
 
     def _check(self, op: str) -> None:
@@ -157,6 +188,7 @@ class MemorySigner:
         label = f"{LABEL_PREFIX}{tenant}/{jwk['kid']}"
         self.keys[label] = private
         self.kids[label] = jwk["kid"]
+        self.publics.add(label)
         generated = GeneratedKey(kid=jwk["kid"], hsm_label=label, public_jwk=jwk,
                                  key_size=numbers.n.bit_length())
         self.generated.append(generated)
@@ -178,9 +210,30 @@ class MemorySigner:
     async def destroy(self, hsm_label: str) -> None:
         await asyncio.sleep(0)
         self._check("destroy")
-        if self.keys.pop(hsm_label, None) is not None:
+        had_public = hsm_label in self.publics
+        self.publics.discard(hsm_label)
+        if self.keys.pop(hsm_label, None) is not None or had_public:
             self.kids.pop(hsm_label, None)
             self.destroyed.append(hsm_label)
+
+    async def destroy_private(self, hsm_label: str) -> None:
+        await asyncio.sleep(0)
+        self._check("destroy_private")
+        if self.keys.pop(hsm_label, None) is not None:
+            self.private_destroyed.append(hsm_label)
+
+    async def key_labels(self) -> list[str]:
+        await asyncio.sleep(0)
+        self._check("key_labels")
+        return sorted(set(self.keys) | self.publics)
+
+    async def key_attributes(self, hsm_label: str) -> ports.HsmKeyAttributes:
+        await asyncio.sleep(0)
+        self._check("key_attributes")
+        if hsm_label not in self.keys:
+            return ports.HsmKeyAttributes(present=False)
+        return ports.HsmKeyAttributes(present=True, sensitive=True, sign=True,
+                                      never_extractable=True, always_sensitive=True)
 
 
 # --- persistence ------------------------------------------------------------------
@@ -376,6 +429,15 @@ class MemoryTenants:
         await self._s.enter("tenants.get")
         return self._s.data.tenants.get(tenant_id)
 
+    async def update_policy(self, tenant_id: str, policy: TenantPolicy) -> Tenant:
+        await self._s.enter("tenants.update_policy")
+        current = self._s.data.tenants.get(tenant_id)
+        if current is None:
+            raise TenantNotFound("no such tenant", tenant=tenant_id)
+        updated = replace(current, policy=policy)
+        self._s.data.tenants[tenant_id] = updated
+        return updated
+
     async def list(self) -> builtins.list[Tenant]:
         await self._s.enter("tenants.list")
         tenants = sorted(self._s.data.tenants.values(), key=lambda t: t.id)
@@ -451,6 +513,20 @@ class MemoryKeys:
         updated = replace(current, **changes)
         data.keys[kid] = updated
         return updated
+
+    async def mark_private_destroyed(self, kid: str, *, now: datetime) -> KeyRecord:
+        """As the Postgres store: the first stamp stays; refused while it may sign."""
+        await self._s.enter("keys.mark_private_destroyed")
+        current = self._s.data.keys.get(kid)
+        if current is None:
+            raise KeyNotFound("no such key", kid=kid)
+        if current.state in (KeyState.PENDING, KeyState.ACTIVE):
+            raise InvalidKeyTransition(
+                f"key is {current.state.value}: its private half must exist", kid=kid)
+        if not current.private_destroyed_at:
+            current = replace(current, private_destroyed_at=int(now.timestamp()))
+            self._s.data.keys[kid] = current
+        return current
 
     async def activate(self, tenant_id: str, kid: str, *, now: datetime) -> KeyRecord:
         await self._s.enter("keys.activate")
@@ -970,6 +1046,7 @@ def build_services(
     key_size: int = 2048,
     authz: ports.Authorizer | None = None,
     bootstrap: tuple[str, ...] | None = None,
+    min_rotation_period: int = 3600,
 ) -> Services:
     """The service layer over fakes, built as ``fedtoken.app.start_app`` builds it.
 
@@ -987,14 +1064,17 @@ def build_services(
                                "max_token_size": max_token_size, "threads": 1}
     engine = VerificationEngine(resolver, revocations, **options)
     introspector = VerificationEngine(resolver, NoRevocations(), **options)
+    timings = Timings(configured_max_age=jwks_max_age, leeway=leeway,
+                      min_period=min_rotation_period)
     defaults = TenantDefaults(issuer_for=issuer_for, key_size=key_size,
-                              grace_margin_seconds=jwks_max_age + leeway)
-    catalog = Catalog(store, resolver, default_tenant=default_tenant, jwks_max_age=jwks_max_age)
+                              grace_margin_seconds=jwks_max_age + leeway, timings=timings)
+    catalog = Catalog(store, resolver, default_tenant=default_tenant, jwks_max_age=jwks_max_age,
+                      timings=timings)
     callers = Callers(repo=MemoryCallers(), audit=audit, clock=clock, bootstrap=bootstrap or ())
     # The real authorizer only when asked for (bootstrap identities given).
     authz = authz or (callers if bootstrap is not None else AllowAll())
     keys = KeyAdmin(catalog=catalog, store=store, signer=signer, audit=audit, clock=clock,
-                    defaults=defaults, authz=authz)
+                    defaults=defaults, authz=authz, policies=store.tenants, marks=store.keys)
     tokens = Tokens(catalog=catalog, store=store, signer=signer, audit=audit,
                     introspector=introspector, revocations=revocations, keys=keys,
                     clock=clock, leeway=leeway, authz=authz, max_token_bytes=max_token_size)

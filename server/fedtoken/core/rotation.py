@@ -17,9 +17,9 @@ notification delay) and the tenant's maximum token lifetime T:
 
 Validation (``check_policy``): P >= the ``min_rotation_period_seconds``
 setting; the lead fits in half the period; and the grace ends before the
-successor stops signing (T + A + L <= P), so at most three keys are ever
-published (retiring, active, pending) and no token outlives its key's
-publication.
+grace spans at most MAX_GRACE_PERIODS periods (T + A + L <= 4 P), so the
+JWKS stays small. No token outlives its key's publication: Issue caps every
+token at T, and the grace is derived from T.
 
 The step machine (``plan``) reads a tenant's key records and ``now`` and says
 which steps are due and when the next one is. A step is due because of the
@@ -48,6 +48,9 @@ MAX_JWKS_MAX_AGE: Final = DAY
 # Fractions of the period (SPIRE prepares the next key well before use).
 MAX_AGE_FRACTION: Final = 6
 LEAD_FRACTION: Final = 4
+# A key's grace may span at most this many periods, so a JWKS holds at most
+# MAX_GRACE_PERIODS + 2 keys (retiring ones, the active one, the next one).
+MAX_GRACE_PERIODS: Final = 4
 # A key that just stopped signing keeps its private half this long, so that
 # replicas still on the previous catalog snapshot (until the change
 # notification reaches them, milliseconds) do not fail to sign with it.
@@ -92,13 +95,14 @@ def check_policy(s: Schedule, *, min_period: int) -> None:
             f"{s.prepublish} s (JWKS max-age {s.jwks_max_age} s + leeway {s.leeway} s) before "
             "it signs, more than half the period; choose a longer period",
             field="rotation_period")
-    if s.grace > s.period:
+    if s.grace > MAX_GRACE_PERIODS * s.period:
+        allowed = max(0, MAX_GRACE_PERIODS * s.period - s.jwks_max_age - s.leeway)
         raise PolicyViolation(
             f"max token lifetime {s.max_token_lifetime} s is too long for rotation period "
             f"{s.period} s: the grace a key stays published after it stops signing "
             f"({s.max_token_lifetime} + max-age {s.jwks_max_age} + leeway {s.leeway} = "
-            f"{s.grace} s) must not exceed the period; allow at most "
-            f"{max(0, s.period - s.jwks_max_age - s.leeway)} s, or a longer period",
+            f"{s.grace} s) must not exceed {MAX_GRACE_PERIODS} periods "
+            f"({MAX_GRACE_PERIODS * s.period} s); allow at most {allowed} s, or a longer period",
             field="max_token_lifetime")
 
 

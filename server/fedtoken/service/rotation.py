@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, Protocol
 
 from fedtoken.core.audit import AuditEvent
@@ -67,7 +68,7 @@ class PrivateMarks(Protocol):
     """Where the destruction of a private half is recorded (the keys table;
     ``store.keys.mark_private_destroyed``). Refuses a key that may sign."""
 
-    async def mark_private_destroyed(self, kid: str, *, now: Any) -> KeyRecord: ...
+    async def mark_private_destroyed(self, kid: str, *, now: datetime) -> KeyRecord: ...
 
 
 class Fenced(Exception):
@@ -184,13 +185,13 @@ class Rotation:
 
     async def _generate(self, tenant: Tenant, step: Step) -> None:
         generated = await self._signer.generate(tenant.id, tenant.policy.key_size)
-        await self._point("generated", step)
         record = KeyRecord(
             kid=generated.kid, tenant=tenant.id, alg=generated.alg,
             key_size=generated.key_size, state=KeyState.PENDING,
             public_jwk=generated.public_jwk, hsm_label=generated.hsm_label,
             created_at=int(self._clock.now()))
         try:
+            await self._point("generated", step)
             async with self._store.advisory_lock(ROTATION_STEP_LOCK), \
                     self._store.transaction() as tx:
                 await self._check(tx, step)
