@@ -659,3 +659,50 @@ async def test_the_engine_verifies_by_issuer_and_kid_with_the_pinned_algorithm(
             assert verdict(_token(a, "k1", "k1")) is Reason.UNKNOWN_KEY  # fail closed
         finally:
             engine.close()
+
+
+async def test_a_verify_batch_flood_of_random_kids_costs_one_fetch_per_cooldown(
+    server: JwksServer,
+) -> None:
+    """10,000 tokens with random kids through the real Verification service
+    (VerifyBatch, two batches of 5000): every one is UNKNOWN_KEY, the rest of
+    the batch is unaffected, and the issuer is asked at most once per
+    cooldown (counted at the server), however many kids were unknown."""
+    from fedtoken.core.ports import CallContext, Principal
+    from fedtoken.service.verification import Verification
+    from tests.unit.fakes import AllowAll
+
+    server.serve_jwks(JWKS, [k1()])
+    async with running([trusted(jwks_uri=server.url(JWKS))]) as h:
+        await h.cache.refresh(PARTNER)
+        engine = VerificationEngine(_Resolver(h.cache), NoRevocations(), clock=h.clock,
+                                    native=False)
+
+        class Catalog:
+            async def tenant(self, tenant_id: str) -> object:
+                return type("T", (), {"id": tenant_id})()
+
+        class Audit:
+            async def record_verifications(self, *args: object) -> None:
+                pass
+
+        service = Verification(engine=engine, audit=Audit(), max_batch=5000,  # type: ignore[arg-type]
+                               authz=AllowAll(), catalog=Catalog(),  # type: ignore[arg-type]
+                               trusted=h.cache, kid_wait_seconds=2.0)
+        ctx = CallContext(Principal(identity="spiffe://test/gateway"))
+        expect = Expectation(audience="api", tenant="t1")
+        good = _token(PARTNER, "k1", "k1")
+        flood = [_token(PARTNER, secrets.token_urlsafe(12), "k2") for _ in range(10_000)]
+        server.reset_counts()
+        try:
+            for start in (0, 5000):
+                verdicts = await service.verify_batch([good, *flood[start:start + 4999]],
+                                                      expect, ctx)
+                assert verdicts[0].valid  # the known kid is untouched by the flood
+                assert {v.reason for v in verdicts[1:]} == {Reason.UNKNOWN_KEY}
+            assert server.counts[JWKS] == 1  # one refetch in the cooldown, for all of them
+            h.clock.advance(FAST.kid_miss_cooldown + 1)
+            await service.verify_batch(flood[:100], expect, ctx)
+            assert server.counts[JWKS] == 2  # and one more in the next
+        finally:
+            engine.close()
