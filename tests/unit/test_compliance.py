@@ -31,11 +31,14 @@ from fedtoken.core.compliance import (
     compliance_report,
     may_sign,
     reconcile,
+    schedule_lifetime_check,
+    schedule_next_step,
 )
 from fedtoken.core.errors import HsmUnavailable, PermissionDenied, TenantNotFound, Unauthenticated
 from fedtoken.core.jwk import int_to_b64url
 from fedtoken.core.model import KeyRecord, KeyState, Tenant, TenantPolicy
 from fedtoken.core.ports import CallContext, GeneratedKey, HsmKeyAttributes, Principal
+from fedtoken.core.rotation import Timings
 from fedtoken.http.compliance import compliance_handler
 from fedtoken.rpc.compliance import compliance_report_pb, reconcile_report_pb
 from fedtoken.service.callers import Callers
@@ -60,15 +63,8 @@ VERIFIER = "spiffe://test/verifier"
 ADMIN_A = "spiffe://test/admin-a"
 
 
-@dataclass(frozen=True, slots=True)
-class RotatingPolicy(TenantPolicy):
-    """The policy with the field the rotation work adds (read by getattr)."""
-
-    rotation_period_seconds: int = DEFAULT_ROTATION_PERIOD_SECONDS
-
-
 def tenant(tid: str, period: int = 0) -> Tenant:
-    policy = RotatingPolicy(rotation_period_seconds=period) if period else TenantPolicy()
+    policy = TenantPolicy(rotation_period_seconds=period) if period else TenantPolicy()
     return Tenant(id=tid, issuer=f"https://issuer.test/{tid}", policy=policy)
 
 
@@ -219,6 +215,29 @@ def test_the_next_step_comes_from_the_schedule_callback() -> None:
                next_step=schedule)
     assert (r.tenants[0].keys[0].next_step, r.tenants[0].keys[0].next_step_at) == (
         "rotate", NOW + 29 * DAY)
+
+
+def test_the_rotation_schedule_gives_next_steps_and_the_lifetime_check() -> None:
+    timings = Timings(configured_max_age=300, leeway=30, min_period=3600)
+    t = tenant("a", 30 * DAY)
+    keys = [key("cur", "a", KeyState.ACTIVE, created=NOW - DAY),
+            replace(key("prev", "a", KeyState.RETIRING, created=NOW - 31 * DAY),
+                    retiring_at=NOW - DAY, private_destroyed_at=NOW - DAY)]
+    r = report([t], keys, next_step=schedule_next_step(timings),
+               uncovered_lifetime=schedule_lifetime_check(timings))
+    assert r.ok
+    steps = {f.kid: (f.next_step, f.next_step_at) for f in r.tenants[0].keys}
+    assert steps["prev"] == ("UNPUBLISH", NOW - DAY + 3600 + 300 + 30)
+    # prev's unpublication is due already; cur's successor is generated one lead
+    # (a quarter period) before cur's period ends.
+    assert steps["cur"] == ("GENERATE", NOW - DAY + 30 * DAY - 30 * DAY // 4)
+    # A stored policy whose lifetime the grace no longer covers (4 periods at most).
+    bad = Tenant(id="b", issuer="https://issuer.test/b",
+                 policy=TenantPolicy(rotation_period_seconds=3600,
+                                     max_token_lifetime_seconds=5 * 3600))
+    flagged = report([bad], [key("x", "b", KeyState.ACTIVE, created=NOW - 60)],
+                     uncovered_lifetime=schedule_lifetime_check(timings))
+    assert codes(flagged) == [("LIFETIME_NOT_COVERED", "")]
 
 
 # --- reconciliation analysis ----------------------------------------------------------------

@@ -13,7 +13,13 @@ still sign (PENDING, ACTIVE, or RETIRING while its tenant has no ACTIVE key
 to take over) must keep its private half; a key that can no longer sign
 (RETIRING with an ACTIVE successor, RETIRED, DESTROYED, COMPROMISED) must
 not have one. Reconciliation never destroys a key that may sign, whatever
-else it finds.
+else it finds. (This is more conservative than the rotation step machine,
+which destroys a RETIRING key's private half once it stopped signing: with
+no ACTIVE key a RETIRING one is the only key left that could be re-used.)
+
+Each key's next step and the lifetime check come from the rotation schedule
+(``schedule_next_step``, ``schedule_lifetime_check`` over
+``fedtoken.core.rotation``), passed in so that the rules are testable alone.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from fedtoken.core.audit import ChainReport
+from fedtoken.core.errors import PolicyViolation
 from fedtoken.core.jwk import b64url_to_int
 from fedtoken.core.model import MIN_RSA_BITS, KeyRecord, KeyState, Tenant
 from fedtoken.core.ports import HsmKeyAttributes
+from fedtoken.core.rotation import Timings, plan
 
 DEFAULT_ROTATION_PERIOD_SECONDS: Final = 30 * 86_400
 EXPECTED_PUBLIC_EXPONENT: Final = 65_537
@@ -97,8 +105,6 @@ class ComplianceReport:
         return [*self.violations, *(v for t in self.tenants for v in t.violations)]
 
 
-# The rotation schedule belongs to fedtoken.core.rotation (being written);
-# until it lands the report takes it as callbacks, with neutral defaults.
 NextStep = Callable[[Tenant, Sequence[KeyRecord], KeyRecord, int], tuple[str, int]]
 """(tenant, its keys, one key, now) -> (next lifecycle step of that key, Unix
 time it is due); ("", 0) when none is scheduled."""
@@ -109,21 +115,54 @@ why not (the LIFETIME_NOT_COVERED message)."""
 
 def no_next_step(tenant: Tenant, keys: Sequence[KeyRecord], key: KeyRecord,
                  now: int) -> tuple[str, int]:
-    """No schedule known (before fedtoken.core.rotation): report none."""
+    """No schedule known: report none."""
     return "", 0
 
 
 def lifetime_always_covered(tenant: Tenant) -> str:
-    """Before per-tenant rotation policies, the grace is derived from the
-    tenant's maximum token lifetime, so it covers it by construction."""
+    """No schedule known: nothing to check the lifetime against."""
     return ""
 
 
+def schedule_next_step(timings: Timings) -> NextStep:
+    """The next step of each key from the rotation step machine
+    (``fedtoken.core.rotation.plan``): the earliest step due now, or the
+    tenant's one upcoming step, that names the key (as the key it changes,
+    or as the active key a GENERATE or ACTIVATE is about). A key whose step
+    comes after the tenant's upcoming one shows none yet."""
+
+    def next_step(tenant: Tenant, keys: Sequence[KeyRecord], key: KeyRecord,
+                  now: int) -> tuple[str, int]:
+        p = tenant.policy
+        planned = plan(timings.of(p.rotation_period_seconds, p.max_token_lifetime_seconds),
+                       keys, now)
+        steps = [*planned.due, *([planned.upcoming] if planned.upcoming else [])]
+        mine = [st for st in steps if key.kid in (st.kid, st.previous)]
+        return (mine[0].kind.value, mine[0].at) if mine else ("", 0)
+
+    return next_step
+
+
+def schedule_lifetime_check(timings: Timings) -> UncoveredLifetime:
+    """LIFETIME_NOT_COVERED when the tenant's stored policy would be refused
+    today for its token lifetime (``fedtoken.core.rotation.check_policy``):
+    a policy stored before a limit tightened, or written around the API."""
+
+    def uncovered(tenant: Tenant) -> str:
+        p = tenant.policy
+        try:
+            timings.check(p.rotation_period_seconds, p.max_token_lifetime_seconds)
+        except PolicyViolation as exc:
+            return exc.message if exc.field == "max_token_lifetime" else ""
+        return ""
+
+    return uncovered
+
+
 def rotation_period_of(tenant: Tenant) -> int:
-    """The tenant's rotation period (the policy field is being added by the
-    rotation work; until then every tenant has the documented default)."""
-    period = getattr(tenant.policy, "rotation_period_seconds", 0)
-    return period if type(period) is int and period > 0 else DEFAULT_ROTATION_PERIOD_SECONDS
+    """The tenant's rotation period (the default for a non-positive one)."""
+    period = tenant.policy.rotation_period_seconds
+    return period if period > 0 else DEFAULT_ROTATION_PERIOD_SECONDS
 
 
 # --- may sign ----------------------------------------------------------------------

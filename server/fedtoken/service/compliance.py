@@ -33,6 +33,8 @@ from fedtoken.core.compliance import (
     may_sign,
     no_next_step,
     reconcile,
+    schedule_lifetime_check,
+    schedule_next_step,
 )
 from fedtoken.core.errors import FedtokenError, PermissionDenied, TenantNotFound
 from fedtoken.core.model import KeyRecord
@@ -46,6 +48,7 @@ from fedtoken.core.ports import (
     Signer,
     Store,
 )
+from fedtoken.core.rotation import Timings
 
 RoleProbe = Callable[[str, Role], frozenset[str] | None]
 # The run event lists at most this many findings (the rest are counted).
@@ -55,20 +58,24 @@ MAX_LISTED_FINDINGS = 200
 class Compliance:
     def __init__(self, *, store: Store, signer: Signer, audit: AuditSink, clock: Clock,
                  authz: Authorizer, tenants_for: RoleProbe | None = None,
-                 next_step: NextStep = no_next_step,
-                 uncovered_lifetime: UncoveredLifetime = lifetime_always_covered) -> None:
+                 timings: Timings | None = None, next_step: NextStep | None = None,
+                 uncovered_lifetime: UncoveredLifetime | None = None) -> None:
         """``tenants_for`` (``callers.policy.tenants_for``, late-bound) lets
         an auditor be recognised without first being denied as admin (a
-        denial is an audit event). ``next_step`` and ``uncovered_lifetime``
-        come from the rotation schedule (``fedtoken.core.rotation``)."""
+        denial is an audit event). ``timings`` (the rotation settings) gives
+        each key's next step and the lifetime check from the rotation
+        schedule; ``next_step`` and ``uncovered_lifetime`` override them
+        (without either: no step shown, no lifetime check)."""
         self._store = store
         self._signer = signer
         self._audit = audit
         self._clock = clock
         self._authz = authz
         self._tenants_for = tenants_for
-        self._next_step = next_step
-        self._uncovered_lifetime = uncovered_lifetime
+        self._next_step = next_step or (
+            schedule_next_step(timings) if timings is not None else no_next_step)
+        self._uncovered_lifetime = uncovered_lifetime or (
+            schedule_lifetime_check(timings) if timings is not None else lifetime_always_covered)
 
     # -- the report ----------------------------------------------------------------
 
