@@ -14,8 +14,10 @@ to take over) must keep its private half; a key that can no longer sign
 (RETIRING with an ACTIVE successor, RETIRED, DESTROYED, COMPROMISED) must
 not have one. Reconciliation never destroys a key that may sign, whatever
 else it finds. (This is more conservative than the rotation step machine,
-which destroys a RETIRING key's private half once it stopped signing: with
-no ACTIVE key a RETIRING one is the only key left that could be re-used.)
+which destroys any RETIRING key's private half once it stopped signing. A
+RETIRING key with no ACTIVE key beside it is what a compromised successor
+or a manual change leaves; the state machine never makes it sign again, but
+reconciliation and the report leave that decision to the operator.)
 
 Each key's next step and the lifetime check come from the rotation schedule
 (``schedule_next_step``, ``schedule_lifetime_check`` over
