@@ -417,6 +417,13 @@ def request_strategies(p: Pool) -> dict[str, st.SearchStrategy[Message]]:
         "ListKeys": st.builds(ka.ListKeysRequest, tenant=tenant),
         "ActivateKey": key_ref,
         "RetireKey": key_ref,
+        "UpdateTenant": st.builds(
+            ka.UpdateTenantRequest, id=tenant,
+            rotation_period_seconds=fz.int64_field(0, 3600, 30 * 86400),
+            max_token_lifetime_seconds=fz.int64_field(0, 60, 3600),
+            default_token_lifetime_seconds=fz.int64_field(0, 60, 900)),
+        "RotateKey": st.builds(ka.RotateKeyRequest, tenant=tenant,
+                               reason=fz.text_field(["", "leaked"])),
         "ListAuditEvents": st.builds(
             ka.ListAuditEventsRequest, tenant=tenant,
             event_type=fz.text_field(["", *EVENT_TYPES]),
