@@ -280,7 +280,11 @@ def test_reconcile_never_marks_a_key_that_may_sign_as_destroyable() -> None:
         labels = [r.hsm_label for r in records]
         for bits in itertools.product([True, False], repeat=3):
             present = dict(zip(labels, bits, strict=True))
-            signing = {r.hsm_label for r in records if may_sign(r, records)}
+            # The rule written out again here, not taken from the code under test.
+            any_active = KeyState.ACTIVE in combo
+            signing = {r.hsm_label for r in records
+                       if r.state in (KeyState.PENDING, KeyState.ACTIVE)
+                       or (r.state is KeyState.RETIRING and not any_active)}
             for f in reconcile(labels, records, present):
                 checked += 1
                 if f.destroyable:
