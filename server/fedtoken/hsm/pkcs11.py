@@ -7,7 +7,7 @@ login per token, is ``fedtoken.hsm.session``'s job; in short:
 * Never two threads in the PKCS#11 library at once in one process: every
   call, sync or async, from any instance, runs with the process-wide lock
   ``session.PKCS11_LOCK`` held. That lock is the whole serialisation.
-* The async methods (``sign``, ``generate``, ``destroy``) run their call on
+* The async methods (the ``Signer`` and ``CheckpointSigner`` ports) run their call on
   this instance's single-worker executor, so the worker thread, not the
   event loop, waits for the lock (python-pkcs11 releases the GIL inside
   PKCS#11 calls, so the loop keeps running meanwhile). Two instances have
