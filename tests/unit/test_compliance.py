@@ -655,6 +655,7 @@ async def test_the_cli_prints_a_table_and_exits_1_on_a_violation() -> None:
     row = next(line for line in lines if "a-cur" in line).split()
     assert row == ["a", "a-cur", "RS256", "2048", "65537", "ACTIVE", "1d00h", "-", "protected"]
     assert any(line.startswith("PRIVATE_KEY_AFTER_RETIREMENT") for line in lines)
+    assert next(line for line in lines if "a-old" in line).split()[-1] == "leftover:protected"
     assert lines[-1].startswith("NOT COMPLIANT: 2 violation(s)")
 
     w.hsm.objects["fedtoken/a/a-old"] = w.hsm.objects["fedtoken/a/a-prev"] = None

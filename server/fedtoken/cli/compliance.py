@@ -94,9 +94,13 @@ def render_report(report: key_admin_pb2.ComplianceReport) -> list[str]:
     """The human table: one row per key, then one per violation, then the
     verdict."""
     now = report.generated_at or int(time.time())
+    # A private half that should be gone reads "leftover", not "protected".
+    leftover = {(v.tenant, v.kid) for t in report.tenants for v in t.violations
+                if v.code == "PRIVATE_KEY_AFTER_RETIREMENT"}
     rows = [[k.tenant, k.kid, k.alg, str(k.modulus_bits), str(k.public_exponent),
              common_pb2.KeyState.Name(k.state), duration(k.age_seconds), next_cell(k, now),
-             hsm_cell(k.hsm)]
+             "leftover:" + hsm_cell(k.hsm) if (k.tenant, k.kid) in leftover
+             else hsm_cell(k.hsm)]
             for t in report.tenants for k in t.keys]
     out = table(["TENANT", "KID", "ALG", "BITS", "EXP", "STATE", "AGE", "NEXT", "HSM"], rows)
     violations = [*report.violations, *(v for t in report.tenants for v in t.violations)]
