@@ -484,6 +484,7 @@ async def test_changes_are_notified_on_commit(store: PgStore, fresh_dsn: str) ->
             "default_token_lifetime_s": t.policy.default_token_lifetime_seconds,
             "allowed_algorithms": list(t.policy.allowed_algorithms),
             "key_size": t.policy.key_size,
+            "rotation_period_s": t.policy.rotation_period_seconds,
         }
         # An update of the row (e.g. by an operator with psql) too.
         await store.revocations.revoke(t.id, "jti", "j-n0", expires_at=_in(), now=_now())
