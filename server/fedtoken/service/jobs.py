@@ -1,6 +1,7 @@
 """Background and once-only work: first-start bootstrap, the purge of
-expired revocations and the signed audit checkpoints. (Scheduled key
-rotation will live here too.)"""
+expired revocations and the signed audit checkpoints. Scheduled key rotation
+has a module of its own (``service.rotation``: leader-elected, fenced), which
+``fedtoken.app`` starts next to these in worker 0."""
 
 from __future__ import annotations
 
