@@ -419,7 +419,7 @@ def _measure_rows(service: Service, empty: EmptyServer, n_tokens: int, seconds: 
             f"VerifyBatch via gRPC, batch {fb}, 2 worker(s), FOREIGN tokens (trusted issuer, "
             f"cache warm), {path}", res.tokens_per_s,
             baseline="the same with local tokens", baseline_value=two[fb].tokens_per_s,
-            target="within noise of 1x", command=serve_cmd.format(w=2)))
+            target=">= 0.9x (within noise of local)", command=serve_cmd.format(w=2)))
     best_b = max((b for b in batches if b > 1), key=lambda b: two[b].tokens_per_s, default=None)
     if best_b is not None:
         rows.append(Row(f"VerifyBatch batch {best_b}, 2 workers, vs PyJWT loop",
