@@ -42,6 +42,7 @@ from fedtoken.rpc.servicers import KeyAdminServicer, TokenServicer
 from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Verification
 from fedtoken.service.callers import Callers
 from fedtoken.service.checkpoints import Checkpoints
+from fedtoken.service.compliance import Compliance
 from fedtoken.service.exchange import Exchange
 from fedtoken.service.retention import Retention
 from fedtoken.service.rotation import ROTATION_LEADER_LOCK, Rotation
@@ -433,6 +434,11 @@ async def start_app(
         closers.append(trust_catalog.close)
         await trust_catalog.reload()
         await trusted_keys.start()  # the persisted last good sets serve at once
+        compliance = Compliance(
+            store=store, signer=hsm, audit=audit, clock=clock, authz=callers,
+            # Late-bound: each reload replaces the policy.
+            tenants_for=lambda identity, role: callers.policy.tenants_for(identity, role),
+            timings=timings)
         exchange = Exchange(tokens=tokens, engine=engine, trusted=trusted_keys,
                             trust_of=trust_catalog.get, catalog=catalog, clock=clock,
                             authz=callers,
@@ -502,7 +508,7 @@ async def start_app(
         token_service_pb2_grpc.add_TokenServiceServicer_to_server(
             TokenServicer(tokens, verification, exchange), server)
         key_admin_pb2_grpc.add_KeyAdminServicer_to_server(
-            KeyAdminServicer(keys, callers, trust), server)
+            KeyAdminServicer(keys, callers, trust, compliance), server)
         address = f"{settings.grpc_host}:{settings.grpc_port}"
         port = (server.add_insecure_port(address) if transport.tls is None
                 else server.add_secure_port(address, server_credentials(transport.tls)))
@@ -519,7 +525,8 @@ async def start_app(
                               "audit": audit.mode.value}
 
             web_app = combine(create_public_app(_PublicApi(catalog, tokens, exchange), settings,
-                                                identity_of=spiffe_id_of_der),
+                                                identity_of=spiffe_id_of_der,
+                                                compliance_report=compliance.report),
                               create_ops_app(health))
             runner, app.http_port = await start_site(web_app, settings.http_host,
                                                      settings.http_port,

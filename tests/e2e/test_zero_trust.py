@@ -320,6 +320,8 @@ def _minimal_requests(w: World) -> dict[str, Message]:
         "KeyAdmin/RetireKey": ka.KeyRef(tenant=w.a, kid=kid),
         "KeyAdmin/UpdateTenant": ka.UpdateTenantRequest(id=w.a),  # zeros: nothing changes
         "KeyAdmin/RotateKey": ka.RotateKeyRequest(tenant=w.a, reason="no grant"),
+        "KeyAdmin/GetComplianceReport": ka.ComplianceReportRequest(tenant=w.a),
+        "KeyAdmin/ReconcileKeys": ka.ReconcileKeysRequest(),  # a dry run
         "KeyAdmin/ListAuditEvents": ka.ListAuditEventsRequest(),
         "KeyAdmin/VerifyAuditChain": ka.VerifyAuditChainRequest(),
         "KeyAdmin/GrantCaller": ka.GrantCallerRequest(identity=_spiffe("escalate"),

@@ -634,11 +634,14 @@ class FakeClient:
 
 
 def _cli(client: FakeClient, argv: list[str]) -> tuple[int, list[str], list[Any]]:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    # The commands as cli.main registers them, on a parser of the test's own
+    # (cli.main's would connect to a real server).
+    parser = argparse.ArgumentParser(prog="fedtoken")
+    sub = parser.add_subparsers(dest="command", required=True)
+    keys = sub.add_parser("keys").add_subparsers(dest="action", required=True)
     lines: list[str] = []
     emitted: list[Any] = []
-    cli.register(sub, connect=lambda ns: client, emit=emitted.append)  # type: ignore[arg-type,return-value]
+    cli.register(sub, connect=lambda ns: client, emit=emitted.append, keys=keys)  # type: ignore[arg-type,return-value]
     ns = parser.parse_args(argv)
     code: int = ns.func(ns, write=lines.append)
     return code, lines, emitted
@@ -684,8 +687,10 @@ async def test_the_cli_reconciles_and_exits_1_while_something_is_left() -> None:
     code, lines, emitted = _cli(FakeClient({"ReconcileKeys": empty}),
                                 ["keys", "reconcile", "--json"])
     assert code == 0 and emitted == [{"objects": [], "hsm_objects": 3, "records": 3}]
-    # The other keys commands are still cli.main's.
+    # cli.main registers them beside its own keys commands.
     assert build_parser().parse_args(["keys", "list"]).action == "list"
+    assert build_parser().parse_args(["keys", "reconcile", "--fix"]).fix is True
+    assert build_parser().parse_args(["compliance", "--tenant", "a"]).tenant == "a"
 
 
 def test_cli_durations_are_compact() -> None:

@@ -85,6 +85,7 @@ from fedtoken.core.policy import check_key_size
 from fedtoken.core.ports import CallContext, GeneratedKey, Principal, RevocationEntry
 from fedtoken.rpc.interceptors import ERROR_DETAIL_KEY, REASON_KEY
 from fedtoken.rpc.servicers import KeyAdminServicer, TokenServicer
+from fedtoken.service.compliance import Compliance
 from fedtoken.service.exchange import Exchange
 from fedtoken.service.types import IssueParams, NewTenant, RevokeParams
 from fedtoken_client._pb.fedtoken.v1 import (
@@ -424,6 +425,8 @@ def request_strategies(p: Pool) -> dict[str, st.SearchStrategy[Message]]:
             default_token_lifetime_seconds=fz.int64_field(0, 60, 900)),
         "RotateKey": st.builds(ka.RotateKeyRequest, tenant=tenant,
                                reason=fz.text_field(["", "leaked"])),
+        "GetComplianceReport": st.builds(ka.ComplianceReportRequest, tenant=tenant),
+        "ReconcileKeys": st.builds(ka.ReconcileKeysRequest, fix=st.just(False)),
         "ListAuditEvents": st.builds(
             ka.ListAuditEventsRequest, tenant=tenant,
             event_type=fz.text_field(["", *EVENT_TYPES]),
@@ -574,7 +577,10 @@ def fuzz() -> Iterator[Fuzz]:
                                       [m for m, v in METHODS.items() if v[0] == TOKEN_SERVICE]),
             **await fz.unary_handlers(key_admin_pb2_grpc.add_KeyAdminServicer_to_server,
                                       KeyAdminServicer(svc.keys, svc.callers,
-                                                       build_trust(svc).admin), KEY_ADMIN,
+                                                       build_trust(svc).admin, Compliance(
+                                                           store=svc.store, signer=svc.signer,
+                                                           audit=svc.audit, clock=svc.clock,
+                                                           authz=svc.callers)), KEY_ADMIN,
                                       [m for m, v in METHODS.items() if v[0] == KEY_ADMIN]),
         }
         return pool, snapshot, handlers

@@ -291,6 +291,17 @@ class FedtokenClient:
     def list_callers(self) -> list[key_admin_pb2.CallerGrant]:
         return list(self._call(self.admin.ListCallers, key_admin_pb2.ListCallersRequest()).grants)
 
+    # -- compliance ------------------------------------------------------------------
+
+    def compliance_report(self, tenant: str = "") -> key_admin_pb2.ComplianceReport:
+        """Every key's facts and every policy violation (auditor or admin)."""
+        return self._call(self.admin.GetComplianceReport,
+                          key_admin_pb2.ComplianceReportRequest(tenant=tenant))
+
+    def reconcile_keys(self, *, fix: bool = False) -> key_admin_pb2.ReconcileKeysReport:
+        """HSM objects vs Postgres records; with ``fix``, destroy the orphans."""
+        return self._call(self.admin.ReconcileKeys, key_admin_pb2.ReconcileKeysRequest(fix=fix))
+
     # -- trusted issuers (federation) ---------------------------------------------------
 
     def add_trusted_issuer(self, issuer: str, *, tenants: Sequence[str], jwks_uri: str = "",

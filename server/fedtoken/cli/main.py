@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from fedtoken.cli.compliance import register as register_compliance
 from fedtoken.cli.trust import add_trust_commands
 from fedtoken.core.errors import FedtokenError
 from fedtoken_client import FedtokenClient, FedtokenRpcError, Tls
@@ -544,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=cmd_callers)
 
     add_trust_commands(sub, connect=_client, emit=_print, duration=_duration)
+    register_compliance(sub, connect=_client, emit=_print, keys=ksub)
 
     dc = sub.add_parser("dev-cert", help="issue a client certificate from the dev CA")
     dc.add_argument("identity", help="SPIFFE ID for the certificate's URI SAN")

@@ -27,8 +27,7 @@ from fedtoken.core.errors import (
     Unavailable,
 )
 from fedtoken.core.ports import CallContext, Principal
-from fedtoken.http.guard import NOTE_KEY, terse
-from fedtoken.http.public import _peer_certificate
+from fedtoken.http.guard import NOTE_KEY, peer_certificate, terse
 
 __all__ = ["ReportCall", "compliance_handler", "report_json"]
 
@@ -91,7 +90,7 @@ def compliance_handler(report: ReportCall,
     async def handle(request: web.Request) -> web.StreamResponse:
         note = request.get(NOTE_KEY)
         try:
-            identity = identity_of(_peer_certificate(request))
+            identity = identity_of(peer_certificate(request))
         except Unauthenticated:
             if note is not None:
                 note.marks.append("auth=no-client-cert")

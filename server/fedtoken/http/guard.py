@@ -37,7 +37,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 __all__ = ["ACCESS_LOG", "LIMITS_KEY", "NOTE_KEY", "GuardedSite", "HttpLimits", "Note",
-           "boundary", "terse"]
+           "boundary", "peer_certificate", "terse"]
 
 log = logging.getLogger("fedtoken.http")
 access_log = logging.getLogger("fedtoken.http.access")
@@ -384,3 +384,12 @@ class GuardedSite(web.TCPSite):
             self._listener.expired.report()
             self._listener.refused.close()
             self._listener.expired.close()
+
+
+def peer_certificate(request: web.Request) -> bytes | None:
+    """The DER client certificate the TLS handshake verified (the bridge asks
+    for one when it has a client CA), or None."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return der if isinstance(der, bytes) else None

@@ -36,7 +36,16 @@ from fedtoken.core.errors import (
 )
 from fedtoken.core.policy import is_tenant_id
 from fedtoken.core.ports import CallContext, Principal
-from fedtoken.http.guard import LIMITS_KEY, NOTE_KEY, HttpLimits, Note, boundary, terse
+from fedtoken.http.compliance import ReportCall, compliance_handler
+from fedtoken.http.guard import (
+    LIMITS_KEY,
+    NOTE_KEY,
+    HttpLimits,
+    Note,
+    boundary,
+    peer_certificate,
+    terse,
+)
 from fedtoken.service.types import Exchanged, ExchangeParams, Introspection, KeySet
 
 __all__ = ["PublicApi", "create_public_app"]
@@ -70,15 +79,6 @@ TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa
 _JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
 # Form parameters of the token endpoint that may repeat (RFC 8693 section 2.1).
 _REPEATABLE = frozenset({"audience"})
-
-
-def _peer_certificate(request: web.Request) -> bytes | None:
-    """The DER client certificate the TLS handshake verified (the bridge asks
-    for one when it has a client CA), or None."""
-    transport = request.transport
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    return der if isinstance(der, bytes) else None
 
 
 def _no_identity(der: bytes | None) -> str:
@@ -161,10 +161,11 @@ def _json_error(exc: type[web.HTTPException], error: str,
 
 
 def create_public_app(api: PublicApi, settings: Settings,
-                      identity_of: Callable[[bytes | None], str] = _no_identity
-                      ) -> web.Application:
+                      identity_of: Callable[[bytes | None], str] = _no_identity,
+                      compliance_report: ReportCall | None = None) -> web.Application:
     """``identity_of``: the caller's SPIFFE ID from its verified client
-    certificate (DER; raises Unauthenticated), for the token endpoint."""
+    certificate (DER; raises Unauthenticated), for the token endpoint and the
+    compliance report (``GET /compliance``, auditors and admins only)."""
     base = settings.http_public_url
     auth = _ClientAuth(parse_introspection_clients(settings.introspection_clients))
 
@@ -326,7 +327,7 @@ def create_public_app(api: PublicApi, settings: Settings,
         if form.get("grant_type") != TOKEN_EXCHANGE_GRANT:
             return error(400, "unsupported_grant_type")
         try:
-            identity = identity_of(_peer_certificate(request))
+            identity = identity_of(peer_certificate(request))
         except Unauthenticated:
             note.marks.append("auth=no-client-cert")
             return error(401, "invalid_client")
@@ -373,4 +374,6 @@ def create_public_app(api: PublicApi, settings: Settings,
     app.router.add_get("/t/{tenant}/.well-known/jwks.json", jwks)
     app.router.add_get("/.well-known/openid-configuration", discovery)
     app.router.add_get("/t/{tenant}/.well-known/openid-configuration", discovery)
+    if compliance_report is not None:
+        app.router.add_get("/compliance", compliance_handler(compliance_report, identity_of))
     return app

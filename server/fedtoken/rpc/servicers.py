@@ -13,9 +13,11 @@ import grpc
 
 from fedtoken.core.errors import FailedPrecondition
 from fedtoken.rpc import convert
+from fedtoken.rpc.compliance import ComplianceServicerMixin
 from fedtoken.rpc.interceptors import call_context
 from fedtoken.service import KeyAdmin, Tokens, Verification
 from fedtoken.service.callers import Callers
+from fedtoken.service.compliance import Compliance
 from fedtoken.service.exchange import Exchange
 from fedtoken.service.trust import TrustAdmin
 from fedtoken_client._pb.fedtoken.v1 import (
@@ -76,11 +78,13 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
                                                                       call_context()))
 
 
-class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServicer):
-    def __init__(self, keys: KeyAdmin, callers: Callers, trust: TrustAdmin | None = None) -> None:
+class KeyAdminServicer(ComplianceServicerMixin, key_admin_pb2_grpc.KeyAdminServicer):
+    def __init__(self, keys: KeyAdmin, callers: Callers, trust: TrustAdmin | None = None,
+                 compliance: Compliance | None = None) -> None:
         self._keys = keys
         self._callers = callers
         self._trust_admin = trust
+        self._compliance = compliance
 
     @property
     def _trust(self) -> TrustAdmin:
