@@ -376,3 +376,35 @@ def test_create_tenant_refuses_an_uncovered_lifetime() -> None:
     with pytest.raises(PolicyViolation):
         svc.keys.check_schedule(tenant.policy)
     assert TenantPolicy().rotation_period_seconds == 30 * 86_400
+
+
+async def test_lowering_the_token_lifetime_keeps_keys_published_for_earlier_tokens(
+        svc: Services) -> None:
+    """A token issued just before the lifetime is lowered lives out its old
+    lifetime: the key that signed it stays published until then (plus one
+    max-age and the leeway), although the new grace alone would be shorter."""
+    from fedtoken.core.errors import FailedPrecondition
+
+    long_t = 2 * T
+    await svc.keys.create_tenant(
+        NewTenant(id="low", rotation_period_seconds=P, max_token_lifetime_seconds=long_t,
+                  default_token_lifetime_seconds=T, generate_key=True), CTX)
+    lowered_at = int(svc.clock.now())
+    updated = await svc.keys.update_tenant(
+        TenantUpdate(id="low", max_token_lifetime_seconds=T), CTX)
+    assert updated.policy.earlier_tokens_expire_by == lowered_at + long_t + LEEWAY
+    old = svc.catalog.active_key(updated)
+    await svc.keys.rotate_now("low", "rotate after the change", CTX)
+    retiring = svc.store.data.keys[old.kid]
+    sched = Timings(configured_max_age=MAX_AGE, leeway=LEEWAY).for_policy(updated.policy)
+    unpublish = sched.unpublish_at(retiring.retiring_at)
+    assert unpublish >= lowered_at + long_t + sched.jwks_max_age + LEEWAY  # old tokens' exp
+    assert unpublish > retiring.retiring_at + sched.grace  # more than the new grace alone
+    # RetireKey honours the same bound (without emergency).
+    svc.clock.t = retiring.retiring_at + sched.grace + 1
+    with pytest.raises(FailedPrecondition):
+        await svc.keys.retire_key("low", old.kid, CTX)
+    # Raising it again keeps the floor (the earlier tokens still live).
+    raised = await svc.keys.update_tenant(
+        TenantUpdate(id="low", max_token_lifetime_seconds=long_t), CTX)
+    assert raised.policy.earlier_tokens_expire_by == lowered_at + long_t + LEEWAY

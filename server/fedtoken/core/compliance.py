@@ -136,8 +136,7 @@ def schedule_next_step(timings: Timings) -> NextStep:
     def next_step(tenant: Tenant, keys: Sequence[KeyRecord], key: KeyRecord,
                   now: int) -> tuple[str, int]:
         p = tenant.policy
-        planned = plan(timings.of(p.rotation_period_seconds, p.max_token_lifetime_seconds),
-                       keys, now)
+        planned = plan(timings.for_policy(p), keys, now)
         steps = [*planned.due, *([planned.upcoming] if planned.upcoming else [])]
         mine = [st for st in steps if key.kid in (st.kid, st.previous)]
         return (mine[0].kind.value, mine[0].at) if mine else ("", 0)

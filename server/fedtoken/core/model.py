@@ -77,6 +77,10 @@ class TenantPolicy:
     # A new signing key every this many seconds (fedtoken.core.rotation;
     # 30 days). The other timings of the schedule are derived from it.
     rotation_period_seconds: int = 30 * 86_400
+    # Unix seconds by which every token issued under an earlier, longer
+    # max_token_lifetime has expired (0: none): lowering the lifetime must not
+    # shorten the publication of keys that signed such tokens.
+    earlier_tokens_expire_by: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,13 +30,14 @@ which ``plan`` names what is left to do (``Plan.notes`` say why).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
 from fedtoken.core.errors import PolicyViolation
-from fedtoken.core.model import KeyRecord, KeyState
+from fedtoken.core.model import KeyRecord, KeyState, TenantPolicy
 
 DAY: Final = 86_400
 DEFAULT_ROTATION_PERIOD: Final = 30 * DAY
@@ -67,6 +68,15 @@ class Schedule:
     jwks_max_age: int
     prepublish: int
     grace: int
+    # Tokens signed under an earlier, longer lifetime expire by then (0:
+    # none): no key is unpublished before it plus one max-age and the leeway.
+    earlier_tokens_expire_by: int = 0
+
+    def unpublish_at(self, retiring_at: int) -> int:
+        """When a key that stopped signing at ``retiring_at`` may leave the JWKS."""
+        floor = (self.earlier_tokens_expire_by + self.jwks_max_age + self.leeway
+                 if self.earlier_tokens_expire_by else 0)
+        return max(retiring_at + self.grace, floor)
 
 
 def schedule(period: int, max_token_lifetime: int, *, configured_max_age: int,
@@ -210,7 +220,7 @@ def plan(s: Schedule, keys: Iterable[KeyRecord], now: int) -> Plan:
             if k.state is KeyState.RETIRED:
                 notes.append(f"RETIRED key {k.kid} still has its private half: destroying it")
         if k.state is KeyState.RETIRING:
-            steps.append(Step(StepKind.UNPUBLISH, k.retiring_at + s.grace, kid=k.kid,
+            steps.append(Step(StepKind.UNPUBLISH, s.unpublish_at(k.retiring_at), kid=k.kid,
                               expects={k.kid: KeyState.RETIRING}))
 
     order = list(StepKind)
@@ -233,6 +243,13 @@ class Timings:
     def of(self, period: int, max_token_lifetime: int) -> Schedule:
         return schedule(period, max_token_lifetime, configured_max_age=self.configured_max_age,
                         leeway=self.leeway)
+
+    def for_policy(self, policy: TenantPolicy) -> Schedule:
+        """A tenant's schedule, including what an earlier lowering of its token
+        lifetime still requires."""
+        return dataclasses.replace(
+            self.of(policy.rotation_period_seconds, policy.max_token_lifetime_seconds),
+            earlier_tokens_expire_by=policy.earlier_tokens_expire_by)
 
     def check(self, period: int, max_token_lifetime: int) -> Schedule:
         """The schedule, or PolicyViolation when it is not safe."""

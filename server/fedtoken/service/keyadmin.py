@@ -184,8 +184,14 @@ class KeyAdmin:
                                      tenant=tenant.id)
         old = tenant.policy
         max_lifetime = req.max_token_lifetime_seconds or old.max_token_lifetime_seconds
+        # Lowering the lifetime: tokens already issued under the old one live
+        # on, and so must the keys that signed them (in the JWKS).
+        expire_by = old.earlier_tokens_expire_by
+        if max_lifetime < old.max_token_lifetime_seconds:
+            expire_by = max(expire_by, int(self._clock.now()) + old.max_token_lifetime_seconds
+                            + self._defaults.timings.leeway)
         policy = dataclasses.replace(
-            old,
+            old, earlier_tokens_expire_by=expire_by,
             rotation_period_seconds=req.rotation_period_seconds or old.rotation_period_seconds,
             max_token_lifetime_seconds=max_lifetime,
             default_token_lifetime_seconds=req.default_token_lifetime_seconds
@@ -332,12 +338,11 @@ class KeyAdmin:
         if target is KeyState.RETIRED:
             tenant = await self._catalog.tenant(key.tenant)
             p = tenant.policy
-            sched = self._defaults.timings.of(p.rotation_period_seconds,
-                                              p.max_token_lifetime_seconds)
+            sched = self._defaults.timings.for_policy(p)
             # The longer of the schedule's grace and the configured margin:
             # never unpublish sooner than either promised.
-            grace_end = key.retiring_at + max(
-                sched.grace, p.max_token_lifetime_seconds + self._defaults.grace_margin_seconds)
+            grace_end = max(sched.unpublish_at(key.retiring_at), key.retiring_at
+                            + p.max_token_lifetime_seconds + self._defaults.grace_margin_seconds)
             early = now < grace_end
             if early and not emergency:
                 raise FailedPrecondition(

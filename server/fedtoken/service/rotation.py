@@ -102,8 +102,7 @@ class Rotation:
 
     def plan_for(self, tenant: Tenant, keys: list[KeyRecord]) -> Plan:
         p = tenant.policy
-        return plan(self._timings.of(p.rotation_period_seconds, p.max_token_lifetime_seconds),
-                    keys, int(self._clock.now()))
+        return plan(self._timings.for_policy(p), keys, int(self._clock.now()))
 
     async def run(self, every: float) -> None:
         """Check every ``every`` seconds, forever; a failed round is logged

@@ -14,7 +14,7 @@ from fedtoken.store.pool import ConnectionSource, aware, db_errors, epoch
 
 _COLUMNS: Final = (
     "id, issuer, max_token_lifetime_s, default_token_lifetime_s, allowed_algorithms, "
-    "key_size, created_at, rotation_period_s"
+    "key_size, created_at, rotation_period_s, earlier_tokens_expire_by"
 )
 _ISSUER_UNIQUE: Final = "tenants_issuer_key"
 
@@ -29,6 +29,8 @@ def _tenant(row: asyncpg.Record) -> Tenant:
             allowed_algorithms=tuple(row["allowed_algorithms"]),
             key_size=row["key_size"],
             rotation_period_seconds=row["rotation_period_s"],
+            earlier_tokens_expire_by=epoch(row["earlier_tokens_expire_by"])
+            if row["earlier_tokens_expire_by"] is not None else 0,
         ),
         created_at=epoch(row["created_at"]),
     )
@@ -93,7 +95,9 @@ class PgTenants:
                 row = await conn.fetchrow(
                     f"""
                     UPDATE tenants SET rotation_period_s = $2, max_token_lifetime_s = $3,
-                           default_token_lifetime_s = $4
+                           default_token_lifetime_s = $4,
+                           earlier_tokens_expire_by = CASE WHEN $5::bigint > 0
+                               THEN to_timestamp($5::bigint) END
                      WHERE id = $1
                     RETURNING {_COLUMNS}
                     """,
@@ -101,6 +105,7 @@ class PgTenants:
                     policy.rotation_period_seconds,
                     policy.max_token_lifetime_seconds,
                     policy.default_token_lifetime_seconds,
+                    policy.earlier_tokens_expire_by,
                 )
         if row is None:
             raise TenantNotFound("no such tenant", tenant=tenant_id)
