@@ -11,15 +11,10 @@ from fedtoken.core.errors import ErrorReason, FailedPrecondition, PolicyViolatio
 from fedtoken.core.jwk import int_to_b64url, rsa_public_jwk
 from fedtoken.core.keys import (
     ALLOWED_TRANSITIONS,
-    ActionKind,
-    RotationAction,
-    RotationPolicy,
     check_transition,
-    jwks_max_age,
     load_rsa_public_key,
-    next_actions,
 )
-from fedtoken.core.model import KeyRecord, KeyState
+from fedtoken.core.model import KeyState
 from tests.unit._world import rsa_key
 
 S = KeyState
@@ -54,76 +49,6 @@ def test_table_matches() -> None:
 
 
 # --- rotation timing --------------------------------------------------------------------
-
-
-def test_jwks_max_age() -> None:
-    assert jwks_max_age(30 * 86400) == 86400  # ceiling
-    assert jwks_max_age(86400) == 8640
-    assert jwks_max_age(100) == 60  # floor
-    assert jwks_max_age(1000, floor_s=1, ceiling_s=50) == 50
-    with pytest.raises(PolicyViolation):
-        jwks_max_age(0)
-
-
-def key(kid: str, state: KeyState, **times: int) -> KeyRecord:
-    return KeyRecord(
-        kid=kid,
-        tenant="t",
-        alg="RS256",
-        key_size=2048,
-        state=state,
-        public_jwk={},
-        hsm_label=kid,
-        **times,
-    )
-
-
-POLICY = RotationPolicy(rotation_period_s=86400, max_token_lifetime_s=3600)
-AGE = POLICY.jwks_max_age_s  # 8640
-
-
-def test_bootstrap_generates_then_activates_at_once() -> None:
-    assert next_actions([], 0, POLICY) == [RotationAction(ActionKind.GENERATE)]
-    pending = [key("p", S.PENDING, created_at=100)]
-    assert next_actions(pending, 100, POLICY) == [RotationAction(ActionKind.ACTIVATE, "p")]
-
-
-def test_rotation_cycle() -> None:
-    active = key("a", S.ACTIVE, created_at=0, activated_at=0)
-    due = 86400
-    assert next_actions([active], due - AGE - 1, POLICY) == []
-    # One max-age before it is due, the successor is published.
-    assert next_actions([active], due - AGE, POLICY) == [RotationAction(ActionKind.GENERATE)]
-    pending = key("b", S.PENDING, created_at=due - AGE)
-    assert next_actions([active, pending], due - 1, POLICY) == []
-    assert next_actions([active, pending], due, POLICY) == [
-        RotationAction(ActionKind.ACTIVATE, "b"),
-        RotationAction(ActionKind.START_RETIRING, "a"),
-    ]
-    # A successor published late waits its full max-age before signing.
-    late = key("b", S.PENDING, created_at=due)
-    assert next_actions([active, late], due + AGE - 1, POLICY) == []
-    assert next_actions([active, late], due + AGE, POLICY)[0].kind is ActionKind.ACTIVATE
-
-
-def test_retiring_key_stays_published_for_lifetime_plus_max_age() -> None:
-    active = key("b", S.ACTIVE, activated_at=1000)
-    retiring = key("a", S.RETIRING, retiring_at=1000)
-    grace = POLICY.max_token_lifetime_s + AGE
-    assert next_actions([active, retiring], 1000 + grace - 1, POLICY) == []
-    assert next_actions([active, retiring], 1000 + grace, POLICY) == [
-        RotationAction(ActionKind.RETIRE, "a")
-    ]
-
-
-def test_action_targets_are_legal_transitions() -> None:
-    assert ActionKind.ACTIVATE.target is S.ACTIVE
-    for kind, source in (
-        (ActionKind.ACTIVATE, S.PENDING),
-        (ActionKind.START_RETIRING, S.ACTIVE),
-        (ActionKind.RETIRE, S.RETIRING),
-    ):
-        check_transition(source, kind.target)
 
 
 # --- trust-store rules ------------------------------------------------------------------

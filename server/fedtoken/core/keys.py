@@ -1,22 +1,10 @@
-"""Signing-key lifecycle: the state machine, rotation timing, and the rules a
-public key must meet before any verifier trusts it.
-
-Rotation timing follows one principle (Vault, Dex): an honest cache of the
-JWKS always holds every key a valid token may name. So a new key is published
-at least one JWKS max-age before it signs, and an old key stays published for
-the longest token lifetime plus one max-age after it stops signing.
-
-The rotation part (``RotationPolicy``, ``next_actions``, ``jwks_max_age``) is
-not wired yet: nothing calls ``next_actions``, and the JWKS is served with the
-``jwks_max_age_seconds`` setting, not with a max-age derived from a rotation
-schedule. They are what automatic rotation will use.
-"""
+"""Signing-key lifecycle: the state machine, and the rules a public key must
+meet before any verifier trusts it. Rotation timing (when keys move along the
+state machine) is ``fedtoken.core.rotation``."""
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey, RSAPublicNumbers
@@ -27,7 +15,6 @@ from fedtoken.core.model import (
     ASYMMETRIC_ALGORITHMS,
     MAX_RSA_BITS,
     MIN_RSA_BITS,
-    KeyRecord,
     KeyState,
 )
 
@@ -51,110 +38,6 @@ def check_transition(current: KeyState, target: KeyState) -> None:
             f"a {current.value} key cannot become {target.value}; "
             "list the key's state and follow pending -> active -> retiring -> retired"
         )
-
-
-# --- rotation timing ------------------------------------------------------------
-
-MIN_JWKS_MAX_AGE: Final = 60
-MAX_JWKS_MAX_AGE: Final = 86_400
-
-
-def jwks_max_age(
-    rotation_period_s: int,
-    *,
-    floor_s: int = MIN_JWKS_MAX_AGE,
-    ceiling_s: int = MAX_JWKS_MAX_AGE,
-) -> int:
-    """Cache-Control max-age for a JWKS whose signing key rotates every
-    ``rotation_period_s`` seconds (for automatic rotation; not used to serve
-    the JWKS today, see the module docstring).
-
-    next_actions publishes a new key one max-age before it signs, so the
-    max-age is a tenth of the period: caches refetch a few times per period,
-    and keys sit pending for a small part of it. The floor keeps caches useful
-    under very fast rotation; the ceiling bounds how long a remote verifier
-    may miss an emergency rotation after a compromise.
-    """
-    if rotation_period_s <= 0:
-        raise PolicyViolation("rotation period must be positive", field="rotation_period")
-    return max(floor_s, min(ceiling_s, rotation_period_s // 10))
-
-
-@dataclass(frozen=True, slots=True)
-class RotationPolicy:
-    """When a tenant's keys rotate; derived values are computed, not stored."""
-
-    rotation_period_s: int
-    max_token_lifetime_s: int
-
-    @property
-    def jwks_max_age_s(self) -> int:
-        return jwks_max_age(self.rotation_period_s)
-
-
-class ActionKind(enum.Enum):
-    """What the rotation job should do next, and the state it leads to."""
-
-    GENERATE = KeyState.PENDING  # create a new key, published but not signing
-    ACTIVATE = KeyState.ACTIVE
-    START_RETIRING = KeyState.RETIRING  # stops signing, still published
-    RETIRE = KeyState.RETIRED  # unpublished
-
-    @property
-    def target(self) -> KeyState:
-        state: KeyState = self.value
-        return state
-
-
-@dataclass(frozen=True, slots=True)
-class RotationAction:
-    kind: ActionKind
-    kid: str = ""  # empty for GENERATE
-
-
-def next_actions(
-    keys: Iterable[KeyRecord], now: int, policy: RotationPolicy
-) -> list[RotationAction]:
-    """The transitions one tenant's keys are due for at ``now``.
-
-    Pure: the caller (one replica, under an advisory lock) applies them in
-    order and calls again later. Applying an ACTIVATE and the START_RETIRING
-    that accompanies it in one transaction keeps exactly one signing key.
-    """
-    max_age = policy.jwks_max_age_s
-    records = list(keys)
-    active = [k for k in records if k.state is KeyState.ACTIVE]
-    pending = sorted(
-        (k for k in records if k.state is KeyState.PENDING), key=lambda k: (k.created_at, k.kid)
-    )
-    current = max(active, key=lambda k: (k.activated_at, k.kid), default=None)
-    actions: list[RotationAction] = []
-
-    if current is None:
-        # With no signing key there is nothing to keep using, so a pending key
-        # signs at once: refusing to issue is worse than a remote cache missing
-        # the key until it refetches on the unknown kid.
-        actions.append(
-            RotationAction(ActionKind.ACTIVATE, pending[0].kid)
-            if pending
-            else RotationAction(ActionKind.GENERATE)
-        )
-    else:
-        due = current.activated_at + policy.rotation_period_s
-        if not pending:
-            if now >= due - max_age:
-                actions.append(RotationAction(ActionKind.GENERATE))
-        elif now >= due and now >= pending[0].created_at + max_age:
-            actions.append(RotationAction(ActionKind.ACTIVATE, pending[0].kid))
-            actions.extend(RotationAction(ActionKind.START_RETIRING, k.kid) for k in active)
-
-    grace = policy.max_token_lifetime_s + max_age
-    actions.extend(
-        RotationAction(ActionKind.RETIRE, k.kid)
-        for k in records
-        if k.state is KeyState.RETIRING and now >= k.retiring_at + grace
-    )
-    return actions
 
 
 # --- trust-store rules ----------------------------------------------------------
