@@ -354,6 +354,7 @@ class MemoryKeyRepo:
     def __init__(self, keys: list[KeyRecord]) -> None:
         self.keys = keys
         self.stale: set[str] = set()
+        self.marked: list[str] = []
 
     async def list(self, tenant_id: str | None = None) -> list[KeyRecord]:
         return [k for k in self.keys if (tenant_id is None or k.tenant == tenant_id)
@@ -361,6 +362,12 @@ class MemoryKeyRepo:
 
     async def get(self, kid: str) -> KeyRecord | None:
         return next((k for k in self.keys if k.kid == kid), None)
+
+    async def mark_private_destroyed(self, kid: str, *, now: datetime) -> KeyRecord:
+        self.marked.append(kid)
+        found = await self.get(kid)
+        assert found is not None and not found.state.signs
+        return found
 
 
 class MemoryChain:
@@ -545,6 +552,7 @@ async def test_reconcile_reports_without_fix_and_destroys_with_it_audited() -> N
         ("fedtoken/b/b-cur", False), ("fedtoken/b/public-only", True)]
     assert w.hsm.destroyed == ["fedtoken/a/orphan", "fedtoken/b/public-only"]
     assert w.hsm.private_destroyed == ["fedtoken/a/a-old", "fedtoken/a/a-prev"]
+    assert w.store.keys.marked == ["a-old", "a-prev"]  # and the store knows it
     # The active key of "a" was never touched.
     assert w.hsm.objects["fedtoken/a/a-cur"] == PROTECTED
     assert sorted((e.event_type, e.hsm_label) for e in _with_label(

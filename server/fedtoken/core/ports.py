@@ -393,6 +393,11 @@ class KeyRepository(Protocol):
 
     async def activate(self, tenant_id: str, kid: str, *, now: datetime) -> KeyRecord: ...
 
+    async def mark_private_destroyed(self, kid: str, *, now: datetime) -> KeyRecord:
+        """Record that the key's private half is gone from the HSM (refused
+        for a key that may still sign)."""
+        ...
+
 
 class RevocationRepository(Protocol):
     async def revoke(

@@ -47,6 +47,7 @@ from fedtoken.core.ports import (
     HsmKeyAttributes,
     Signer,
     Store,
+    utc,
 )
 from fedtoken.core.rotation import Timings
 
@@ -180,6 +181,10 @@ class Compliance:
                 await self._signer.destroy(finding.hsm_label)
             else:
                 await self._signer.destroy_private(finding.hsm_label)
+                if finding.kid:
+                    # So the schedule and the next report know it is gone.
+                    await self._store.keys.mark_private_destroyed(
+                        finding.kid, now=utc(self._clock.now()))
         except FedtokenError as exc:
             await self._audit.record(replace(event, outcome="error", reason=exc.reason.value))
             return finding
