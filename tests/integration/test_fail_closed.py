@@ -42,6 +42,7 @@ from fedtoken.revocation.view import InMemoryRevocationView, RevocationEntry
 from fedtoken.store.embedded import EmbeddedPostgres
 from fedtoken_client import FedtokenClient, FedtokenRpcError, reason_name
 from tests._pg_fixture import create_database
+from tests.integration._faults import PgControl
 from tests.support import ServerThread, make_settings
 
 pytestmark = pytest.mark.integration
@@ -143,6 +144,9 @@ def via_port(dsn: str, port: int) -> str:
 @dataclass
 class Env:
     pg: EmbeddedPostgres
+    # Stops and starts pg from a helper process: forking pg_ctl from this one
+    # while gRPC threads run can crash the child (tests/integration/_faults.py).
+    ctl: PgControl
     proxy: Proxy
     a: FedtokenClient
     b: FedtokenClient
@@ -153,6 +157,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, hsm_config: HsmConfig) -> Iter
     root: Path = tmp_path_factory.mktemp("fail-closed")
     pg = EmbeddedPostgres(root / "pg")
     admin = pg.start()
+    ctl = PgControl(pg)
     proxy: Proxy | None = None
     servers: list[ServerThread] = []
     try:
@@ -167,18 +172,19 @@ def env(tmp_path_factory: pytest.TempPathFactory, hsm_config: HsmConfig) -> Iter
         servers.append(b)
         with a.client(caller="fail-closed-a", timeout=20) as ca, \
                 b.client(caller="fail-closed-b", timeout=20) as cb:
-            yield Env(pg, proxy, ca, cb)
+            yield Env(pg, ctl, proxy, ca, cb)
     finally:
         if proxy is not None:
             proxy.forward()  # let the servers close their connections cleanly
         with contextlib.suppress(Exception):
-            pg.start()
+            ctl.start()
         for srv in reversed(servers):
             with contextlib.suppress(Exception):
                 srv.stop()
         if proxy is not None:
             proxy.stop()
-        pg.stop()
+        ctl.stop()
+        ctl.close()
 
 
 def eventually(probe: Callable[[], T], done: Callable[[T], bool], what: str) -> T:
@@ -228,7 +234,7 @@ def test_postgres_outage_fails_closed_and_resyncs_before_accepting(env: Env) -> 
     eventually(lambda: verdict(env.a, kept), lambda r: r == "OK", "A fresh at start")
     assert env.a.introspect(kept).active
 
-    env.pg.stop()
+    env.ctl.stop()
     eventually(lambda: verdict(env.a, kept), lambda r: r == "REVOCATION_UNAVAILABLE",
                "A fails closed once Postgres is gone")
     assert verdict(env.a, missed) == "REVOCATION_UNAVAILABLE"
@@ -245,7 +251,7 @@ def test_postgres_outage_fails_closed_and_resyncs_before_accepting(env: Env) -> 
 
     # Postgres comes back while A is still cut off from it; B revokes meanwhile.
     env.proxy.cut()
-    env.pg.start()
+    env.ctl.start()
     revoke_when_possible(env.b, missed)
     eventually(lambda: verdict(env.b, missed), lambda r: r == "REVOKED", "B enforces it")
     assert verdict(env.a, kept) == "REVOCATION_UNAVAILABLE"  # A cannot vouch for anything
@@ -356,9 +362,9 @@ def test_an_unusable_revocation_notification_forces_a_full_reload(env: Env) -> N
 def test_issuance_during_an_outage_is_audited_through_the_spill(env: Env) -> None:
     """Postgres away: Issue still answers, because its audit record is fsync'ed
     to the local spill first; the record reaches the chain when Postgres is back."""
-    env.pg.stop()
+    env.ctl.stop()
     issued = env.b.issue("spill-user", "svc")
-    env.pg.start()
+    env.ctl.start()
 
     def replayed() -> list[str]:
         try:
