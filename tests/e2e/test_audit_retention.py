@@ -68,11 +68,16 @@ def _anchor(dsn: str) -> asyncpg.Record | None:
 
 
 def _wait_for_anchor_past(dsn: str, seq: int, timeout: float = 30) -> asyncpg.Record:
+    """Let retention run (floor 0) until it archived row ``seq``, then hold it
+    (floor one hour), so what the test reads next is not moved underneath."""
+    _sql(dsn, "UPDATE audit_retention_floor SET min_age_s = 0")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         anchor = _anchor(dsn)
         if anchor is not None and anchor["seq"] >= seq:
-            return anchor
+            _sql(dsn, "UPDATE audit_retention_floor SET min_age_s = 3600")
+            time.sleep(2 * PERIOD)  # a round that started before the floor went up ends
+            return _anchor(dsn)
         time.sleep(PERIOD / 2)
     raise AssertionError(f"retention did not archive row {seq} within {timeout} s")
 

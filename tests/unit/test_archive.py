@@ -110,3 +110,21 @@ def test_checkpoints_after_retention_need_a_signed_anchor() -> None:
     # Without an anchor the archived rows are simply missing.
     assert verify_checkpoints(lines, KEYS, lookup, chain_ok=True).problem \
         is CheckpointProblem.ROW_MISSING
+
+
+def test_archive_names_parse_and_stale_archives_are_discarded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from fedtoken.audit.archive import FileAuditArchive
+    from fedtoken.core.archive import archive_name, parse_archive_name
+
+    assert parse_archive_name(archive_name(1, 8)) == (1, 8)
+    for junk in ("audit-1.jsonl.gz", "x-1-2.jsonl.gz", "audit-a-2.jsonl.gz", "audit-1-2.txt"):
+        assert parse_archive_name(junk) is None
+    for first, last in ((1, 8), (9, 9), (10, 20)):
+        (tmp_path / archive_name(first, last)).write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("kept")
+    removed = asyncio.run(FileAuditArchive(tmp_path).discard_after(8))
+    # Only what starts after the anchor (never pruned) goes.
+    assert removed == [archive_name(9, 9), archive_name(10, 20)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [archive_name(1, 8), "notes.txt"]

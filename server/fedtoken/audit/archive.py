@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from fedtoken.audit.spill import fsync_dir
-from fedtoken.core.archive import row_line
+from fedtoken.core.archive import parse_archive_name, row_line
 from fedtoken.core.audit import ArchivedRow
 
 if TYPE_CHECKING:
@@ -58,6 +58,22 @@ class FileAuditArchive:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         raw = os.fdopen(fd, "wb")
         return _Sink(raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0))
+
+    async def discard_after(self, seq: int) -> list[str]:
+        return await asyncio.to_thread(self._discard_after, seq)
+
+    def _discard_after(self, seq: int) -> list[str]:
+        removed: list[str] = []
+        if not self.directory.is_dir():
+            return removed
+        for path in sorted(self.directory.glob("audit-*.jsonl.gz")):
+            first = parse_archive_name(path.name)
+            if first is not None and first[0] > seq:
+                path.unlink()
+                removed.append(path.name)
+        if removed:
+            fsync_dir(self.directory)
+        return removed
 
     @staticmethod
     def _close(out: _Sink) -> None:

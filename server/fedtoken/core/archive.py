@@ -43,6 +43,17 @@ def archive_name(from_seq: int, to_seq: int) -> str:
     return f"audit-{from_seq:015d}-{to_seq:015d}.jsonl.gz"
 
 
+def parse_archive_name(name: str) -> tuple[int, int] | None:
+    """(from_seq, to_seq) of an archive file name, or None if it is not one."""
+    parts = name.removesuffix(".jsonl.gz").split("-")
+    if len(parts) != 3 or parts[0] != "audit" or not name.endswith(".jsonl.gz"):
+        return None
+    try:
+        return int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+
+
 def header_line(*, from_seq: int, to_seq: int, prev_hash: bytes, checkpoint: str,
                 created: int) -> str:
     return json.dumps({"format": ARCHIVE_FORMAT, "v": ARCHIVE_VERSION, "from_seq": from_seq,

@@ -448,6 +448,10 @@ class AuditLog(Protocol):
         """Where the retained chain starts (None: nothing was ever removed)."""
         ...
 
+    async def retention_floor(self) -> int:
+        """The database's least age (seconds) of a row retention may remove."""
+        ...
+
     async def at(self, seq: int) -> AuditRecord | None:
         """The row with exactly this seq, if still there."""
         ...
@@ -476,6 +480,12 @@ class AuditArchive(Protocol):
                     rows: AsyncIterator[list[ArchivedRow]]) -> str:
         """Write header and rows as one archive, durable (and complete, or not
         there at all) before returning its location."""
+        ...
+
+    async def discard_after(self, seq: int) -> list[str]:
+        """Remove the archives that start after row ``seq``: written by a round
+        whose prune did not happen (the rows are still in Postgres and will be
+        archived again), they would overlap the next archive. Their names."""
         ...
 
 

@@ -30,6 +30,7 @@ from datetime import timedelta
 from fedtoken.core.archive import LinkError, archive_name, check_link, header_line
 from fedtoken.core.audit import GENESIS_HASH, ArchivedRow
 from fedtoken.core.checkpoint import CheckpointFormatError, SignedCheckpoint, parse_line
+from fedtoken.core.errors import InvalidRequest
 from fedtoken.core.ports import AuditArchive, AuditLog, CheckpointJournal, Clock, utc
 from fedtoken.service.checkpoints import ChainRewritten
 
@@ -60,13 +61,22 @@ class Retention:
     async def prune_once(self) -> Pruned | None:
         """Archive and remove what is older than the retention period, up to
         the newest checkpoint that allows it; None when there is nothing to do."""
-        cutoff = utc(self._clock.now()) - timedelta(seconds=self._keep)
+        # Never older than the database would let go of: an archive of rows
+        # audit_prune then refuses to remove would only be discarded again.
+        keep = max(self._keep, await self._audit.retention_floor())
+        cutoff = utc(self._clock.now()) - timedelta(seconds=keep)
         oldest_kept = await self._audit.newest_before(cutoff)
         newest = await self._audit.newest()
         if oldest_kept is None or newest is None:
             return None
         anchor = await self._audit.anchor()
         after, prev_hash = (anchor.seq, anchor.hash) if anchor else (0, GENESIS_HASH)
+        # An archive past the anchor is from a round whose prune did not
+        # happen (refused, or it failed): its rows are still here.
+        stale = await self._archive.discard_after(after)
+        if stale:
+            log.warning("audit retention: discarded %s (their rows were never removed from "
+                        "Postgres; they are archived again)", ", ".join(stale))
         limit = min(oldest_kept.seq, newest.seq - 1)
         cut = await self._cut(after, limit)
         if cut is None:
@@ -84,8 +94,15 @@ class Retention:
         where = await self._archive.write(
             name, header, self._checked(self._audit.export(after, cp.seq), after, prev_hash,
                                         cp.seq))
-        removed = await self._audit.prune(cp.seq, cp.hash, checkpoint=cut.line(),
-                                          archive=name, actor=RETENTION_ACTOR)
+        try:
+            removed = await self._audit.prune(cp.seq, cp.hash, checkpoint=cut.line(),
+                                              archive=name, actor=RETENTION_ACTOR)
+        except InvalidRequest:
+            # Refused by Postgres: nothing was removed, so the archive must
+            # not stay to overlap the next one. (An uncertain outcome keeps it:
+            # the prune may have happened, and then it is the only copy.)
+            await self._archive.discard_after(after)
+            raise
         log.info("audit retention: rows %d..%d (%d) archived to %s and removed from Postgres",
                  after + 1, cp.seq, removed, where)
         return Pruned(after + 1, cp.seq, removed, where)

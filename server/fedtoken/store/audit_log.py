@@ -346,6 +346,14 @@ class PgAuditLog:
                     "ORDER BY ts DESC, seq DESC LIMIT 1", until)
         return None if row is None else _record(row)
 
+    async def retention_floor(self) -> int:
+        """audit_retention_floor.min_age_s (migration 0006; the owner sets it)."""
+        with db_errors("read the audit retention floor"):
+            async with self._source.connection() as conn:
+                floor = await conn.fetchval(
+                    "SELECT min_age_s FROM audit_retention_floor WHERE id = 1")
+        return int(floor or 0)
+
     async def at(self, seq: int) -> AuditRecord | None:
         """The row with exactly this seq, if the chain still has it."""
         with db_errors("read an audit event"):
