@@ -514,19 +514,26 @@ class EmbeddedPostgres:
         only) is written to the binary's stdin.
         """
         kwargs: dict[str, Any] = {"env": env} if env is not None else {}
+        command = [str(POSTGRES_BIN_PATH / exe), *args]
         if as_server_user and self._run_as is not None:
-            kwargs |= {
-                "user": self._run_as.pw_uid,
-                "group": self._run_as.pw_gid,
-                "extra_groups": [],
-                "cwd": str(self.data_dir),
-            }
+            kwargs["cwd"] = str(self.data_dir)
+            setpriv = shutil.which("setpriv")
+            if setpriv is not None:
+                # The user change happens in setpriv, not in our child: so
+                # subprocess may vfork, and no fork() runs while other threads
+                # are inside gRPC calls (a fork then has crashed the child in
+                # gRPC's fork handlers, and pg_ctl never ran).
+                command = [setpriv, f"--reuid={self._run_as.pw_uid}",
+                           f"--regid={self._run_as.pw_gid}", "--clear-groups", "--", *command]
+            else:
+                kwargs |= {"user": self._run_as.pw_uid, "group": self._run_as.pw_gid,
+                           "extra_groups": []}
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             stdin: dict[str, Any] = (
                 {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
             )
             result = subprocess.run(
-                [str(POSTGRES_BIN_PATH / exe), *args],
+                command,
                 **stdin,
                 stdout=out,
                 stderr=err,
