@@ -439,10 +439,9 @@ async def start_app(
             # Late-bound: each reload replaces the policy.
             tenants_for=lambda identity, role: callers.policy.tenants_for(identity, role),
             timings=timings)
-        exchange = Exchange(tokens=tokens, engine=engine, trusted=trusted_keys,
+        exchange = Exchange(tokens=tokens, verification=verification,
                             trust_of=trust_catalog.get, catalog=catalog, clock=clock,
-                            authz=callers,
-                            kid_wait_seconds=settings.federation_kid_wait_seconds)
+                            authz=callers)
         trust = TrustAdmin(repo=store.trust, tenants=store.tenants, catalog=trust_catalog,
                            keys=trusted_keys, audit=audit, clock=clock, authz=callers,
                            allow_http_loopback=settings.federation_allow_http_loopback,

@@ -99,7 +99,6 @@ from tests.unit import _fuzz as fz
 from tests.unit.fakes import (
     NOW,
     MemorySigner,
-    RecordingTrustedKeys,
     Services,
     StoreData,
     build_services,
@@ -569,8 +568,7 @@ def fuzz() -> Iterator[Fuzz]:
         handlers = {
             **await fz.unary_handlers(token_service_pb2_grpc.add_TokenServiceServicer_to_server,
                                       TokenServicer(svc.tokens, svc.verification, Exchange(
-                                          tokens=svc.tokens, engine=svc.engine,
-                                          trusted=RecordingTrustedKeys(),
+                                          tokens=svc.tokens, verification=svc.verification,
                                           trust_of=lambda issuer: None, catalog=svc.catalog,
                                           clock=svc.clock, authz=svc.callers)),
                                       TOKEN_SERVICE,

@@ -3,7 +3,8 @@ issuer becomes a short-lived token of a local tenant that trusts it.
 
 The subject token is verified by the same engine as every token, in the
 context of the requested tenant and addressed (aud) to that tenant's issuer
-URL; a foreign kid we do not know yet gets the bounded refetch Verify gets.
+URL; a foreign kid we do not know yet gets the bounded refetch Verify gets
+(``Verification.check``).
 The new token is normalised, never a copy:
 
 - ``sub`` is ``"fed:" + namespace + foreign sub`` (``namespace``: the trusted
@@ -25,12 +26,13 @@ from typing import Final
 
 from fedtoken.core.authz import Ask, Role
 from fedtoken.core.errors import ErrorReason, InvalidRequest
-from fedtoken.core.model import Expectation, Reason, Verdict
-from fedtoken.core.ports import Authorizer, CallContext, Clock, TrustedKeys, Verifier
+from fedtoken.core.model import Expectation, Verdict
+from fedtoken.core.ports import Authorizer, CallContext, Clock
 from fedtoken.core.trust import TrustedIssuer
 from fedtoken.service.catalog import Catalog
 from fedtoken.service.tokens import FOREIGN_SUBJECT_PREFIX, Tokens, require_token
 from fedtoken.service.types import Exchanged, ExchangeParams
+from fedtoken.service.verification import Verification
 
 JWT_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
 ACCESS_TOKEN_TYPE: Final = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
@@ -38,17 +40,15 @@ _SUBJECT_TOKEN_TYPES: Final = frozenset({"", JWT_TOKEN_TYPE, ACCESS_TOKEN_TYPE})
 
 
 class Exchange:
-    def __init__(self, *, tokens: Tokens, engine: Verifier, trusted: TrustedKeys,
+    def __init__(self, *, tokens: Tokens, verification: Verification,
                  trust_of: Callable[[str], TrustedIssuer | None], catalog: Catalog,
-                 clock: Clock, authz: Authorizer, kid_wait_seconds: float = 1.0) -> None:
+                 clock: Clock, authz: Authorizer) -> None:
         self._tokens = tokens
         self._authz = authz
-        self._engine = engine
-        self._trusted = trusted
+        self._verification = verification
         self._trust_of = trust_of
         self._catalog = catalog
         self._clock = clock
-        self._kid_wait = kid_wait_seconds
 
     async def exchange(self, p: ExchangeParams, ctx: CallContext) -> Exchanged:
         require_token(p.subject_token)
@@ -61,10 +61,7 @@ class Exchange:
         # may not mint for this tenant learns nothing from the answer.
         await self._authz.require(ctx, Ask(Role.ISSUER, tenant.id))
         expect = Expectation(audience=tenant.issuer, tenant=tenant.id)
-        verdict = self._engine.verify(p.subject_token, expect)
-        if verdict.foreign and verdict.reason is Reason.UNKNOWN_KEY and verdict.kid and \
-                await self._trusted.await_kid(verdict.issuer, verdict.kid, self._kid_wait):
-            verdict = self._engine.verify(p.subject_token, expect)
+        verdict = await self._verification.check(p.subject_token, expect)
         _require_foreign_and_valid(verdict)
         trust = self._trust_of(verdict.issuer)
         if trust is None or tenant.id not in trust.tenants:  # removed meanwhile

@@ -82,13 +82,20 @@ class Verification:
         await self._authz.require(ctx, Ask(Role.VERIFIER, tenant.id))
         return await self._catalog.key_set(tenant.id)
 
+    async def check(self, token: str, expect: Expectation) -> Verdict:
+        """The engine's verdict on one token, after the bounded refetch an
+        unknown foreign kid gets; no authorization and no audit (Verify and
+        Exchange do their own)."""
+        verdict = self._engine.verify(token, expect)
+        if verdict.foreign and verdict.reason is Reason.UNKNOWN_KEY:
+            (verdict,) = await self._refetched((token,), [verdict], expect)
+        return verdict
+
     async def verify(self, token: str, expect: Expectation, ctx: CallContext) -> Verdict:
         require_token(token)
         _require_audience(expect)
         allowed = await self._scope(expect, ctx)
-        verdict = self._engine.verify(token, expect)
-        if verdict.foreign and verdict.reason is Reason.UNKNOWN_KEY:
-            (verdict,) = await self._refetched((token,), [verdict], expect)
+        verdict = await self.check(token, expect)
         if allowed is not None:
             verdict = _scoped(verdict, allowed)
         await self._audit.record_verifications(expect.tenant, ctx.actor, ctx.request_id,
