@@ -622,13 +622,19 @@ async def test_the_rpc_messages_carry_the_report() -> None:
 
 
 class FakeClient:
-    """What the CLI uses of FedtokenClient: ``admin`` stubs through ``_call``."""
+    """What the CLI uses of FedtokenClient: its compliance methods, which
+    record the request the real ones would send."""
 
     def __init__(self, responses: dict[str, Any]) -> None:
         self.responses = responses
         self.requests: list[Any] = []
-        self.admin = argparse.Namespace(GetComplianceReport="GetComplianceReport",
-                                        ReconcileKeys="ReconcileKeys")
+
+    def compliance_report(self, tenant: str = "") -> Any:
+        return self._call("GetComplianceReport",
+                          key_admin_pb2.ComplianceReportRequest(tenant=tenant))
+
+    def reconcile_keys(self, *, fix: bool = False) -> Any:
+        return self._call("ReconcileKeys", key_admin_pb2.ReconcileKeysRequest(fix=fix))
 
     def __enter__(self) -> FakeClient:
         return self

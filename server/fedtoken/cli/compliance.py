@@ -135,8 +135,7 @@ def render_reconcile(report: key_admin_pb2.ReconcileKeysReport, fix: bool) -> li
 def run_compliance(ns: argparse.Namespace, *, connect: Connect, emit: Emit,
                    write: Write = print) -> int:
     with connect(ns) as c:
-        report: key_admin_pb2.ComplianceReport = c._call(
-            c.admin.GetComplianceReport, key_admin_pb2.ComplianceReportRequest(tenant=ns.tenant))
+        report: key_admin_pb2.ComplianceReport = c.compliance_report(tenant=ns.tenant)
     if ns.json:
         emit(_as_dict(report))
     else:
@@ -148,8 +147,7 @@ def run_compliance(ns: argparse.Namespace, *, connect: Connect, emit: Emit,
 def run_reconcile(ns: argparse.Namespace, *, connect: Connect, emit: Emit,
                   write: Write = print) -> int:
     with connect(ns) as c:
-        report: key_admin_pb2.ReconcileKeysReport = c._call(
-            c.admin.ReconcileKeys, key_admin_pb2.ReconcileKeysRequest(fix=ns.fix))
+        report: key_admin_pb2.ReconcileKeysReport = c.reconcile_keys(fix=ns.fix)
     if ns.json:
         emit(_as_dict(report))
     else:
