@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import time
@@ -95,6 +96,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# A durable record waiting for its group commit: the event, the time its
+# caller still allows (seconds), and the future the caller waits on.
+_Durable = tuple[AuditEvent, float, "asyncio.Future[None]"]
 
 
 class AuditWriter:
@@ -165,6 +170,9 @@ class AuditWriter:
         self.rejected = 0
         self.blocked = 0
         self.refused = 0
+        self.group_commits = 0  # transactions of the durable path (written / this = group size)
+        self._durable: list[_Durable] = []
+        self._committer: asyncio.Task[None] | None = None
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -239,6 +247,8 @@ class AuditWriter:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._replay_task
         self._modes.gate.set()
+        if self._committer is not None:
+            await self._committer  # its groups settle (commit or spill) before the close
         if self._writer_task is not None:
             await self._writer_task
         await self._appender.close()
@@ -355,39 +365,121 @@ class AuditWriter:
             self.failed += 1
             raise AuditUnavailable("the caller's deadline passed before the audit record "
                                    "was written", tenant=event.tenant)
-        maybe_seq = 0
         if self._modes.mode is AuditMode.DIRECT:
-            try:
-                await self._audit.append_chunk([event])
-            except AuditCommitUncertain as exc:
-                maybe_seq = exc.seq
-                self._modes.enter_spill(exc)
-            except StoreUnavailable as exc:
-                self._modes.enter_spill(exc)
-            except FedtokenError as exc:
-                self.failed += 1
-                raise AuditUnavailable(
-                    f"the audit record was refused by the database ({type(exc).__name__})",
-                    tenant=event.tenant,
-                ) from exc
-            except Exception as exc:  # not committed (see PgAuditLog.append_chunk): spill it
-                log.exception("audit writer: unexpected error appending an audit record")
-                self._modes.enter_spill(exc)
-            else:
-                self.written += 1
-                return
+            # Group commit: join the next transaction of the durable path. The
+            # committer task (started by the first caller of a busy period)
+            # commits everything queued in one append while later callers
+            # queue for the next one; each caller resumes once its own event
+            # is committed, spilled, or refused.
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._durable.append(
+                (event, within_caller_deadline(self._request_timeout), future))
+            if self._committer is None or self._committer.done():
+                # A fresh context: the committer serves many callers, so no one
+                # caller's deadline (a context variable) may bound its appends.
+                self._committer = asyncio.create_task(
+                    self._run_group_commits(), name="audit-group-commit",
+                    context=contextvars.Context())
+            await asyncio.shield(future)
+            return
         # No await between the mode decision above and this submission.
-        line = encode_record(SpillRecord(event, self._clock(), maybe_seq))
+        await self._spill_events([(event, 0)])
+
+    async def _spill_events(self, events: Sequence[tuple[AuditEvent, int]]) -> None:
+        """Append (event, maybe_seq) pairs to the spill, durably; AuditUnavailable if not.
+
+        The submission is made before the first await, so the order of the
+        spill is the order of the calls."""
+        now = self._clock()
+        lines = [encode_record(SpillRecord(event, now, seq)) for event, seq in events]
         try:
-            await self._appender.append([line])
+            await self._appender.append(lines)
         except OSError as exc:
-            self.failed += 1
-            log.error("audit record %s could not be spilled: %s", event.event_type, exc)
+            self.failed += len(events)
+            log.error("%d audit records could not be spilled: %s", len(events), exc)
             raise AuditUnavailable(
                 "the audit record could be written neither to Postgres nor to the spill",
-                tenant=event.tenant,
+                tenant=events[0][0].tenant,
             ) from exc
-        self.spilled += 1
+        self.spilled += len(events)
+
+    async def _run_group_commits(self) -> None:
+        """Commit queued durable events, a group per transaction, until none is left."""
+        while self._durable:
+            group, self._durable = self._durable, []
+            if self._modes.mode is AuditMode.DIRECT:
+                await self._commit_group(group)
+            else:  # spill mode began while these waited: they follow the spill
+                await self._settle_spill(group, 0)
+
+    async def _commit_group(self, group: list[_Durable]) -> None:
+        """Append one group in one transaction and settle every caller in it."""
+        events = [event for event, _, _ in group]
+        timeout = max(bound for _, bound, _ in group)
+        try:
+            if timeout <= 0:
+                raise TimeoutError  # every caller in the group has gone
+            await self._audit.append_chunk(events, timeout=timeout)
+        except TimeoutError:
+            self._refuse(group, None, "the callers' deadlines passed before the audit "
+                         "records were written")
+        except AuditCommitUncertain as exc:
+            self._modes.enter_spill(exc)
+            await self._settle_spill(group, exc.seq - len(group) + 1)
+        except StoreUnavailable as exc:
+            self._modes.enter_spill(exc)
+            await self._settle_spill(group, 0)
+        except FedtokenError as exc:
+            if len(group) > 1:
+                # Refused outright: find out whose event it is, one by one, so
+                # only that caller is refused.
+                for item in group:
+                    if self._modes.mode is AuditMode.DIRECT:
+                        await self._commit_group([item])
+                    else:
+                        await self._settle_spill([item], 0)
+                return
+            self._refuse(group, exc, f"the audit record was refused by the database "
+                                     f"({type(exc).__name__})")
+        except Exception as exc:  # not committed (see PgAuditLog.append_chunk): spill them
+            log.exception("audit writer: unexpected error appending audit records")
+            self._modes.enter_spill(exc)
+            await self._settle_spill(group, 0)
+        else:
+            self.written += len(group)
+            self.group_commits += 1
+            for _, _, future in group:
+                if not future.done():
+                    future.set_result(None)
+
+    def _refuse(self, group: list[_Durable], cause: Exception | None, message: str) -> None:
+        self.failed += len(group)
+        for event, _, future in group:
+            if not future.done():
+                error = AuditUnavailable(message, tenant=event.tenant)
+                error.__cause__ = cause
+                future.set_exception(error)
+
+    async def _settle_spill(self, group: list[_Durable], first_seq: int) -> None:
+        """Spill a group (with the seqs it may have had when first_seq > 0), in order,
+        followed by anything queued behind it, and settle every caller."""
+        uncertain = len(group) if first_seq > 0 else 0
+        group = group + self._durable  # queued as direct, now behind the switch
+        self._durable = []
+        pairs = [(event, first_seq + k if k < uncertain else 0)
+                 for k, (event, _, _) in enumerate(group)]
+        try:
+            await self._spill_events(pairs)
+        except AuditUnavailable as exc:
+            for event, _, future in group:
+                if not future.done():
+                    error = AuditUnavailable(str(exc), tenant=event.tenant)
+                    error.__cause__ = exc.__cause__
+                    future.set_exception(error)
+            return
+        for _, _, future in group:
+            if not future.done():
+                future.set_result(None)
 
     async def _pass_gate(self) -> None:
         """The replay's gate, waited for no longer than a request-path operation."""
