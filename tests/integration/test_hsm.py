@@ -403,3 +403,33 @@ def test_signing_survives_a_lost_session(hsm: Pkcs11Hsm, key: GeneratedKey) -> N
     hsm._channel.session().close()
     (signature,) = hsm.sign_many(key.hsm_label, key.kid, [b"after the session died"])
     assert _verifies(key.public_jwk, signature, b"after the session died")
+
+
+def test_concurrent_signs_are_batched_and_each_caller_gets_its_own(
+    hsm: Pkcs11Hsm, key: GeneratedKey
+) -> None:
+    jwk = hsm.public_jwk(key.hsm_label)
+    public = RSAPublicNumbers(_b64url_uint(jwk["e"]), _b64url_uint(jwk["n"])).public_key()
+    messages = [[f"call {i} part {j}".encode() for j in range(1 + i % 3)] for i in range(40)]
+
+    async def run() -> list[list[bytes]]:
+        before = hsm.sign_batches
+        results = await asyncio.gather(*(hsm.sign(key.hsm_label, key.kid, m) for m in messages))
+        assert hsm.sign_batches - before < len(messages)  # shared worker hops
+        return list(results)
+
+    results = asyncio.run(run())
+    for inputs, signatures in zip(messages, results, strict=True):
+        assert len(signatures) == len(inputs)
+        for data, signature in zip(inputs, signatures, strict=True):
+            public.verify(signature, data, PKCS1v15(), SHA256())
+
+
+def test_a_failed_sign_batch_fails_every_caller_in_it(hsm: Pkcs11Hsm) -> None:
+    async def run() -> list[BaseException | list[bytes]]:
+        return await asyncio.gather(
+            *(hsm.sign(f"{LABEL_PREFIX}acme-missing", "no-such-kid", [b"x"]) for _ in range(10)),
+            return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, HsmUnavailable) for r in results)

@@ -121,6 +121,12 @@ class Pkcs11Hsm:
         self._attached = False  # guarded by PKCS11_LOCK
         self._executor_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
+        # Concurrent sign() calls, per (label, kid): queued inputs and the task
+        # that hands them to the worker thread batch by batch (event loop only).
+        self._sign_queue: dict[tuple[str, str], list[tuple[tuple[bytes, ...],
+                                                           asyncio.Future[list[bytes]]]]] = {}
+        self._sign_runners: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.sign_batches = 0  # worker hops for sign(); calls / this = batch size
 
     def __repr__(self) -> str:
         return f"Pkcs11Hsm({self._channel.where})"
@@ -165,9 +171,46 @@ class Pkcs11Hsm:
     # --- the Signer port: async, on this instance's worker thread ---------------
 
     async def sign(self, hsm_label: str, kid: str, inputs: Sequence[bytes]) -> list[bytes]:
-        """sign_many on this instance's worker thread."""
+        """sign_many on this instance's worker thread, batched with concurrent calls.
+
+        Calls for the same key that wait at the same time go to the HSM as one
+        sign_many (one hop to the worker thread, one turn of the lock): while
+        a batch is being signed, later calls for that key queue for the next
+        one. Each caller gets its own signatures, in its order; if a batch
+        fails, every call in it fails with the same error.
+        """
+        _check_label(hsm_label)
+        if not inputs:
+            return []
         # tuple(): the caller may reuse its list while the worker signs.
-        return await self._offload(functools.partial(self.sign_many, hsm_label, kid, tuple(inputs)))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[bytes]] = loop.create_future()
+        key = (hsm_label, kid)
+        self._sign_queue.setdefault(key, []).append((tuple(inputs), future))
+        runner = self._sign_runners.get(key)
+        if runner is None or runner.done() or runner.get_loop() is not loop:
+            self._sign_runners[key] = asyncio.create_task(
+                self._run_sign_batches(key), name="pkcs11-sign-batches")
+        return await asyncio.shield(future)
+
+    async def _run_sign_batches(self, key: tuple[str, str]) -> None:
+        """Sign what is queued for one key, a batch per worker hop, until none is left."""
+        while batch := self._sign_queue.pop(key, []):
+            flat = tuple(data for inputs, _ in batch for data in inputs)
+            try:
+                signatures = await self._offload(
+                    functools.partial(self.sign_many, key[0], key[1], flat))
+            except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self.sign_batches += 1
+            at = 0
+            for inputs, future in batch:
+                if not future.done():
+                    future.set_result(signatures[at:at + len(inputs)])
+                at += len(inputs)
 
     async def generate(self, tenant: str, bits: int) -> GeneratedKey:
         """generate_rsa_keypair on this instance's worker thread."""
