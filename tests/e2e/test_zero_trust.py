@@ -247,6 +247,7 @@ def test_a_refused_handshake_is_unavailable_and_leaves_no_trace(
     declared = f"refused-{case}-{uuid.uuid4().hex[:6]}"
     with HANDSHAKE_CASES[case](world.server, tmp_path, declared) as c:
         for call in (lambda: c.issue("mallory", "svc", lifetime_seconds=60),
+                     lambda: c.issue_batch([{"subject": "mallory", "audience": "svc"}]),
                      lambda: c.create_tenant(f"zt-evil-{uuid.uuid4().hex[:6]}"),
                      lambda: c.grant_caller(_spiffe("evil"), "admin"),
                      lambda: c.verify(world.token_a, "svc")):
@@ -306,6 +307,8 @@ def _minimal_requests(w: World) -> dict[str, Message]:
     ts, ka = token_service_pb2, key_admin_pb2
     return {
         "TokenService/Issue": ts.IssueRequest(tenant=w.a, subject="s", audience=["svc"]),
+        "TokenService/IssueBatch": ts.IssueBatchRequest(requests=[
+            ts.IssueRequest(tenant=w.a, subject="s", audience=["svc"])]),
         "TokenService/Verify": ts.VerifyRequest(token=w.token_a, audience="svc"),
         "TokenService/VerifyBatch": ts.VerifyBatchRequest(tokens=[w.token_a], audience="svc"),
         "TokenService/Introspect": ts.IntrospectRequest(token=w.token_a),

@@ -106,6 +106,10 @@ def issue_response(i: Issued) -> token_service_pb2.IssueResponse:
     )
 
 
+def issue_batch_response(issued: Sequence[Issued]) -> token_service_pb2.IssueBatchResponse:
+    return token_service_pb2.IssueBatchResponse(responses=[issue_response(i) for i in issued])
+
+
 def revoke_params(r: token_service_pb2.RevokeRequest) -> RevokeParams:
     by_subject = r.WhichOneof("target") == "subject"
     return RevokeParams(

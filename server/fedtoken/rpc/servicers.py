@@ -50,6 +50,12 @@ class TokenServicer(token_service_pb2_grpc.TokenServiceServicer):
         issued = await self._tokens.issue(convert.issue_params(request), call_context())
         return convert.issue_response(issued)
 
+    async def IssueBatch(self, request: token_service_pb2.IssueBatchRequest,
+                         context: Ctx) -> token_service_pb2.IssueBatchResponse:
+        issued = await self._tokens.issue_batch(
+            [convert.issue_params(r) for r in request.requests], call_context())
+        return convert.issue_batch_response(issued)
+
     async def Verify(self, request: token_service_pb2.VerifyRequest,
                      context: Ctx) -> token_service_pb2.VerifyResponse:
         verdict = await self._verification.verify(request.token, convert.expectation(request),

@@ -11,6 +11,8 @@ Promises kept here:
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import secrets
 from collections.abc import Sequence
@@ -23,8 +25,10 @@ from fedtoken.core.audit import AuditEvent
 from fedtoken.core.authz import Ask, Role
 from fedtoken.core.errors import (
     ErrorReason,
+    FedtokenError,
     InvalidRequest,
     PolicyViolation,
+    StatusClass,
     StoreUnavailable,
 )
 from fedtoken.core.keys import check_transition
@@ -83,6 +87,27 @@ def require_token(token: str) -> None:
 
 
 
+# The most tokens one IssueBatch may ask for (BATCH_TOO_LARGE above it).
+MAX_ISSUE_BATCH = 1000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Minting:
+    """A token checked and ready to sign (``token`` is set once it is signed)."""
+
+    tenant: Tenant
+    subject: str
+    audience: list[str]
+    now: int
+    lifetime: int
+    jti: str
+    hsm_label: str
+    kid: str
+    signing_input: bytes
+    audit_details: dict[str, Any]
+    token: str = ""
+
+
 class Tokens:
     def __init__(
         self,
@@ -118,6 +143,38 @@ class Tokens:
     # -- issue -------------------------------------------------------------------
 
     async def issue(self, params: IssueParams, ctx: CallContext) -> Issued:
+        (minting,) = await self._sign([await self._prepare_issue(params, ctx)])
+        return await self._recorded(minting, ctx)
+
+    async def issue_batch(self, items: Sequence[IssueParams], ctx: CallContext) -> list[Issued]:
+        """IssueBatch: every item is validated and authorised before anything is
+        signed; an invalid item fails the whole call, its field named
+        ``requests[i].<field>``. The tokens are signed in one HSM call per key
+        and their audit records (one ``token.issued`` each) go through one
+        group commit; all are durable before the tokens are returned, in
+        request order."""
+        if not items:
+            raise InvalidRequest("an IssueBatch needs at least one request", field="requests")
+        if len(items) > MAX_ISSUE_BATCH:
+            raise InvalidRequest(
+                f"batch of {len(items)} exceeds the limit of {MAX_ISSUE_BATCH}; split it",
+                reason=ErrorReason.BATCH_TOO_LARGE, field="requests")
+        prepared: list[_Minting] = []
+        for index, params in enumerate(items):
+            try:
+                prepared.append(await self._prepare_issue(params, ctx))
+            except FedtokenError as exc:
+                # Name the item in what the caller sent wrong; any other refusal
+                # (authentication, grants, a missing tenant) stays as Issue's.
+                if exc.status is StatusClass.INVALID_ARGUMENT:
+                    exc.field = (f"requests[{index}].{exc.field}" if exc.field
+                                 else f"requests[{index}]")
+                raise
+        signed = await self._sign(prepared)
+        # One group commit: every record is queued before the first commit starts.
+        return list(await asyncio.gather(*(self._recorded(m, ctx) for m in signed)))
+
+    async def _prepare_issue(self, params: IssueParams, ctx: CallContext) -> _Minting:
         tenant = await self._catalog.tenant(params.tenant)
         subject = check_subject(params.subject)
         if subject.startswith(FOREIGN_SUBJECT_PREFIX):
@@ -125,10 +182,11 @@ class Tokens:
                 f"subjects starting with {FOREIGN_SUBJECT_PREFIX!r} are reserved for exchanged "
                 "tokens of trusted issuers", reason=ErrorReason.RESERVED_CLAIM, field="subject")
         extra = claims_mod.validate_extra_claims(params.extra_claims_json)
-        return await self.mint(tenant, subject, params.audience, params.lifetime_seconds, ctx,
-                               extra=extra, scope=params.scope, client_id=params.client_id,
-                               extra_field="extra_claims_json" if params.extra_claims_json
-                               else "")
+        return await self._prepare(tenant, subject, params.audience, params.lifetime_seconds,
+                                   ctx, extra=extra, scope=params.scope,
+                                   client_id=params.client_id,
+                                   extra_field="extra_claims_json" if params.extra_claims_json
+                                   else "")
 
     async def mint(self, tenant: Tenant, subject: str, audience_in: Sequence[str],
                    lifetime_seconds: int, ctx: CallContext, *, extra: dict[str, Any] | None = None,
@@ -138,6 +196,20 @@ class Tokens:
         (Issue and Exchange); durable in the audit trail before it returns.
         ``max_lifetime`` caps the lifetime below the tenant's (Exchange: the
         subject token's remaining lifetime)."""
+        prepared = await self._prepare(
+            tenant, subject, audience_in, lifetime_seconds, ctx, extra=extra, scope=scope,
+            client_id=client_id, max_lifetime=max_lifetime, audit_details=audit_details,
+            extra_field=extra_field)
+        (minting,) = await self._sign([prepared])
+        return await self._recorded(minting, ctx)
+
+    async def _prepare(self, tenant: Tenant, subject: str, audience_in: Sequence[str],
+                       lifetime_seconds: int, ctx: CallContext, *,
+                       extra: dict[str, Any] | None = None, scope: str = "",
+                       client_id: str = "", max_lifetime: int | None = None,
+                       audit_details: dict[str, Any] | None = None,
+                       extra_field: str = "") -> _Minting:
+        """The policy and grant checks and the signing input of one token."""
         audience = check_audiences(audience_in)
         lifetime = lifetime_seconds or tenant.policy.default_token_lifetime_seconds
         if lifetime < 0:
@@ -172,15 +244,34 @@ class Tokens:
                 f"the token would exceed max_token_bytes ({self._max_token_bytes}); send "
                 "fewer or shorter claims, audiences or scope", reason=ErrorReason.INVALID_CLAIMS,
                 field=extra_field)
-        (signature,) = await self._signer.sign(key.hsm_label, key.kid, [signing_input])
-        token = jose.assemble(signing_input, signature)
+        return _Minting(tenant, subject, audience, now, lifetime, jti, key.hsm_label, key.kid,
+                        signing_input, dict(audit_details or {}))
+
+    async def _sign(self, prepared: Sequence[_Minting]) -> list[_Minting]:
+        """Sign every prepared token, one signer call per key (the signer also
+        batches concurrent calls for a key into one HSM call)."""
+        by_key: dict[tuple[str, str], list[int]] = {}
+        for index, m in enumerate(prepared):
+            by_key.setdefault((m.hsm_label, m.kid), []).append(index)
+        out = list(prepared)
+        for (label, kid), indices in by_key.items():
+            signatures = await self._signer.sign(
+                label, kid, [prepared[i].signing_input for i in indices])
+            for i, signature in zip(indices, signatures, strict=True):
+                out[i] = dataclasses.replace(
+                    prepared[i], token=jose.assemble(prepared[i].signing_input, signature))
+        return out
+
+    async def _recorded(self, m: _Minting, ctx: CallContext) -> Issued:
+        """Make the token's audit record durable, then hand the token out."""
         await self._audit.record(AuditEvent(
-            event_type="token.issued", tenant=tenant.id, actor=ctx.actor, subject=subject,
-            jti=jti, kid=key.kid, outcome="ok", request_id=ctx.request_id,
-            details={"aud": audience, "exp": now + lifetime, **(audit_details or {}),
+            event_type="token.issued", tenant=m.tenant.id, actor=ctx.actor, subject=m.subject,
+            jti=m.jti, kid=m.kid, outcome="ok", request_id=ctx.request_id,
+            details={"aud": m.audience, "exp": m.now + m.lifetime, **m.audit_details,
                      **ctx.untrusted},
         ))
-        return Issued(token, jti, key.kid, tenant.id, tenant.issuer, now, now + lifetime)
+        return Issued(m.token, m.jti, m.kid, m.tenant.id, m.tenant.issuer, m.now,
+                      m.now + m.lifetime)
 
     # -- introspect ----------------------------------------------------------------
 

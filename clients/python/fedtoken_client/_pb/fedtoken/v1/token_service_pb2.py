@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedtoken_client._pb.fedtoken.v1 import common_pb2 as fedtoken_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64token/v1/token_service.proto\x12\x0b\x66\x65\x64token.v1\x1a\x18\x66\x65\x64token/v1/common.proto\"\x8f\x01\n\x0f\x45xchangeRequest\x12\x15\n\rsubject_token\x18\x01 \x01(\t\x12\x1a\n\x12subject_token_type\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x10\n\x08\x61udience\x18\x04 \x03(\t\x12\x18\n\x10lifetime_seconds\x18\x05 \x01(\x03\x12\r\n\x05scope\x18\x06 \x01(\t\"\xa2\x01\n\x10\x45xchangeResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x19\n\x11issued_token_type\x18\x02 \x01(\t\x12\x0b\n\x03jti\x18\x03 \x01(\t\x12\x0b\n\x03kid\x18\x04 \x01(\t\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x0e\n\x06issuer\x18\x06 \x01(\t\x12\x0f\n\x07subject\x18\x07 \x01(\t\x12\x12\n\nexpires_at\x18\x08 \x01(\x03\"\x98\x01\n\x0cIssueRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x10\n\x08\x61udience\x18\x03 \x03(\t\x12\x18\n\x10lifetime_seconds\x18\x04 \x01(\x03\x12\x19\n\x11\x65xtra_claims_json\x18\x05 \x01(\t\x12\r\n\x05scope\x18\x06 \x01(\t\x12\x11\n\tclient_id\x18\x07 \x01(\t\"\x7f\n\rIssueResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03jti\x18\x02 \x01(\t\x12\x0b\n\x03kid\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0e\n\x06issuer\x18\x05 \x01(\t\x12\x11\n\tissued_at\x18\x06 \x01(\x03\x12\x12\n\nexpires_at\x18\x07 \x01(\x03\"P\n\rVerifyRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x0e\n\x06issuer\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"\xc2\x01\n\x07Verdict\x12\r\n\x05valid\x18\x01 \x01(\x08\x12#\n\x06reason\x18\x02 \x01(\x0e\x32\x13.fedtoken.v1.Reason\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0e\n\x06issuer\x18\x04 \x01(\t\x12\x0b\n\x03kid\x18\x05 \x01(\t\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x0b\n\x03jti\x18\x07 \x01(\t\x12\x12\n\nexpires_at\x18\x08 \x01(\x03\x12\x13\n\x0b\x63laims_json\x18\t \x01(\x0c\x12\x0f\n\x07\x66oreign\x18\n \x01(\x08\"7\n\x0eVerifyResponse\x12%\n\x07verdict\x18\x01 \x01(\x0b\x32\x14.fedtoken.v1.Verdict\"V\n\x12VerifyBatchRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x0e\n\x06issuer\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"=\n\x13VerifyBatchResponse\x12&\n\x08verdicts\x18\x01 \x03(\x0b\x32\x14.fedtoken.v1.Verdict\";\n\x11IntrospectRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x17\n\x0ftoken_type_hint\x18\x02 \x01(\t\"\xf7\x01\n\x12IntrospectResponse\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x12\n\ntoken_type\x18\x04 \x01(\t\x12\x0b\n\x03\x65xp\x18\x05 \x01(\x03\x12\x0b\n\x03iat\x18\x06 \x01(\x03\x12\x0b\n\x03nbf\x18\x07 \x01(\x03\x12\x0b\n\x03sub\x18\x08 \x01(\t\x12\x0b\n\x03\x61ud\x18\t \x03(\t\x12\x0b\n\x03iss\x18\n \x01(\t\x12\x0b\n\x03jti\x18\x0b \x01(\t\x12\x0e\n\x06tenant\x18\x0c \x01(\t\x12\x0b\n\x03kid\x18\r \x01(\t\x12#\n\x06reason\x18\x0e \x01(\x0e\x32\x13.fedtoken.v1.Reason\"\xbf\x01\n\rRevokeRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x05token\x18\x02 \x01(\tH\x00\x12\r\n\x03jti\x18\x03 \x01(\tH\x00\x12\x31\n\x07subject\x18\x06 \x01(\x0b\x32\x1e.fedtoken.v1.SubjectRevocationH\x00\x12\r\n\x03kid\x18\x07 \x01(\tH\x00\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06issuer\x18\x08 \x01(\tB\x08\n\x06target\";\n\x11SubjectRevocation\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x15\n\rissued_before\x18\x02 \x01(\x03\"o\n\x0eRevokeResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0b\n\x03jti\x18\x02 \x01(\t\x12\x12\n\nrevoked_at\x18\x03 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\r\n\x05value\x18\x06 \x01(\t\" \n\x0eGetKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x8b\x01\n\x0fGetKeysResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\x11\n\tjwks_json\x18\x03 \x01(\x0c\x12\x17\n\x0fmax_age_seconds\x18\x04 \x01(\x03\x12\x0c\n\x04\x65tag\x18\x05 \x01(\t\x12\x1e\n\x04keys\x18\x06 \x03(\x0b\x32\x10.fedtoken.v1.Key2\x84\x04\n\x0cTokenService\x12>\n\x05Issue\x12\x19.fedtoken.v1.IssueRequest\x1a\x1a.fedtoken.v1.IssueResponse\x12\x41\n\x06Verify\x12\x1a.fedtoken.v1.VerifyRequest\x1a\x1b.fedtoken.v1.VerifyResponse\x12P\n\x0bVerifyBatch\x12\x1f.fedtoken.v1.VerifyBatchRequest\x1a .fedtoken.v1.VerifyBatchResponse\x12M\n\nIntrospect\x12\x1e.fedtoken.v1.IntrospectRequest\x1a\x1f.fedtoken.v1.IntrospectResponse\x12\x41\n\x06Revoke\x12\x1a.fedtoken.v1.RevokeRequest\x1a\x1b.fedtoken.v1.RevokeResponse\x12\x44\n\x07GetKeys\x12\x1b.fedtoken.v1.GetKeysRequest\x1a\x1c.fedtoken.v1.GetKeysResponse\x12G\n\x08\x45xchange\x12\x1c.fedtoken.v1.ExchangeRequest\x1a\x1d.fedtoken.v1.ExchangeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64token/v1/token_service.proto\x12\x0b\x66\x65\x64token.v1\x1a\x18\x66\x65\x64token/v1/common.proto\"\x8f\x01\n\x0f\x45xchangeRequest\x12\x15\n\rsubject_token\x18\x01 \x01(\t\x12\x1a\n\x12subject_token_type\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x10\n\x08\x61udience\x18\x04 \x03(\t\x12\x18\n\x10lifetime_seconds\x18\x05 \x01(\x03\x12\r\n\x05scope\x18\x06 \x01(\t\"\xa2\x01\n\x10\x45xchangeResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x19\n\x11issued_token_type\x18\x02 \x01(\t\x12\x0b\n\x03jti\x18\x03 \x01(\t\x12\x0b\n\x03kid\x18\x04 \x01(\t\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x0e\n\x06issuer\x18\x06 \x01(\t\x12\x0f\n\x07subject\x18\x07 \x01(\t\x12\x12\n\nexpires_at\x18\x08 \x01(\x03\"\x98\x01\n\x0cIssueRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x10\n\x08\x61udience\x18\x03 \x03(\t\x12\x18\n\x10lifetime_seconds\x18\x04 \x01(\x03\x12\x19\n\x11\x65xtra_claims_json\x18\x05 \x01(\t\x12\r\n\x05scope\x18\x06 \x01(\t\x12\x11\n\tclient_id\x18\x07 \x01(\t\"@\n\x11IssueBatchRequest\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.fedtoken.v1.IssueRequest\"C\n\x12IssueBatchResponse\x12-\n\tresponses\x18\x01 \x03(\x0b\x32\x1a.fedtoken.v1.IssueResponse\"\x7f\n\rIssueResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03jti\x18\x02 \x01(\t\x12\x0b\n\x03kid\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\x12\x0e\n\x06issuer\x18\x05 \x01(\t\x12\x11\n\tissued_at\x18\x06 \x01(\x03\x12\x12\n\nexpires_at\x18\x07 \x01(\x03\"P\n\rVerifyRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x0e\n\x06issuer\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"\xc2\x01\n\x07Verdict\x12\r\n\x05valid\x18\x01 \x01(\x08\x12#\n\x06reason\x18\x02 \x01(\x0e\x32\x13.fedtoken.v1.Reason\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0e\n\x06issuer\x18\x04 \x01(\t\x12\x0b\n\x03kid\x18\x05 \x01(\t\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x0b\n\x03jti\x18\x07 \x01(\t\x12\x12\n\nexpires_at\x18\x08 \x01(\x03\x12\x13\n\x0b\x63laims_json\x18\t \x01(\x0c\x12\x0f\n\x07\x66oreign\x18\n \x01(\x08\"7\n\x0eVerifyResponse\x12%\n\x07verdict\x18\x01 \x01(\x0b\x32\x14.fedtoken.v1.Verdict\"V\n\x12VerifyBatchRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12\x0e\n\x06issuer\x18\x03 \x01(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"=\n\x13VerifyBatchResponse\x12&\n\x08verdicts\x18\x01 \x03(\x0b\x32\x14.fedtoken.v1.Verdict\";\n\x11IntrospectRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x17\n\x0ftoken_type_hint\x18\x02 \x01(\t\"\xf7\x01\n\x12IntrospectResponse\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x12\n\ntoken_type\x18\x04 \x01(\t\x12\x0b\n\x03\x65xp\x18\x05 \x01(\x03\x12\x0b\n\x03iat\x18\x06 \x01(\x03\x12\x0b\n\x03nbf\x18\x07 \x01(\x03\x12\x0b\n\x03sub\x18\x08 \x01(\t\x12\x0b\n\x03\x61ud\x18\t \x03(\t\x12\x0b\n\x03iss\x18\n \x01(\t\x12\x0b\n\x03jti\x18\x0b \x01(\t\x12\x0e\n\x06tenant\x18\x0c \x01(\t\x12\x0b\n\x03kid\x18\r \x01(\t\x12#\n\x06reason\x18\x0e \x01(\x0e\x32\x13.fedtoken.v1.Reason\"\xbf\x01\n\rRevokeRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x05token\x18\x02 \x01(\tH\x00\x12\r\n\x03jti\x18\x03 \x01(\tH\x00\x12\x31\n\x07subject\x18\x06 \x01(\x0b\x32\x1e.fedtoken.v1.SubjectRevocationH\x00\x12\r\n\x03kid\x18\x07 \x01(\tH\x00\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06issuer\x18\x08 \x01(\tB\x08\n\x06target\";\n\x11SubjectRevocation\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x15\n\rissued_before\x18\x02 \x01(\x03\"o\n\x0eRevokeResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0b\n\x03jti\x18\x02 \x01(\t\x12\x12\n\nrevoked_at\x18\x03 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x08\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\r\n\x05value\x18\x06 \x01(\t\" \n\x0eGetKeysRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x8b\x01\n\x0fGetKeysResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\x11\n\tjwks_json\x18\x03 \x01(\x0c\x12\x17\n\x0fmax_age_seconds\x18\x04 \x01(\x03\x12\x0c\n\x04\x65tag\x18\x05 \x01(\t\x12\x1e\n\x04keys\x18\x06 \x03(\x0b\x32\x10.fedtoken.v1.Key2\xd3\x04\n\x0cTokenService\x12>\n\x05Issue\x12\x19.fedtoken.v1.IssueRequest\x1a\x1a.fedtoken.v1.IssueResponse\x12M\n\nIssueBatch\x12\x1e.fedtoken.v1.IssueBatchRequest\x1a\x1f.fedtoken.v1.IssueBatchResponse\x12\x41\n\x06Verify\x12\x1a.fedtoken.v1.VerifyRequest\x1a\x1b.fedtoken.v1.VerifyResponse\x12P\n\x0bVerifyBatch\x12\x1f.fedtoken.v1.VerifyBatchRequest\x1a .fedtoken.v1.VerifyBatchResponse\x12M\n\nIntrospect\x12\x1e.fedtoken.v1.IntrospectRequest\x1a\x1f.fedtoken.v1.IntrospectResponse\x12\x41\n\x06Revoke\x12\x1a.fedtoken.v1.RevokeRequest\x1a\x1b.fedtoken.v1.RevokeResponse\x12\x44\n\x07GetKeys\x12\x1b.fedtoken.v1.GetKeysRequest\x1a\x1c.fedtoken.v1.GetKeysResponse\x12G\n\x08\x45xchange\x12\x1c.fedtoken.v1.ExchangeRequest\x1a\x1d.fedtoken.v1.ExchangeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,32 +38,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXCHANGERESPONSE']._serialized_end=383
   _globals['_ISSUEREQUEST']._serialized_start=386
   _globals['_ISSUEREQUEST']._serialized_end=538
-  _globals['_ISSUERESPONSE']._serialized_start=540
-  _globals['_ISSUERESPONSE']._serialized_end=667
-  _globals['_VERIFYREQUEST']._serialized_start=669
-  _globals['_VERIFYREQUEST']._serialized_end=749
-  _globals['_VERDICT']._serialized_start=752
-  _globals['_VERDICT']._serialized_end=946
-  _globals['_VERIFYRESPONSE']._serialized_start=948
-  _globals['_VERIFYRESPONSE']._serialized_end=1003
-  _globals['_VERIFYBATCHREQUEST']._serialized_start=1005
-  _globals['_VERIFYBATCHREQUEST']._serialized_end=1091
-  _globals['_VERIFYBATCHRESPONSE']._serialized_start=1093
-  _globals['_VERIFYBATCHRESPONSE']._serialized_end=1154
-  _globals['_INTROSPECTREQUEST']._serialized_start=1156
-  _globals['_INTROSPECTREQUEST']._serialized_end=1215
-  _globals['_INTROSPECTRESPONSE']._serialized_start=1218
-  _globals['_INTROSPECTRESPONSE']._serialized_end=1465
-  _globals['_REVOKEREQUEST']._serialized_start=1468
-  _globals['_REVOKEREQUEST']._serialized_end=1659
-  _globals['_SUBJECTREVOCATION']._serialized_start=1661
-  _globals['_SUBJECTREVOCATION']._serialized_end=1720
-  _globals['_REVOKERESPONSE']._serialized_start=1722
-  _globals['_REVOKERESPONSE']._serialized_end=1833
-  _globals['_GETKEYSREQUEST']._serialized_start=1835
-  _globals['_GETKEYSREQUEST']._serialized_end=1867
-  _globals['_GETKEYSRESPONSE']._serialized_start=1870
-  _globals['_GETKEYSRESPONSE']._serialized_end=2009
-  _globals['_TOKENSERVICE']._serialized_start=2012
-  _globals['_TOKENSERVICE']._serialized_end=2528
+  _globals['_ISSUEBATCHREQUEST']._serialized_start=540
+  _globals['_ISSUEBATCHREQUEST']._serialized_end=604
+  _globals['_ISSUEBATCHRESPONSE']._serialized_start=606
+  _globals['_ISSUEBATCHRESPONSE']._serialized_end=673
+  _globals['_ISSUERESPONSE']._serialized_start=675
+  _globals['_ISSUERESPONSE']._serialized_end=802
+  _globals['_VERIFYREQUEST']._serialized_start=804
+  _globals['_VERIFYREQUEST']._serialized_end=884
+  _globals['_VERDICT']._serialized_start=887
+  _globals['_VERDICT']._serialized_end=1081
+  _globals['_VERIFYRESPONSE']._serialized_start=1083
+  _globals['_VERIFYRESPONSE']._serialized_end=1138
+  _globals['_VERIFYBATCHREQUEST']._serialized_start=1140
+  _globals['_VERIFYBATCHREQUEST']._serialized_end=1226
+  _globals['_VERIFYBATCHRESPONSE']._serialized_start=1228
+  _globals['_VERIFYBATCHRESPONSE']._serialized_end=1289
+  _globals['_INTROSPECTREQUEST']._serialized_start=1291
+  _globals['_INTROSPECTREQUEST']._serialized_end=1350
+  _globals['_INTROSPECTRESPONSE']._serialized_start=1353
+  _globals['_INTROSPECTRESPONSE']._serialized_end=1600
+  _globals['_REVOKEREQUEST']._serialized_start=1603
+  _globals['_REVOKEREQUEST']._serialized_end=1794
+  _globals['_SUBJECTREVOCATION']._serialized_start=1796
+  _globals['_SUBJECTREVOCATION']._serialized_end=1855
+  _globals['_REVOKERESPONSE']._serialized_start=1857
+  _globals['_REVOKERESPONSE']._serialized_end=1968
+  _globals['_GETKEYSREQUEST']._serialized_start=1970
+  _globals['_GETKEYSREQUEST']._serialized_end=2002
+  _globals['_GETKEYSRESPONSE']._serialized_start=2005
+  _globals['_GETKEYSRESPONSE']._serialized_end=2144
+  _globals['_TOKENSERVICE']._serialized_start=2147
+  _globals['_TOKENSERVICE']._serialized_end=2742
 # @@protoc_insertion_point(module_scope)

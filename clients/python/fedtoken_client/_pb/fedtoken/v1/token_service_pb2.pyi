@@ -61,6 +61,18 @@ class IssueRequest(_message.Message):
     client_id: str
     def __init__(self, tenant: _Optional[str] = ..., subject: _Optional[str] = ..., audience: _Optional[_Iterable[str]] = ..., lifetime_seconds: _Optional[int] = ..., extra_claims_json: _Optional[str] = ..., scope: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
 
+class IssueBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[IssueRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[IssueRequest, _Mapping]]] = ...) -> None: ...
+
+class IssueBatchResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[IssueResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[IssueResponse, _Mapping]]] = ...) -> None: ...
+
 class IssueResponse(_message.Message):
     __slots__ = ("token", "jti", "kid", "tenant", "issuer", "issued_at", "expires_at")
     TOKEN_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,11 @@ class TokenServiceStub:
                 request_serializer=fedtoken_dot_v1_dot_token__service__pb2.IssueRequest.SerializeToString,
                 response_deserializer=fedtoken_dot_v1_dot_token__service__pb2.IssueResponse.FromString,
                 _registered_method=True)
+        self.IssueBatch = channel.unary_unary(
+                '/fedtoken.v1.TokenService/IssueBatch',
+                request_serializer=fedtoken_dot_v1_dot_token__service__pb2.IssueBatchRequest.SerializeToString,
+                response_deserializer=fedtoken_dot_v1_dot_token__service__pb2.IssueBatchResponse.FromString,
+                _registered_method=True)
         self.Verify = channel.unary_unary(
                 '/fedtoken.v1.TokenService/Verify',
                 request_serializer=fedtoken_dot_v1_dot_token__service__pb2.VerifyRequest.SerializeToString,
@@ -82,6 +87,19 @@ class TokenServiceServicer:
         LIFETIME_EXCEEDS_POLICY), NOT_FOUND (TENANT_NOT_FOUND),
         FAILED_PRECONDITION (NO_ACTIVE_KEY), UNAVAILABLE (HSM_UNAVAILABLE,
         STORE_UNAVAILABLE, AUDIT_UNAVAILABLE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueBatch(self, request, context):
+        """IssueBatch issues many tokens in one call, each exactly as Issue would
+        (same checks, same issuer role per item). Every item is validated and
+        authorised before anything is signed: one invalid item fails the whole
+        call, its field named "requests[i].<field>". The tokens are signed in
+        one HSM call per key; every token's audit record (one token.issued each)
+        is committed before the call returns. Responses are in request order.
+        Errors: as Issue, plus INVALID_ARGUMENT (BATCH_TOO_LARGE) over 1000 items.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,6 +180,11 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     request_deserializer=fedtoken_dot_v1_dot_token__service__pb2.IssueRequest.FromString,
                     response_serializer=fedtoken_dot_v1_dot_token__service__pb2.IssueResponse.SerializeToString,
             ),
+            'IssueBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueBatch,
+                    request_deserializer=fedtoken_dot_v1_dot_token__service__pb2.IssueBatchRequest.FromString,
+                    response_serializer=fedtoken_dot_v1_dot_token__service__pb2.IssueBatchResponse.SerializeToString,
+            ),
             'Verify': grpc.unary_unary_rpc_method_handler(
                     servicer.Verify,
                     request_deserializer=fedtoken_dot_v1_dot_token__service__pb2.VerifyRequest.FromString,
@@ -220,6 +243,33 @@ class TokenService:
             '/fedtoken.v1.TokenService/Issue',
             fedtoken_dot_v1_dot_token__service__pb2.IssueRequest.SerializeToString,
             fedtoken_dot_v1_dot_token__service__pb2.IssueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtoken.v1.TokenService/IssueBatch',
+            fedtoken_dot_v1_dot_token__service__pb2.IssueBatchRequest.SerializeToString,
+            fedtoken_dot_v1_dot_token__service__pb2.IssueBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
