@@ -22,6 +22,7 @@ import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from hashlib import sha256
 from typing import Any, Final
 
 from fedtoken.core.claims import check_claims
@@ -44,7 +45,8 @@ from fedtoken.core.model import (
 )
 from fedtoken.core.ports import Clock, IssuerKeys, KeyResolver, RevocationView, VerificationKey
 from fedtoken.verifier._shared import MALFORMED, PARSE_ERRORS, log_unexpected
-from fedtoken.verifier.native import NATIVE_AVAILABLE, NativePath
+from fedtoken.verifier.native import INVALID, NATIVE_AVAILABLE, NativePath
+from fedtoken.verifier.tokencache import DEFAULT_SIZE, CachedToken, TokenCache, digest
 
 __all__ = [
     "HEADER_CACHE_SIZE",
@@ -78,6 +80,8 @@ class _Pending:
     key: VerificationKey
     tenant: str
     issuer: str
+    alg: str = ""
+    raw: bytes = b""
 
 
 def _check_signatures(items: Sequence[Verdict | _Pending]) -> list[bool]:
@@ -120,9 +124,12 @@ class VerificationEngine:
         max_token_size: int = DEFAULT_MAX_TOKEN_SIZE,
         threads: int = 2,
         native: bool | None = None,
+        token_cache: int = DEFAULT_SIZE,
     ) -> None:
         """``native``: use the native fast path (None: when it is built;
-        True: required, ImportError if it is not built; False: never)."""
+        True: required, ImportError if it is not built; False: never).
+        ``token_cache``: entries of the verified-token cache (0: off; see
+        ``fedtoken.verifier.tokencache``)."""
         if threads < 1:
             raise ValueError("threads must be at least 1")
         if native and not NATIVE_AVAILABLE:
@@ -140,6 +147,7 @@ class VerificationEngine:
         self._executor = ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="fedtoken-verify"
         )
+        self._cache = TokenCache(token_cache) if token_cache > 0 else None
         self._native: NativePath | None = None
         if NATIVE_AVAILABLE and native is not False:
             self._native = NativePath(
@@ -161,7 +169,74 @@ class VerificationEngine:
 
     def verify(self, token: str, expect: Expectation) -> Verdict:
         """The verdict on one token. Never raises."""
-        return self._verify_inline([token], expect, self._clock.now())[0]
+        now = self._clock.now()
+        if self._cache is not None:
+            verdict = self._from_cache(token, expect, now)
+            if verdict is not None:
+                return verdict
+        return self._verify_inline([token], expect, now)[0]
+
+    def _from_cache(self, token: str, expect: Expectation, now: float) -> Verdict | None:
+        """The verdict from a cached signature check, or None (a miss, or
+        an entry whose key is no longer the one the resolver selects)."""
+        cache = self._cache
+        assert cache is not None
+        try:
+            key = digest(token)
+            entry = cache.get(key) if key is not None else None
+            if entry is None:
+                return None
+            resolved = self._resolve(entry.payload, entry.alg, entry.kid, expect)
+            if type(resolved) is Verdict:
+                # What the uncached path answers too: it resolves the same
+                # (alg, kid, payload) before the signature.
+                return resolved
+            vkey, tenant, iss = resolved  # type: ignore[misc]
+            if vkey is not entry.key:
+                return None
+            audience = expect.audience if expect.check_audience else None
+            payload = dict(entry.payload)  # callers get their own top-level dict
+            reason = check_claims(payload, now=now, leeway=self._leeway, audience=audience)
+            return self._conclude_checked(reason, payload, entry.payload_bytes, tenant, iss,
+                                          vkey.kid, vkey.foreign)
+        except Exception as exc:  # noqa: BLE001 - fall back to the full path
+            log_unexpected(exc)
+            return None
+
+    def _cached_split(
+        self, tokens: Sequence[str], expect: Expectation, now: float
+    ) -> tuple[list[Verdict | None], list[int]]:
+        verdicts: list[Verdict | None] = []
+        rest: list[int] = []
+        from_cache = self._from_cache
+        for i, token in enumerate(tokens):
+            verdict = from_cache(token, expect, now)
+            if verdict is None:
+                rest.append(i)
+            verdicts.append(verdict)
+        return verdicts, rest
+
+    def _fill_native(
+        self, tokens: Sequence[str], parts: Sequence[Any], slots: Sequence[Any],
+        verdicts: Sequence[Verdict | None],
+    ) -> None:
+        """Cache the tokens the native code verified and concluded valid:
+        a verdict there means the resolver's key IS the slot's key."""
+        cache = self._cache
+        if cache is None:
+            return
+        index = 0
+        for statuses, _, _ in parts:
+            for status in statuses:
+                verdict = verdicts[index]
+                if (status and not status & INVALID and verdict is not None and verdict.valid
+                        and verdict.claims is not None):
+                    key = digest(tokens[index])
+                    alg, kid, slot_key = slots[(status & 0x7F) - 1]
+                    if key is not None and slot_key.kid == verdict.kid:
+                        cache.put(key, CachedToken(dict(verdict.claims), verdict.claims_json,
+                                                   alg, kid, slot_key))
+                index += 1
 
     async def verify_batch(self, tokens: Sequence[str], expect: Expectation) -> list[Verdict]:
         """Verdicts in the order of ``tokens``; never raises for a token.
@@ -184,6 +259,18 @@ class VerificationEngine:
         the three phases above.
         """
         now = self._clock.now()
+        if self._cache is None:
+            return await self._batch_uncached(tokens, expect, now)
+        cached, misses = self._cached_split(tokens, expect, now)
+        if misses:
+            done = await self._batch_uncached([tokens[i] for i in misses], expect, now)
+            for i, verdict in zip(misses, done, strict=True):
+                cached[i] = verdict
+        return cached  # type: ignore[return-value] # every None was replaced
+
+    async def _batch_uncached(
+        self, tokens: Sequence[str], expect: Expectation, now: float
+    ) -> list[Verdict]:
         count = len(tokens)
         if count < INLINE_BATCH:
             return self._verify_inline(tokens, expect, now)
@@ -210,6 +297,8 @@ class VerificationEngine:
         verdicts, rest = await loop.run_in_executor(
             executor, native.finish_all, tokens, parts, slots, expect, now
         )
+        if self._cache is not None:
+            self._fill_native(tokens, parts, slots, verdicts)
         if rest:
             others = [tokens[i] for i in rest]
             if len(others) < INLINE_BATCH:
@@ -245,9 +334,10 @@ class VerificationEngine:
         snapshot = native.snapshot() if native is not None else None
         if native is None or snapshot is None:
             return self._python_inline(tokens, expect, now)
-        verdicts, rest = native.finish_all(
-            tokens, [snapshot.table.verify(tokens)], snapshot.slots, expect, now
-        )
+        parts = [snapshot.table.verify(tokens)]
+        verdicts, rest = native.finish_all(tokens, parts, snapshot.slots, expect, now)
+        if self._cache is not None:
+            self._fill_native(tokens, parts, snapshot.slots, verdicts)
         if rest:
             done = self._python_inline([tokens[i] for i in rest], expect, now)
             for i, verdict in zip(rest, done, strict=True):
@@ -284,6 +374,7 @@ class VerificationEngine:
         finish = self._finish
         audience = expect.audience if expect.check_audience else None
         learn = self._native.learn if self._native is not None else None
+        cache = self._cache
         for item, ok in zip(items, signed, strict=True):
             if isinstance(item, Verdict):
                 append(item)
@@ -291,6 +382,11 @@ class VerificationEngine:
             try:
                 if ok and learn is not None:
                     learn(item.signing_input, item.key)
+                if ok and cache is not None and item.raw:
+                    # Signed under the key the resolver selected for it.
+                    cache.put(sha256(item.raw).digest(), CachedToken(
+                        dict(item.payload), item.payload_bytes, item.alg, item.key.kid,
+                        item.key))
                 append(finish(item, ok, audience, now))
             except Exception as exc:  # noqa: BLE001 - one token must never fail the batch
                 log_unexpected(exc)
@@ -344,12 +440,14 @@ class VerificationEngine:
             headers[jws.signing_input.partition(b".")[0]] = parsed
             payload, payload_bytes = jws.payload, jws.payload_bytes
             signing_input, signature = jws.signing_input, jws.signature
+            raw = token.encode("ascii") if isinstance(token, str) else token
         alg, kid = parsed
         resolved = self._resolve(payload, alg, kid, expect)
         if type(resolved) is Verdict:
             return resolved
         key, tenant, iss = resolved  # type: ignore[misc]
-        return _Pending(signing_input, signature, payload, payload_bytes, key, tenant, iss)
+        return _Pending(signing_input, signature, payload, payload_bytes, key, tenant, iss,
+                        alg, raw)
 
     def _resolve(
         self, payload: dict[str, Any], alg: str, kid: str, expect: Expectation
