@@ -395,6 +395,7 @@ async def start_app(
             "leeway": settings.leeway_seconds,
             "max_token_size": settings.max_token_bytes,
             "threads": settings.verify_threads,
+            "token_cache": max(0, settings.verified_token_cache_size),
         }
         engine = VerificationEngine(FederatedResolver(resolver, trusted_keys), revocations,
                                     **engine_options)

@@ -110,6 +110,13 @@ class Settings:
     # the client package's receive limit.
     grpc_max_message_bytes: int = 96 * 1024 * 1024
     verify_threads: int = 2
+    # Entries of the verified-token cache (fedtoken.verifier.tokencache): a
+    # repeated token skips only its signature check; key state, claims and
+    # revocation are judged on every call. 0 turns it off. Per entry about
+    # 1.5 kB for a typical 8-claim payload, about 7 kB at most (payloads over
+    # 1 kB are never cached); the serve engine and the introspection engine
+    # of each worker each have one.
+    verified_token_cache_size: int = 8192
     # JWKS Cache-Control max-age, seconds: the upper bound; each tenant's is
     # derived from its rotation schedule (fedtoken.core.rotation), never more.
     jwks_max_age_seconds: int = 300
