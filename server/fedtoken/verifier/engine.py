@@ -98,7 +98,7 @@ class VerificationEngine:
     """Verifies compact JWS tokens against a KeyResolver and a RevocationView.
 
     Thread-safe: ``verify`` may be called from any thread and ``verify_batch``
-    from any event loop, concurrently. The engine's own mutable state is two
+    from any event loop, concurrently. The engine's own mutable state is three
     caches:
 
     * ``_headers``, header segment -> checked (alg, kid): a bounded dict read
@@ -109,6 +109,11 @@ class VerificationEngine:
       current table change only under its lock, taken to learn an entry or
       rebuild the table, never to verify; a call or batch reads one
       immutable snapshot throughout.
+    * ``_cache`` (``TokenCache``, when on): token digest -> what its
+      signature check proved, one dict used with single get / set / pop
+      calls. Entries are immutable; a hit counts only if the resolver still
+      selects the entry's key object, so an entry made stale by a reload at
+      any moment gives the resolver's verdict or a full re-verification.
 
     The resolver and the revocation view are read-mostly structures swapped
     or guarded by their owners; a verdict reads the resolver's current state.
