@@ -24,6 +24,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 MB_SOURCE = "server/fedtoken/_native/mbverify.c"
+MB_HEADER = "server/fedtoken/_native/mbapi.h"  # the C API _native uses
 
 
 def _prefixes() -> list[Path]:
@@ -118,6 +119,7 @@ def mbrsa_extension() -> Extension:
     ext = Extension(
         "fedtoken._mbrsa",
         sources=[MB_SOURCE],
+        depends=[MB_HEADER],
         include_dirs=[str(include)],
         define_macros=[("FEDTOKEN_CRYPTO_MB", "1")],
         # Static archive first, then the libcrypto its OpenSSL glue needs.
@@ -137,6 +139,7 @@ setup(
         Extension(
             "fedtoken._native",
             sources=["server/fedtoken/_native/fastverify.c"],
+            depends=[MB_HEADER],
             libraries=["crypto"],
             optional=True,
         ),

@@ -26,6 +26,7 @@ import time
 
 from fedtoken.app import App, prepare_database, prepare_hsm, start_app
 from fedtoken.config import Settings, replace
+from fedtoken.verifier.native import rsa_path
 
 log = logging.getLogger("fedtoken")
 
@@ -63,6 +64,7 @@ async def _serve_single(settings: Settings) -> None:
 def _announce(app: App) -> None:
     s = app.settings
     log.info("fedtoken gRPC listening on %s:%d", s.grpc_host, app.grpc_port)
+    log.info("RS256 verification: %s", rsa_path())
     if app.http_port:
         log.info("HTTP bridge on http://%s:%d (JWKS: %s/.well-known/jwks.json)",
                  s.http_host, app.http_port, s.http_public_url)

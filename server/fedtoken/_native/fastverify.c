@@ -4,8 +4,12 @@
  * compact JWS, look its exact header segment up in a table the Python side
  * prepared (header bytes -> key slot; ALL header policy stays in Python),
  * decode payload and signature with the strict unpadded base64url contract
- * of fedtoken.core.jwk.b64url_decode, and verify RSASSA-PKCS1-v1_5 SHA-256
- * against the slot's pre-loaded EVP_PKEY.
+ * of fedtoken.core.jwk.b64url_decode and hash the signing input (phase one,
+ * every token); then verify RSASSA-PKCS1-v1_5 SHA-256 (phase two): the
+ * tokens of keys crypto_mb takes go through fedtoken._mbrsa's multi-buffer
+ * core (its C API, mbapi.h: eight per operation, any mix of keys, the whole
+ * encoding compared, s >= n refused first) when it runs on this CPU, the
+ * others, and any it does not decide, through the slot's EVP_PKEY.
  *
  * Per token the answer is one status byte:
  *   0                      fallback: Python must take the whole token
@@ -24,6 +28,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/rsa.h>
@@ -32,6 +38,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "mbapi.h"
+
 #define MAX_SLOTS 127        /* status byte: 1 + slot fits in 7 bits */
 #define MAX_HEADER_LEN 4096  /* longer header segments are never tabled */
 #define MAX_SIG_BYTES 1024   /* RSA-8192; larger keys are never tabled */
@@ -39,6 +47,35 @@
 #define ST_INVALID 0x80
 
 static EVP_MD *sha256_md = NULL;
+
+/* fedtoken._mbrsa's C API when that module imports and crypto_mb runs on
+ * this CPU (looked up once, at the first KeyTable); NULL otherwise, and then
+ * every signature goes to OpenSSL. */
+static const fedtoken_mb_api *mb_api = NULL;
+static int mb_looked_up = 0;
+
+static const fedtoken_mb_api *
+multibuffer_api(void)
+{
+    if (!mb_looked_up) {
+        mb_looked_up = 1;
+        /* PyCapsule_Import walks attributes from the package down, so the
+         * submodule must be imported first. */
+        PyObject *mod = PyImport_ImportModule("fedtoken._mbrsa");
+        const fedtoken_mb_api *api = NULL;
+        if (mod != NULL) {
+            api = PyCapsule_Import(FEDTOKEN_MB_CAPSULE, 0);
+            Py_DECREF(mod);
+        }
+        if (api == NULL) {
+            PyErr_Clear();
+        }
+        else if (api->abi == FEDTOKEN_MB_ABI && api->usable) {
+            mb_api = api;
+        }
+    }
+    return mb_api;
+}
 
 /* base64url alphabet value, or 0xFF */
 static uint8_t b64_value[256];
@@ -125,6 +162,9 @@ typedef struct {
     Py_ssize_t *header_lens;
     EVP_PKEY **keys;
     Py_ssize_t *sig_lens;     /* modulus bytes of each key */
+    fedtoken_mb_key **mb_keys; /* per slot: crypto_mb's key, or NULL (OpenSSL) */
+    const fedtoken_mb_api *mb; /* set when any slot has an mb key */
+    Py_ssize_t mb_slots;
 } KeyTable;
 
 static void
@@ -137,7 +177,11 @@ KeyTable_dealloc(KeyTable *self)
         if (self->keys) {
             EVP_PKEY_free(self->keys[i]);
         }
+        if (self->mb_keys && self->mb_keys[i] && self->mb) {
+            self->mb->key_free(self->mb_keys[i]);
+        }
     }
+    PyMem_Free(self->mb_keys);
     PyMem_Free(self->headers);
     PyMem_Free(self->header_lens);
     PyMem_Free(self->keys);
@@ -145,16 +189,51 @@ KeyTable_dealloc(KeyTable *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* crypto_mb's key for an RSA EVP_PKEY into *out: NULL when crypto_mb does
+ * not take its shape (then OpenSSL verifies). -1 only when out of memory. */
+static int
+mb_key_of(const fedtoken_mb_api *api, EVP_PKEY *pkey, fedtoken_mb_key **out)
+{
+    BIGNUM *n = NULL, *e = NULL;
+    unsigned char buf[MAX_SIG_BYTES];
+    int rc = 0;
+    *out = NULL;
+    if (EVP_PKEY_get_bn_param(pkey, OSSL_PKEY_PARAM_RSA_N, &n) != 1 ||
+        EVP_PKEY_get_bn_param(pkey, OSSL_PKEY_PARAM_RSA_E, &e) != 1) {
+        ERR_clear_error();
+        goto done; /* not readable: OpenSSL path */
+    }
+    int len = BN_num_bytes(n);
+    if (len <= 0 || len > MAX_SIG_BYTES || BN_bn2bin(n, buf) != len) {
+        goto done;
+    }
+    fedtoken_mb_key *key = api->key_new(buf, (size_t)len, BN_is_word(e, 65537));
+    if (key == NULL) {
+        rc = -1;
+        goto done;
+    }
+    if (!api->key_supported(key)) {
+        api->key_free(key);
+        goto done;
+    }
+    *out = key;
+done:
+    BN_free(n);
+    BN_free(e);
+    return rc;
+}
+
 static PyObject *
 KeyTable_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"entries", "max_token_size", NULL};
+    static char *kwlist[] = {"entries", "max_token_size", "multibuffer", NULL};
     PyObject *entries = NULL, *seq = NULL;
     Py_ssize_t max_token = 0;
+    int want_mb = 1;
     KeyTable *self;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "On:KeyTable", kwlist, &entries,
-                                     &max_token)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "On|p:KeyTable", kwlist, &entries,
+                                     &max_token, &want_mb)) {
         return NULL;
     }
     if (max_token < 0) {
@@ -183,7 +262,11 @@ KeyTable_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->header_lens = PyMem_Calloc((size_t)alloc, sizeof(Py_ssize_t));
     self->keys = PyMem_Calloc((size_t)alloc, sizeof(EVP_PKEY *));
     self->sig_lens = PyMem_Calloc((size_t)alloc, sizeof(Py_ssize_t));
-    if (!self->headers || !self->header_lens || !self->keys || !self->sig_lens) {
+    self->mb_keys = PyMem_Calloc((size_t)alloc, sizeof(fedtoken_mb_key *));
+    self->mb = want_mb ? multibuffer_api() : NULL;
+    self->mb_slots = 0;
+    if (!self->headers || !self->header_lens || !self->keys || !self->sig_lens ||
+        !self->mb_keys) {
         PyErr_NoMemory();
         goto fail;
     }
@@ -232,6 +315,13 @@ KeyTable_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         self->keys[i] = pkey;
         self->sig_lens[i] = size;
         self->count = i + 1;
+        if (self->mb != NULL && mb_key_of(self->mb, pkey, &self->mb_keys[i]) < 0) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        if (self->mb_keys[i] != NULL) {
+            self->mb_slots++;
+        }
     }
     Py_DECREF(seq);
     return (PyObject *)self;
@@ -270,35 +360,36 @@ slot_ctx(const KeyTable *t, CallState *cs, Py_ssize_t slot)
     return ctx;
 }
 
-/* One token, no GIL. Writes the decoded payload to *payload (room for
- * b64_decoded_len of the payload segment, bounded by len) and its length. */
-static uint8_t
-verify_one(const KeyTable *t, CallState *cs, const unsigned char *tok, Py_ssize_t len,
-           unsigned char *payload, Py_ssize_t *payload_len)
+/* Phase one for one token, no GIL: split, look the header up, decode the
+ * signature into sig (room for MAX_SIG_BYTES) and the payload into payload
+ * (room for b64_decoded_len of the payload segment, bounded by len), and
+ * hash the signing input into digest. Returns the slot, or -1: fallback. */
+static Py_ssize_t
+prepare_one(const KeyTable *t, EVP_MD_CTX *md, const unsigned char *tok, Py_ssize_t len,
+            unsigned char *sig, unsigned char *payload, Py_ssize_t *payload_len,
+            unsigned char *digest)
 {
     const unsigned char *dot1, *dot2;
     Py_ssize_t h_len, p_len, s_len, slot, want;
-    unsigned char sig[MAX_SIG_BYTES];
-    unsigned char digest[EVP_MAX_MD_SIZE];
     unsigned int digest_len = 0;
 
     if (len <= 0 || len > t->max_token) {
-        return ST_FALLBACK;
+        return -1;
     }
     dot1 = memchr(tok, '.', (size_t)len);
     if (dot1 == NULL) {
-        return ST_FALLBACK;
+        return -1;
     }
     h_len = dot1 - tok;
     dot2 = memchr(dot1 + 1, '.', (size_t)(len - h_len - 1));
     if (dot2 == NULL) {
-        return ST_FALLBACK;
+        return -1;
     }
     p_len = dot2 - (dot1 + 1);
     s_len = len - (dot2 - tok) - 1;
     if (h_len == 0 || p_len == 0 || s_len == 0 ||
         memchr(dot2 + 1, '.', (size_t)s_len) != NULL) {
-        return ST_FALLBACK;
+        return -1;
     }
     for (slot = 0; slot < t->count; slot++) {
         if (t->header_lens[slot] == h_len && memcmp(t->headers[slot], tok, (size_t)h_len) == 0) {
@@ -306,36 +397,43 @@ verify_one(const KeyTable *t, CallState *cs, const unsigned char *tok, Py_ssize_
         }
     }
     if (slot == t->count) {
-        return ST_FALLBACK;
+        return -1;
     }
     want = t->sig_lens[slot];
     if (b64_decoded_len(s_len) != want || want > MAX_SIG_BYTES) {
-        return ST_FALLBACK;
+        return -1;
     }
     if (b64_decode(dot2 + 1, s_len, sig) != 0) {
-        return ST_FALLBACK;
+        return -1;
     }
     Py_ssize_t plen = b64_decoded_len(p_len);
     if (plen < 0 || plen > len) {
-        return ST_FALLBACK;
+        return -1;
     }
     if (b64_decode(dot1 + 1, p_len, payload) != 0) {
-        return ST_FALLBACK;
+        return -1;
     }
     *payload_len = plen;
-
-    /* SHA-256 of the signing input, then the RSA check of the digest. */
-    if (EVP_DigestInit_ex(cs->md, sha256_md, NULL) <= 0 ||
-        EVP_DigestUpdate(cs->md, tok, (size_t)(dot2 - tok)) <= 0 ||
-        EVP_DigestFinal_ex(cs->md, digest, &digest_len) <= 0 || digest_len != 32) {
+    /* SHA-256 of the signing input. */
+    if (EVP_DigestInit_ex(md, sha256_md, NULL) <= 0 ||
+        EVP_DigestUpdate(md, tok, (size_t)(dot2 - tok)) <= 0 ||
+        EVP_DigestFinal_ex(md, digest, &digest_len) <= 0 || digest_len != 32) {
         ERR_clear_error();
-        return ST_FALLBACK;
+        return -1;
     }
+    return slot;
+}
+
+/* The OpenSSL check of one prepared token's signature: its status byte. */
+static uint8_t
+openssl_verify(const KeyTable *t, CallState *cs, Py_ssize_t slot, const unsigned char *sig,
+               const unsigned char *digest)
+{
     EVP_PKEY_CTX *ctx = slot_ctx(t, cs, slot);
     if (ctx == NULL) {
         return ST_FALLBACK;
     }
-    int rc = EVP_PKEY_verify(ctx, sig, (size_t)want, digest, digest_len);
+    int rc = EVP_PKEY_verify(ctx, sig, (size_t)t->sig_lens[slot], digest, 32);
     if (rc == 1) {
         return (uint8_t)(1 + slot);
     }
@@ -343,6 +441,84 @@ verify_one(const KeyTable *t, CallState *cs, const unsigned char *tok, Py_ssize_
      * clear them so no later OpenSSL user on this thread sees them. */
     ERR_clear_error();
     return rc == 0 ? (uint8_t)(ST_INVALID | (1 + slot)) : ST_FALLBACK;
+}
+
+/* The signature checks of a prepared run, no GIL: the tokens whose slot has
+ * a crypto_mb key go through the multi-buffer core, eight per operation
+ * (any mix of keys); the rest, and any it does not decide, through OpenSSL.
+ * slots[i] < 0 marks a fallback. Returns 0, or -1 when out of memory. */
+static int
+verify_prepared(const KeyTable *t, CallState *cs, Py_ssize_t n, const Py_ssize_t *slots,
+                unsigned char *const *sigs, const unsigned char *digests, uint8_t *status)
+{
+    Py_ssize_t i, m = 0;
+    uint8_t *mb_status = NULL;
+    const fedtoken_mb_key **mb_keys = NULL;
+    const uint8_t **mb_sigs = NULL, **mb_digests = NULL;
+    size_t *mb_lens = NULL;
+    Py_ssize_t *mb_index = NULL;
+
+    if (t->mb != NULL && t->mb_slots > 0) {
+        for (i = 0; i < n; i++) {
+            if (slots[i] >= 0 && t->mb_keys[slots[i]] != NULL) {
+                m++;
+            }
+        }
+    }
+    if (m > 0) {
+        size_t cnt = (size_t)m;
+        mb_status = malloc(cnt);
+        mb_keys = malloc(cnt * sizeof(*mb_keys));
+        mb_sigs = malloc(cnt * sizeof(*mb_sigs));
+        mb_digests = malloc(cnt * sizeof(*mb_digests));
+        mb_lens = malloc(cnt * sizeof(*mb_lens));
+        mb_index = malloc(cnt * sizeof(*mb_index));
+        if (!mb_status || !mb_keys || !mb_sigs || !mb_digests || !mb_lens || !mb_index) {
+            m = -1;
+            goto done;
+        }
+        Py_ssize_t j = 0;
+        for (i = 0; i < n; i++) {
+            if (slots[i] >= 0 && t->mb_keys[slots[i]] != NULL) {
+                mb_keys[j] = t->mb_keys[slots[i]];
+                mb_sigs[j] = sigs[i];
+                mb_lens[j] = (size_t)t->sig_lens[slots[i]];
+                mb_digests[j] = digests + 32 * i;
+                mb_index[j] = i;
+                j++;
+            }
+        }
+        if (t->mb->verify(mb_keys, mb_sigs, mb_lens, mb_digests, cnt, mb_status) < 0) {
+            m = -1;
+            goto done;
+        }
+    }
+    /* status: 0xFF = not decided yet. */
+    for (i = 0; i < n; i++) {
+        status[i] = slots[i] < 0 ? ST_FALLBACK : 0xFF;
+    }
+    for (Py_ssize_t j = 0; j < m; j++) {
+        Py_ssize_t k = mb_index[j], slot = slots[k];
+        if (mb_status[j] == FEDTOKEN_MB_VALID) {
+            status[k] = (uint8_t)(1 + slot);
+        }
+        else if (mb_status[j] == FEDTOKEN_MB_INVALID) {
+            status[k] = (uint8_t)(ST_INVALID | (1 + slot));
+        }
+    }
+    for (i = 0; i < n; i++) {
+        if (status[i] == 0xFF) {
+            status[i] = openssl_verify(t, cs, slots[i], sigs[i], digests + 32 * i);
+        }
+    }
+done:
+    free(mb_status);
+    free(mb_keys);
+    free(mb_sigs);
+    free(mb_digests);
+    free(mb_lens);
+    free(mb_index);
+    return m < 0 ? -1 : 0;
 }
 
 
@@ -800,8 +976,9 @@ KeyTable_verify(KeyTable *self, PyObject *args, PyObject *kwds)
     Py_ssize_t start = 0, stop = PY_SSIZE_T_MAX, n, i;
     PyObject **held = NULL;
     const unsigned char **data = NULL;
-    Py_ssize_t *lens = NULL, *offsets = NULL, *plens = NULL;
-    unsigned char *status = NULL, *scratch = NULL;
+    Py_ssize_t *lens = NULL, *offsets = NULL, *plens = NULL, *slots = NULL;
+    unsigned char *status = NULL, *scratch = NULL, *digests = NULL, **sigs = NULL;
+    int failed = 0;
     size_t scratch_size = 0;
     CallState *cs = NULL;
 
@@ -829,8 +1006,12 @@ KeyTable_verify(KeyTable *self, PyObject *args, PyObject *kwds)
     offsets = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
     plens = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
     status = PyMem_Calloc(alloc, 1);
+    slots = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
+    sigs = PyMem_Calloc(alloc, sizeof(unsigned char *));
+    digests = PyMem_Calloc(alloc, 32);
     cs = PyMem_Calloc(1, sizeof(CallState));
-    if (!held || !data || !lens || !offsets || !plens || !status || !cs) {
+    if (!held || !data || !lens || !offsets || !plens || !status || !slots || !sigs ||
+        !digests || !cs) {
         PyErr_NoMemory();
         goto done;
     }
@@ -859,8 +1040,9 @@ KeyTable_verify(KeyTable *self, PyObject *args, PyObject *kwds)
         held[i] = item;
         data[i] = (const unsigned char *)PyUnicode_DATA(item);
         lens[i] = len;
-        /* A payload decodes to at most 3/4 of the token's length. */
-        scratch_size += (size_t)len;
+        /* Payload and signature each decode to at most 3/4 of the token's
+         * length: room for both, the signature first. */
+        scratch_size += 2 * (size_t)len;
     }
     scratch = PyMem_Malloc(scratch_size > 0 ? scratch_size : 1);
     cs->md = EVP_MD_CTX_new();
@@ -871,13 +1053,18 @@ KeyTable_verify(KeyTable *self, PyObject *args, PyObject *kwds)
 
     Py_BEGIN_ALLOW_THREADS
     for (i = 0; i < n; i++) {
-        if (data[i] == NULL) {
-            status[i] = ST_FALLBACK;
-            continue;
-        }
-        status[i] = verify_one(self, cs, data[i], lens[i], scratch + offsets[i], &plens[i]);
+        sigs[i] = scratch + offsets[i];
+        slots[i] = data[i] == NULL
+                       ? -1
+                       : prepare_one(self, cs->md, data[i], lens[i], sigs[i],
+                                     sigs[i] + lens[i], &plens[i], digests + 32 * i);
     }
+    failed = verify_prepared(self, cs, n, slots, sigs, digests, status) < 0;
     Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
 
     statuses = PyBytes_FromStringAndSize((const char *)status, n);
     payloads = PyList_New(n);
@@ -891,7 +1078,7 @@ KeyTable_verify(KeyTable *self, PyObject *args, PyObject *kwds)
             p = Py_NewRef(Py_None);
         }
         else {
-            const unsigned char *pl = scratch + offsets[i];
+            const unsigned char *pl = scratch + offsets[i] + lens[i];
             p = PyBytes_FromStringAndSize((const char *)pl, plens[i]);
             if (p == NULL) {
                 goto done;
@@ -927,6 +1114,9 @@ done:
     PyMem_Free(cs);
     PyMem_Free(scratch);
     PyMem_Free(status);
+    PyMem_Free(slots);
+    PyMem_Free(sigs);
+    PyMem_Free(digests);
     PyMem_Free(plens);
     PyMem_Free(offsets);
     PyMem_Free(lens);
@@ -942,17 +1132,27 @@ KeyTable_len(KeyTable *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromSsize_t(self->count);
 }
 
+static PyObject *
+KeyTable_mb_slots(KeyTable *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromSsize_t(self->mb != NULL ? self->mb_slots : 0);
+}
+
 static PyMethodDef KeyTable_methods[] = {
     {"verify", (PyCFunction)(void (*)(void))KeyTable_verify, METH_VARARGS | METH_KEYWORDS,
      verify_doc},
     {"slots", (PyCFunction)KeyTable_len, METH_NOARGS, "Number of key slots."},
+    {"multibuffer_slots", (PyCFunction)KeyTable_mb_slots, METH_NOARGS,
+     "Number of key slots whose signatures go through crypto_mb."},
     {NULL, NULL, 0, NULL},
 };
 
 PyDoc_STRVAR(KeyTable_doc,
-"KeyTable(entries, max_token_size)\n\n"
+"KeyTable(entries, max_token_size, multibuffer=True)\n\n"
 "entries: sequence of (header_segment: bytes, rsa_spki_der: bytes); the index\n"
-"of an entry is its slot. Immutable; safe to use from several threads.");
+"of an entry is its slot. multibuffer: verify the signatures of keys crypto_mb\n"
+"takes through fedtoken._mbrsa's multi-buffer core when it runs on this CPU\n"
+"(False: OpenSSL only). Immutable; safe to use from several threads.");
 
 static PyTypeObject KeyTableType = {
     PyVarObject_HEAD_INIT(NULL, 0)

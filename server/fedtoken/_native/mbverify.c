@@ -31,9 +31,12 @@
  * the module would die with SIGILL on import on a CPU without it, instead
  * of reporting "unavailable" and answering 2.
  *
- * With the GIL released nothing Python-owned is read: signatures and digests
- * are copied into this call's own memory first, and KeyHandle objects (kept
- * alive by the references this call holds) are immutable after __init__.
+ * With the GIL released only immutable memory is read: the buffers of bytes
+ * objects that this call holds references to (through the item tuples of the
+ * sequence it holds), and keys, which never change once made.
+ *
+ *   _C_API: a capsule (mbapi.h) with the same GIL-free core for C callers:
+ *     fedtoken._native runs it inside its own batch loop.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -43,6 +46,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mbapi.h"
+
 #ifdef FEDTOKEN_CRYPTO_MB
 #include <crypto_mb/cpu_features.h>
 #include <crypto_mb/rsa.h>
@@ -50,9 +55,9 @@
 #include <openssl/bn.h>
 #endif
 
-#define ST_INVALID 0
-#define ST_VALID 1
-#define ST_FALLBACK 2
+#define ST_INVALID FEDTOKEN_MB_INVALID
+#define ST_VALID FEDTOKEN_MB_VALID
+#define ST_FALLBACK FEDTOKEN_MB_FALLBACK
 
 #define LANES 8
 #define MAX_MOD_BYTES 1024      /* RSA-8192: larger moduli are refused */
@@ -64,17 +69,267 @@
 static int mb_usable = 0;
 
 /* ------------------------------------------------------------------ */
+/* The C-level key and the GIL-free core (also the capsule's API)      */
+/* ------------------------------------------------------------------ */
+
+struct fedtoken_mb_key {
+    size_t k;              /* modulus length in bytes (no leading zeros) */
+    int bits;              /* exact bit length of n */
+    int mb_bits;           /* 2048/3072/4096 if crypto_mb may take it, else 0 */
+    uint8_t *n_be;         /* k bytes, big-endian, for the s < n check */
+    uint64_t *n_le;        /* mb_bits/64 words, little-endian, or NULL */
+};
+
+static void
+mb_key_free(fedtoken_mb_key *key)
+{
+    if (key != NULL) {
+        free(key->n_be);
+        free(key->n_le);
+        free(key);
+    }
+}
+
+static fedtoken_mb_key *
+mb_key_new(const uint8_t *n, size_t n_len, int e_is_65537)
+{
+    /* Strip leading zero bytes: the modulus length is that of n itself. */
+    while (n_len > 0 && n[0] == 0) {
+        n++;
+        n_len--;
+    }
+    if (n_len == 0 || n_len > MAX_MOD_BYTES) {
+        return NULL;
+    }
+    fedtoken_mb_key *key = calloc(1, sizeof(*key));
+    if (key == NULL) {
+        return NULL;
+    }
+    int top = 0;
+    for (uint8_t b = n[0]; b; b >>= 1) {
+        top++;
+    }
+    key->k = n_len;
+    key->bits = (int)((n_len - 1) * 8) + top;
+    key->n_be = malloc(n_len);
+    if (key->n_be == NULL) {
+        mb_key_free(key);
+        return NULL;
+    }
+    memcpy(key->n_be, n, n_len);
+    int odd = (n[n_len - 1] & 1) != 0; /* Montgomery arithmetic needs odd n */
+    if (e_is_65537 && odd && (key->bits == 2048 || key->bits == 3072 || key->bits == 4096)) {
+        key->mb_bits = key->bits;
+        size_t words = (size_t)key->mb_bits / 64;
+        key->n_le = calloc(words, sizeof(uint64_t));
+        if (key->n_le == NULL) {
+            mb_key_free(key);
+            return NULL;
+        }
+        /* Byte i from the end of the big-endian n is bit 8i: pack with
+         * shifts so the result does not depend on host byte order. */
+        for (size_t i = 0; i < n_len; i++) {
+            uint8_t byte = n[n_len - 1 - i];
+            key->n_le[i / 8] |= (uint64_t)byte << (8 * (i % 8));
+        }
+    }
+    return key;
+}
+
+static int
+mb_key_supported(const fedtoken_mb_key *key)
+{
+    return key != NULL && key->mb_bits != 0;
+}
+
+#ifdef FEDTOKEN_CRYPTO_MB
+/* DER of DigestInfo for SHA-256 up to the digest itself (RFC 8017 9.2 n.1). */
+static const uint8_t SHA256_DIGESTINFO[19] = {
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
+    0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20,
+};
+
+/* Build EM = 00 01 FF..FF 00 || DigestInfo || digest into em[0..k). k is at
+ * least 256 here (2048-bit moduli and up), far above the 62-byte minimum. */
+static void
+build_em(uint8_t *em, size_t k, const uint8_t *digest)
+{
+    size_t t = sizeof(SHA256_DIGESTINFO) + DIGEST_LEN;
+    em[0] = 0x00;
+    em[1] = 0x01;
+    memset(em + 2, 0xFF, k - t - 3);
+    em[k - t - 1] = 0x00;
+    memcpy(em + k - t, SHA256_DIGESTINFO, sizeof(SHA256_DIGESTINFO));
+    memcpy(em + k - DIGEST_LEN, digest, DIGEST_LEN);
+}
+
+/* Constant-time equality (public data, but there is no reason to leak). */
+static int
+equal_ct(const uint8_t *a, const uint8_t *b, size_t n)
+{
+    uint8_t d = 0;
+    for (size_t i = 0; i < n; i++) {
+        d |= (uint8_t)(a[i] ^ b[i]);
+    }
+    return d == 0;
+}
+
+static const mbx_RSA_Method *
+method_for(int bits)
+{
+    switch (bits) {
+    case 2048:
+        return mbx_RSA2K_pub65537_Method();
+    case 3072:
+        return mbx_RSA3K_pub65537_Method();
+    case 4096:
+        return mbx_RSA4K_pub65537_Method();
+    default:
+        return NULL;
+    }
+}
+
+/* Run the public operation over the items idx[0..count) (all of one size)
+ * in calls of eight, writing each item's status. Unused lanes of the last
+ * call repeat lane 0 into a scratch output, so every lane always holds a
+ * well-formed operation. Returns 0, or -1 when out of memory (the items not
+ * done keep FALLBACK). */
+static int
+run_size(int bits, const fedtoken_mb_key *const *keys, const uint8_t *const *sigs,
+         const uint8_t *const *digests, const size_t *idx, size_t count, uint8_t *status)
+{
+    const mbx_RSA_Method *m = method_for(bits);
+    if (m == NULL || count == 0) {
+        return 0;
+    }
+    int bufsize = mbx_RSA_Method_BufSize(m);
+    if (bufsize <= 0) {
+        return 0;
+    }
+    /* aligned_alloc needs a size that is a multiple of the alignment. */
+    size_t rounded = ((size_t)bufsize + 63) & ~(size_t)63;
+    uint8_t *work = aligned_alloc(64, rounded);
+    uint8_t (*out)[MAX_MB_BYTES] = malloc(sizeof(uint8_t[LANES + 1][MAX_MB_BYTES]));
+    uint8_t *em = malloc(MAX_MB_BYTES);
+    if (work == NULL || out == NULL || em == NULL) {
+        free(work);
+        free(out);
+        free(em);
+        return -1;
+    }
+    size_t k = (size_t)bits / 8;
+    for (size_t base = 0; base < count; base += LANES) {
+        const int8u *from[LANES];
+        int8u *to[LANES];
+        const int64u *n[LANES];
+        size_t used = count - base < LANES ? count - base : LANES;
+        for (size_t lane = 0; lane < LANES; lane++) {
+            size_t i = idx[base + (lane < used ? lane : 0)];
+            from[lane] = sigs[i];
+            to[lane] = lane < used ? out[lane] : out[LANES];
+            n[lane] = (const int64u *)keys[i]->n_le;
+        }
+        mbx_status st = mbx_rsa_public_mb8(from, to, n, bits, m, work);
+        for (size_t lane = 0; lane < used; lane++) {
+            size_t i = idx[base + lane];
+            if (MBX_GET_STS(st, lane) != MBX_STATUS_OK) {
+                status[i] = ST_FALLBACK; /* let OpenSSL decide */
+                continue;
+            }
+            build_em(em, k, digests[i]);
+            status[i] = equal_ct(out[lane], em, k) ? ST_VALID : ST_INVALID;
+        }
+    }
+    /* The outputs are public (s^e mod n of public s), but wipe anyway. */
+    memset(out, 0, sizeof(uint8_t[LANES + 1][MAX_MB_BYTES]));
+    free(work);
+    free(out);
+    free(em);
+    return 0;
+}
+#endif
+
+/* Big-endian s < n for equal lengths. */
+static int
+less_than(const uint8_t *s, const uint8_t *n, size_t k)
+{
+    for (size_t i = 0; i < k; i++) {
+        if (s[i] != n[i]) {
+            return s[i] < n[i];
+        }
+    }
+    return 0; /* equal */
+}
+
+/* The core, without the GIL: see fedtoken_mb_api.verify in mbapi.h. */
+static int
+mb_verify(const fedtoken_mb_key *const *keys, const uint8_t *const *sigs,
+          const size_t *sig_lens, const uint8_t *const *digests, size_t count,
+          uint8_t *status)
+{
+    memset(status, ST_FALLBACK, count);
+    if (!mb_usable || count == 0) {
+        return 0;
+    }
+    size_t *idx = malloc(count * sizeof(size_t));
+    size_t *grouped = malloc(count * sizeof(size_t));
+    if (idx == NULL || grouped == NULL) {
+        free(idx);
+        free(grouped);
+        return -1;
+    }
+    size_t npending = 0;
+    for (size_t i = 0; i < count; i++) {
+        const fedtoken_mb_key *key = keys[i];
+        if (key == NULL || !key->mb_bits) {
+            continue; /* not ours: OpenSSL decides, whatever the bytes */
+        }
+        /* Refused before any arithmetic: only the modulus length, and only
+         * integers below n (RFC 8017 5.2.2 step 1). */
+        if (sig_lens[i] != key->k || !less_than(sigs[i], key->n_be, key->k)) {
+            status[i] = ST_INVALID;
+            continue;
+        }
+        idx[npending++] = i;
+    }
+    int rc = 0;
+#ifdef FEDTOKEN_CRYPTO_MB
+    /* One pass per size, order within a size kept. */
+    static const int sizes[] = {2048, 3072, 4096};
+    for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]) && rc == 0; s++) {
+        size_t n = 0;
+        for (size_t j = 0; j < npending; j++) {
+            if (keys[idx[j]]->mb_bits == sizes[s]) {
+                grouped[n++] = idx[j];
+            }
+        }
+        rc = run_size(sizes[s], keys, sigs, digests, grouped, n, status);
+    }
+#else
+    (void)digests;
+#endif
+    free(idx);
+    free(grouped);
+    return rc;
+}
+
+static fedtoken_mb_api mb_api = {
+    .abi = FEDTOKEN_MB_ABI,
+    .usable = 0, /* set in module init */
+    .key_new = mb_key_new,
+    .key_free = mb_key_free,
+    .key_supported = mb_key_supported,
+    .verify = mb_verify,
+};
+
+/* ------------------------------------------------------------------ */
 /* KeyHandle                                                           */
 /* ------------------------------------------------------------------ */
 
 typedef struct {
     PyObject_HEAD
-    Py_ssize_t k;          /* modulus length in bytes (no leading zeros) */
-    int bits;              /* exact bit length of n */
-    int mb_bits;           /* 2048/3072/4096 if crypto_mb may take it, else 0 */
+    fedtoken_mb_key *key;  /* owned */
     PyObject *e_obj;       /* the exponent as given (a Python int) */
-    uint8_t *n_be;         /* k bytes, big-endian, for the s < n check */
-    uint64_t *n_le;        /* mb_bits/64 words, little-endian, or NULL */
 } KeyHandle;
 
 static PyTypeObject KeyHandleType;
@@ -82,100 +337,55 @@ static PyTypeObject KeyHandleType;
 static void
 KeyHandle_dealloc(KeyHandle *self)
 {
-    PyMem_Free(self->n_be);
-    PyMem_Free(self->n_le);
+    mb_key_free(self->key);
     Py_XDECREF(self->e_obj);
     Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-/* Fill a fresh handle from a big-endian modulus and a Python int exponent.
- * Returns 0, or -1 with an exception set (the handle is then released by
- * its dealloc, which tolerates partly filled fields). */
-static int
-key_fill(KeyHandle *self, const uint8_t *n, Py_ssize_t n_len, PyObject *e)
-{
-    if (!PyLong_Check(e)) {
-        PyErr_SetString(PyExc_TypeError, "exponent must be an int");
-        return -1;
-    }
-    /* e == 65537 exactly? Overflow means a huge exponent: not ours. */
-    int overflow = 0;
-    long long ev = PyLong_AsLongLongAndOverflow(e, &overflow);
-    if (ev == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    if (overflow < 0 || (!overflow && ev <= 0)) {
-        PyErr_SetString(PyExc_ValueError, "exponent must be positive");
-        return -1;
-    }
-    /* Strip leading zero bytes: the modulus length is that of n itself. */
-    while (n_len > 0 && n[0] == 0) {
-        n++;
-        n_len--;
-    }
-    if (n_len == 0) {
-        PyErr_SetString(PyExc_ValueError, "modulus must be non-zero");
-        return -1;
-    }
-    if (n_len > MAX_MOD_BYTES) {
-        PyErr_SetString(PyExc_ValueError, "modulus longer than 8192 bits");
-        return -1;
-    }
-    int top = 0;
-    for (uint8_t b = n[0]; b; b >>= 1) {
-        top++;
-    }
-    self->k = n_len;
-    self->bits = (int)((n_len - 1) * 8) + top;
-    self->n_be = PyMem_Malloc((size_t)n_len);
-    if (self->n_be == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    memcpy(self->n_be, n, (size_t)n_len);
-    Py_INCREF(e);
-    Py_XSETREF(self->e_obj, e);
-
-    int odd = (n[n_len - 1] & 1) != 0; /* Montgomery arithmetic needs odd n */
-    self->mb_bits = 0;
-    if (!overflow && (unsigned long long)ev == PUB65537 && odd &&
-        (self->bits == 2048 || self->bits == 3072 || self->bits == 4096)) {
-        self->mb_bits = self->bits;
-    }
-    if (self->mb_bits) {
-        size_t words = (size_t)self->mb_bits / 64;
-        self->n_le = PyMem_Calloc(words, sizeof(uint64_t));
-        if (self->n_le == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        /* Byte i from the end of the big-endian n is bit 8i: pack with
-         * shifts so the result does not depend on host byte order. */
-        for (Py_ssize_t i = 0; i < n_len; i++) {
-            uint8_t byte = n[n_len - 1 - i];
-            self->n_le[i / 8] |= (uint64_t)byte << (8 * (i % 8));
-        }
-    }
-    return 0;
 }
 
 static KeyHandle *
 key_new_from(const uint8_t *n, Py_ssize_t n_len, PyObject *e)
 {
+    if (!PyLong_Check(e)) {
+        PyErr_SetString(PyExc_TypeError, "exponent must be an int");
+        return NULL;
+    }
+    /* e == 65537 exactly? Overflow means a huge exponent: not ours. */
+    int overflow = 0;
+    long long ev = PyLong_AsLongLongAndOverflow(e, &overflow);
+    if (ev == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (overflow < 0 || (!overflow && ev <= 0)) {
+        PyErr_SetString(PyExc_ValueError, "exponent must be positive");
+        return NULL;
+    }
+    Py_ssize_t stripped = n_len;
+    const uint8_t *p = n;
+    while (stripped > 0 && p[0] == 0) {
+        p++;
+        stripped--;
+    }
+    if (stripped == 0) {
+        PyErr_SetString(PyExc_ValueError, "modulus must be non-zero");
+        return NULL;
+    }
+    if (stripped > MAX_MOD_BYTES) {
+        PyErr_SetString(PyExc_ValueError, "modulus longer than 8192 bits");
+        return NULL;
+    }
+    fedtoken_mb_key *key =
+        mb_key_new(p, (size_t)stripped, !overflow && (unsigned long long)ev == PUB65537);
+    if (key == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
     KeyHandle *self = PyObject_New(KeyHandle, &KeyHandleType);
     if (self == NULL) {
+        mb_key_free(key);
         return NULL;
     }
-    self->k = 0;
-    self->bits = 0;
-    self->mb_bits = 0;
-    self->e_obj = NULL;
-    self->n_be = NULL;
-    self->n_le = NULL;
-    if (key_fill(self, n, n_len, e) < 0) {
-        Py_DECREF(self);
-        return NULL;
-    }
+    self->key = key;
+    self->e_obj = Py_NewRef(e);
     return self;
 }
 
@@ -198,7 +408,7 @@ static PyObject *
 KeyHandle_get_bits(KeyHandle *self, void *closure)
 {
     (void)closure;
-    return PyLong_FromLong(self->bits);
+    return PyLong_FromLong(self->key->bits);
 }
 
 static PyObject *
@@ -212,21 +422,21 @@ static PyObject *
 KeyHandle_get_supported(KeyHandle *self, void *closure)
 {
     (void)closure;
-    return PyBool_FromLong(self->mb_bits != 0);
+    return PyBool_FromLong(self->key->mb_bits != 0);
 }
 
 static PyObject *
 KeyHandle_get_n(KeyHandle *self, void *closure)
 {
     (void)closure;
-    return PyBytes_FromStringAndSize((const char *)self->n_be, self->k);
+    return PyBytes_FromStringAndSize((const char *)self->key->n_be, (Py_ssize_t)self->key->k);
 }
 
 static PyObject *
 KeyHandle_repr(KeyHandle *self)
 {
-    return PyUnicode_FromFormat("<KeyHandle RSA-%d e=%R%s>", self->bits, self->e_obj,
-                                self->mb_bits ? " multi-buffer" : "");
+    return PyUnicode_FromFormat("<KeyHandle RSA-%d e=%R%s>", self->key->bits, self->e_obj,
+                                self->key->mb_bits ? " multi-buffer" : "");
 }
 
 static PyGetSetDef KeyHandle_getset[] = {
@@ -257,57 +467,6 @@ static PyTypeObject KeyHandleType = {
 /* verify_pkcs1_sha256_mb                                              */
 /* ------------------------------------------------------------------ */
 
-typedef struct {
-    KeyHandle *key;             /* owned reference */
-    uint8_t sig[MAX_MB_BYTES];  /* copied only for items that go to crypto_mb */
-    uint8_t digest[DIGEST_LEN];
-} Pending;
-
-#ifdef FEDTOKEN_CRYPTO_MB
-/* DER of DigestInfo for SHA-256 up to the digest itself (RFC 8017 9.2 n.1). */
-static const uint8_t SHA256_DIGESTINFO[19] = {
-    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01,
-    0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20,
-};
-
-/* Build EM = 00 01 FF..FF 00 || DigestInfo || digest into em[0..k). k is at
- * least 256 here (2048-bit moduli and up), far above the 62-byte minimum. */
-static void
-build_em(uint8_t *em, Py_ssize_t k, const uint8_t *digest)
-{
-    Py_ssize_t t = (Py_ssize_t)sizeof(SHA256_DIGESTINFO) + DIGEST_LEN;
-    em[0] = 0x00;
-    em[1] = 0x01;
-    memset(em + 2, 0xFF, (size_t)(k - t - 3));
-    em[k - t - 1] = 0x00;
-    memcpy(em + k - t, SHA256_DIGESTINFO, sizeof(SHA256_DIGESTINFO));
-    memcpy(em + k - DIGEST_LEN, digest, DIGEST_LEN);
-}
-
-/* Constant-time equality (public data, but there is no reason to leak). */
-static int
-equal_ct(const uint8_t *a, const uint8_t *b, size_t n)
-{
-    uint8_t d = 0;
-    for (size_t i = 0; i < n; i++) {
-        d |= (uint8_t)(a[i] ^ b[i]);
-    }
-    return d == 0;
-}
-#endif
-
-/* Big-endian s < n for equal lengths. */
-static int
-less_than(const uint8_t *s, const uint8_t *n, Py_ssize_t k)
-{
-    for (Py_ssize_t i = 0; i < k; i++) {
-        if (s[i] != n[i]) {
-            return s[i] < n[i];
-        }
-    }
-    return 0; /* equal */
-}
-
 /* Read one bytes member, or -1 with TypeError. */
 static int
 get_bytes(PyObject *o, const char *what, const uint8_t **buf, Py_ssize_t *len)
@@ -322,81 +481,6 @@ get_bytes(PyObject *o, const char *what, const uint8_t **buf, Py_ssize_t *len)
     return 0;
 }
 
-#ifdef FEDTOKEN_CRYPTO_MB
-static const mbx_RSA_Method *
-method_for(int bits)
-{
-    switch (bits) {
-    case 2048:
-        return mbx_RSA2K_pub65537_Method();
-    case 3072:
-        return mbx_RSA3K_pub65537_Method();
-    case 4096:
-        return mbx_RSA4K_pub65537_Method();
-    default:
-        return NULL;
-    }
-}
-
-/* Run the public operation over the pending items idx[0..count) (all of
- * one size) in calls of eight, writing each item's status. Unused lanes of
- * the last call repeat lane 0 into a scratch output, so every lane always
- * holds a well-formed operation. Returns 0, or -1 when out of memory (the
- * items not done keep ST_FALLBACK). Called without the GIL. */
-static int
-run_size(int bits, Pending *items, const Py_ssize_t *idx, Py_ssize_t count, uint8_t *status)
-{
-    const mbx_RSA_Method *m = method_for(bits);
-    if (m == NULL || count == 0) {
-        return 0;
-    }
-    int bufsize = mbx_RSA_Method_BufSize(m);
-    if (bufsize <= 0) {
-        return 0;
-    }
-    /* aligned_alloc needs a size that is a multiple of the alignment. */
-    size_t rounded = ((size_t)bufsize + 63) & ~(size_t)63;
-    uint8_t *work = aligned_alloc(64, rounded);
-    uint8_t (*out)[MAX_MB_BYTES] = malloc(sizeof(uint8_t[LANES + 1][MAX_MB_BYTES]));
-    uint8_t *em = malloc(MAX_MB_BYTES);
-    if (work == NULL || out == NULL || em == NULL) {
-        free(work);
-        free(out);
-        free(em);
-        return -1;
-    }
-    Py_ssize_t k = bits / 8;
-    for (Py_ssize_t base = 0; base < count; base += LANES) {
-        const int8u *from[LANES];
-        int8u *to[LANES];
-        const int64u *n[LANES];
-        Py_ssize_t used = count - base < LANES ? count - base : LANES;
-        for (int lane = 0; lane < LANES; lane++) {
-            Pending *p = &items[idx[base + (lane < used ? lane : 0)]];
-            from[lane] = p->sig;
-            to[lane] = lane < used ? out[lane] : out[LANES];
-            n[lane] = (const int64u *)p->key->n_le;
-        }
-        mbx_status st = mbx_rsa_public_mb8(from, to, n, bits, m, work);
-        for (int lane = 0; lane < (int)used; lane++) {
-            Py_ssize_t i = idx[base + lane];
-            if (MBX_GET_STS(st, lane) != MBX_STATUS_OK) {
-                status[i] = ST_FALLBACK; /* let OpenSSL decide */
-                continue;
-            }
-            build_em(em, k, items[i].digest);
-            status[i] = equal_ct(out[lane], em, (size_t)k) ? ST_VALID : ST_INVALID;
-        }
-    }
-    /* The outputs are public (s^e mod n of public s), but wipe anyway. */
-    memset(out, 0, sizeof(uint8_t[LANES + 1][MAX_MB_BYTES]));
-    free(work);
-    free(out);
-    free(em);
-    return 0;
-}
-#endif
-
 PyDoc_STRVAR(verify_doc,
 "verify_pkcs1_sha256_mb(items) -> bytes\n\n"
 "RSASSA-PKCS1-v1_5 SHA-256 verification, eight at a time with crypto_mb.\n"
@@ -405,6 +489,9 @@ PyDoc_STRVAR(verify_doc,
 "big-endian modulus as bytes. One byte per item: 1 valid, 0 invalid,\n"
 "2 not handled here (verify it with OpenSSL).");
 
+/* Parses the items, then runs the same GIL-free core as the capsule's
+ * verify. The signature and digest pointers point into bytes objects that
+ * the tuples of ``seq`` (held) keep alive; bytes are immutable. */
 static PyObject *
 verify_pkcs1_sha256_mb(PyObject *module, PyObject *arg)
 {
@@ -415,21 +502,25 @@ verify_pkcs1_sha256_mb(PyObject *module, PyObject *arg)
     }
     Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
     PyObject *result = PyBytes_FromStringAndSize(NULL, count);
-    Pending *items = NULL;
-    Py_ssize_t *idx = NULL;
-    Py_ssize_t npending = 0;
+    KeyHandle **handles = NULL;
+    const fedtoken_mb_key **keys = NULL;
+    const uint8_t **sigs = NULL, **digests = NULL;
+    size_t *sig_lens = NULL;
     if (result == NULL) {
         goto fail;
     }
     uint8_t *status = (uint8_t *)PyBytes_AS_STRING(result);
-    memset(status, ST_FALLBACK, (size_t)count);
     if (count == 0) {
         Py_DECREF(seq);
         return result;
     }
-    items = PyMem_Calloc((size_t)count, sizeof(Pending));
-    idx = PyMem_Calloc((size_t)count, sizeof(Py_ssize_t));
-    if (items == NULL || idx == NULL) {
+    size_t n = (size_t)count;
+    handles = PyMem_Calloc(n, sizeof(KeyHandle *));
+    keys = PyMem_Calloc(n, sizeof(fedtoken_mb_key *));
+    sigs = PyMem_Calloc(n, sizeof(uint8_t *));
+    digests = PyMem_Calloc(n, sizeof(uint8_t *));
+    sig_lens = PyMem_Calloc(n, sizeof(size_t));
+    if (!handles || !keys || !sigs || !digests || !sig_lens) {
         PyErr_NoMemory();
         goto fail;
     }
@@ -484,71 +575,43 @@ verify_pkcs1_sha256_mb(PyObject *module, PyObject *arg)
             PyErr_Format(PyExc_TypeError, "item %zd: key must be a KeyHandle or bytes", i);
             goto fail;
         }
-        if (!mb_usable || !key->mb_bits) {
-            Py_DECREF(key); /* not ours: OpenSSL decides, whatever the bytes */
-            continue;
-        }
-        /* Refused before any arithmetic: only the modulus length, and only
-         * integers below n (RFC 8017 5.2.2 step 1). */
-        if (sig_len != key->k || !less_than(sig, key->n_be, key->k)) {
-            status[i] = ST_INVALID;
-            Py_DECREF(key);
-            continue;
-        }
-        items[i].key = key; /* reference moves into items */
-        memcpy(items[i].sig, sig, (size_t)sig_len);
-        memcpy(items[i].digest, dig, DIGEST_LEN);
-        idx[npending++] = i;
+        handles[i] = key; /* reference moves into handles */
+        keys[i] = key->key;
+        sigs[i] = sig;
+        sig_lens[i] = (size_t)sig_len;
+        digests[i] = dig;
     }
 
-#ifdef FEDTOKEN_CRYPTO_MB
-    if (npending > 0) {
-        int oom = 0;
-        Py_BEGIN_ALLOW_THREADS
-        /* One pass per size; idx is grouped in place, order within a size
-         * kept, so the later per-size runs read a contiguous slice. */
-        static const int sizes[] = {2048, 3072, 4096};
-        Py_ssize_t *grouped = malloc((size_t)npending * sizeof(Py_ssize_t));
-        if (grouped == NULL) {
-            oom = 1;
-        } else {
-            for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]) && !oom; s++) {
-                Py_ssize_t n = 0;
-                for (Py_ssize_t j = 0; j < npending; j++) {
-                    if (items[idx[j]].key->mb_bits == sizes[s]) {
-                        grouped[n++] = idx[j];
-                    }
-                }
-                if (run_size(sizes[s], items, grouped, n, status) < 0) {
-                    oom = 1;
-                }
-            }
-            free(grouped);
-        }
-        Py_END_ALLOW_THREADS
-        if (oom) {
-            PyErr_NoMemory();
-            goto fail;
-        }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = mb_verify(keys, sigs, sig_lens, digests, n, status);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_NoMemory();
+        goto fail;
     }
-#endif
-
-    for (Py_ssize_t j = 0; j < npending; j++) {
-        Py_CLEAR(items[idx[j]].key);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_XDECREF(handles[i]);
     }
-    PyMem_Free(items);
-    PyMem_Free(idx);
+    PyMem_Free(handles);
+    PyMem_Free(keys);
+    PyMem_Free(sigs);
+    PyMem_Free(digests);
+    PyMem_Free(sig_lens);
     Py_DECREF(seq);
     return result;
 
 fail:
-    if (items != NULL) {
-        for (Py_ssize_t j = 0; j < npending; j++) {
-            Py_CLEAR(items[idx[j]].key);
+    if (handles != NULL) {
+        for (Py_ssize_t i = 0; i < count; i++) {
+            Py_XDECREF(handles[i]);
         }
     }
-    PyMem_Free(items);
-    PyMem_Free(idx);
+    PyMem_Free(handles);
+    PyMem_Free(keys);
+    PyMem_Free(sigs);
+    PyMem_Free(digests);
+    PyMem_Free(sig_lens);
     Py_XDECREF(result);
     Py_DECREF(seq);
     return NULL;
@@ -676,6 +739,13 @@ PyInit__mbrsa(void)
         PyModule_AddIntConstant(m, "INVALID", ST_INVALID) < 0 ||
         PyModule_AddIntConstant(m, "FALLBACK", ST_FALLBACK) < 0 ||
         PyModule_AddIntConstant(m, "LANES", LANES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    mb_api.usable = mb_usable;
+    PyObject *capsule = PyCapsule_New(&mb_api, FEDTOKEN_MB_CAPSULE, NULL);
+    if (capsule == NULL || PyModule_AddObject(m, "_C_API", capsule) < 0) {
+        Py_XDECREF(capsule);
         Py_DECREF(m);
         return NULL;
     }

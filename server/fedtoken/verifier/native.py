@@ -34,7 +34,14 @@ from fedtoken.core.model import MAX_RSA_BITS, Expectation, Reason, Verdict
 from fedtoken.core.ports import VerificationKey
 from fedtoken.verifier._shared import MALFORMED, PARSE_ERRORS, log, log_unexpected
 
-__all__ = ["NATIVE", "NATIVE_AVAILABLE", "NATIVE_SLOTS", "NativePath", "NativeSnapshot"]
+__all__ = [
+    "NATIVE",
+    "NATIVE_AVAILABLE",
+    "NATIVE_SLOTS",
+    "NativePath",
+    "NativeSnapshot",
+    "rsa_path",
+]
 
 # Header segments (with their key) the native path may take; a power of
 # headers far beyond what real issuers use, and under the native limit of 127.
@@ -70,6 +77,19 @@ def _load_native() -> Any:
 # same either way; only the speed differs).
 NATIVE: Final[Any] = _load_native()
 NATIVE_AVAILABLE: Final = NATIVE is not None
+
+
+def rsa_path() -> str:
+    """Which RSA implementation verifies RS256 signatures in the batch path,
+    decided once per process (for the startup log, the bench header and
+    metrics): "multi-buffer (crypto_mb AVX-512 IFMA)", or "OpenSSL (<why>)"."""
+    from fedtoken.verifier import multibuffer
+
+    if NATIVE is None:
+        return "OpenSSL via cryptography (native fast path not built)"
+    if multibuffer.available():
+        return f"multi-buffer ({multibuffer.status()})"
+    return f"OpenSSL ({multibuffer.status()})"
 
 # (alg, kid, key): what a native status byte's slot stands for.
 Slot = tuple[str, str, VerificationKey]
