@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-from collections.abc import Sequence
+import multiprocessing.connection
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
+
+if TYPE_CHECKING:
+    from bench.profile import Profiler
 
 SERVICE = "/fedtoken.v1.TokenService/"
 
@@ -35,13 +40,25 @@ class LoadResult:
         client took none (on 2 cores the Python client competes for CPU)."""
         return self.calls_per_s * (self.seconds / self.server_cpu_s) if self.server_cpu_s else 0.0
 
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        """Tokens per second of server CPU (utime + stime of the server's
+        whole process tree, every worker, over the window)."""
+        return self.tokens_per_s * (self.seconds / self.server_cpu_s) if self.server_cpu_s else 0.0
+
+    @property
+    def server_cores(self) -> float:
+        """Cores the server kept busy on average during the window."""
+        return self.server_cpu_s / self.seconds if self.seconds else 0.0
+
     seconds: float = 0.0
+    first_error: str = ""  # the first failed call's status and details, if any
 
 
 @dataclass(frozen=True)
 class Load:
     target: str
-    method: str  # "Verify" or "VerifyBatch"
+    method: str  # "Verify", "VerifyBatch", "Issue" or "IssueBatch"
     requests: Sequence[bytes]
     tokens_per_request: int
     connections: int
@@ -69,10 +86,15 @@ def _parse_valid(method: str, data: bytes) -> int:
 
     if method == "VerifyBatch":
         return sum(v.valid for v in pb.VerifyBatchResponse.FromString(data).verdicts)
+    if method == "Issue":
+        return int(bool(pb.IssueResponse.FromString(data).token))
+    if method == "IssueBatch":
+        batch = pb.IssueBatchResponse  # type: ignore[attr-defined]
+        return sum(bool(r.token) for r in batch.FromString(data).responses)
     return int(pb.VerifyResponse.FromString(data).verdict.valid)
 
 
-async def _drive(load: Load) -> LoadResult:
+async def _drive(load: Load, on_window: Callable[[], None] = lambda: None) -> LoadResult:
     channels = [
         open_channel(load.target, load.tls, [
             ("grpc.use_local_subchannel_pool", 1),
@@ -98,7 +120,13 @@ async def _drive(load: Load) -> LoadResult:
     seen = [0, 0, 0]  # tokens, valid, errors among calls overlapping the window
     next_index = [0]
     cpu: list[float] = []
-    loop.call_at(measure_from, lambda: cpu.append(_server_cpu(load.server_pid)))
+    first_error: list[str] = []
+
+    def window_begins() -> None:
+        cpu.append(_server_cpu(load.server_pid))
+        on_window()
+
+    loop.call_at(measure_from, window_begins)
     loop.call_at(stop_at, lambda: cpu.append(_server_cpu(load.server_pid)))
 
     async def worker(stub: grpc.aio.UnaryUnaryMultiCallable) -> None:
@@ -110,8 +138,12 @@ async def _drive(load: Load) -> LoadResult:
                 return
             try:
                 data = await stub(requests[i % n], timeout=300)
-            except grpc.RpcError:
+            except grpc.RpcError as exc:
                 data = None
+                if not first_error:
+                    code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+                    details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else ""
+                    first_error.append(f"{code}: {details}"[:300])
             ended = loop.time()
             overlap = min(ended, stop_at) - max(began, measure_from)
             if overlap <= 0:
@@ -137,6 +169,7 @@ async def _drive(load: Load) -> LoadResult:
         errors=seen[2],
         server_cpu_s=cpu[1] - cpu[0] if len(cpu) == 2 else 0.0,
         seconds=load.seconds,
+        first_error=first_error[0] if first_error else "",
     )
 
 
@@ -156,22 +189,33 @@ def _server_cpu(pid: int) -> float:
     return total
 
 
+_WINDOW = "window"  # sent by the load process when its measurement window begins
+
+
 def _child(load: Load, conn: multiprocessing.connection.Connection) -> None:
-    conn.send(asyncio.run(_drive(load)))
+    conn.send(asyncio.run(_drive(load, on_window=lambda: conn.send(_WINDOW))))
     conn.close()
 
 
-def run_load(load: Load) -> LoadResult:
-    """Run ``load`` in a fresh process and return what it measured."""
+def run_load(load: Load, profiler: Profiler | None = None) -> LoadResult:
+    """Run ``load`` in a fresh process and return what it measured.
+    ``profiler``: started when the window begins, finished after it."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(load, child), name="bench-load")
     proc.start()
     child.close()
     try:
-        result: LoadResult = parent.recv()
+        msg = parent.recv()
+        if msg == _WINDOW:
+            if profiler is not None:
+                profiler.start(load.seconds)
+            msg = parent.recv()
+        result: LoadResult = msg
     finally:
         proc.join(30)
+        if profiler is not None:
+            profiler.finish()
     return result
 
 
@@ -187,6 +231,53 @@ def batch_requests(tokens: Sequence[str], size: int, audience: str,
                               tenant=tenant).SerializeToString()
         for i in range(0, len(tokens) - size + 1, size)
     ]
+
+
+def issue_requests(count: int, audience: str, prefix: str = "bench-issue") -> list[bytes]:
+    """``count`` pre-encoded IssueRequests, each for a distinct subject."""
+    from fedtoken_client._pb.fedtoken.v1 import token_service_pb2 as pb
+
+    return [pb.IssueRequest(subject=f"{prefix}-{i}", audience=[audience],
+                            lifetime_seconds=3600).SerializeToString() for i in range(count)]
+
+
+def issue_batch_available() -> bool:
+    """Whether the generated stubs have the IssueBatch RPC and its messages."""
+    from fedtoken_client._pb.fedtoken.v1 import token_service_pb2 as pb
+
+    service = pb.DESCRIPTOR.services_by_name.get("TokenService")
+    return (service is not None and "IssueBatch" in service.methods_by_name
+            and getattr(pb, "IssueBatchRequest", None) is not None
+            and getattr(pb, "IssueBatchResponse", None) is not None)
+
+
+def issue_batch_requests(count: int, size: int, audience: str,
+                         prefix: str = "bench-issue-batch") -> list[bytes]:
+    """Pre-encoded IssueBatchRequests of ``size`` items, ``count`` items in
+    all (distinct subjects); needs ``issue_batch_available()``."""
+    from fedtoken_client._pb.fedtoken.v1 import token_service_pb2 as pb
+
+    batch = getattr(pb, "IssueBatchRequest")  # noqa: B009 - absent before IssueBatch lands
+    out = []
+    for start in range(0, count - size + 1, size):
+        items = [pb.IssueRequest(subject=f"{prefix}-{i}", audience=[audience],
+                                 lifetime_seconds=3600) for i in range(start, start + size)]
+        out.append(batch(requests=items).SerializeToString())
+    return out
+
+
+def repeated_batch_requests(tokens: Sequence[str], distinct: int, size: int, count: int,
+                            audience: str) -> list[bytes]:
+    """``count`` VerifyBatchRequests of ``size`` tokens drawn in turn from the
+    first ``distinct`` tokens: a gateway's repeated tokens."""
+    from fedtoken_client._pb.fedtoken.v1 import token_service_pb2 as pb
+
+    small = list(tokens[:distinct])
+    out = []
+    for k in range(count):
+        items = [small[(k * size + j) % len(small)] for j in range(size)]
+        out.append(pb.VerifyBatchRequest(tokens=items, audience=audience).SerializeToString())
+    return out
 
 
 async def issue_tokens(target: str, count: int, audience: str, concurrency: int = 32,

@@ -1,7 +1,9 @@
 """Revocation benchmarks: propagation between replicas, and memory.
 
 ``run_revocation_bench(quick)`` returns rows as plain dicts
-``{figure, value, unit, baseline, ratio, target, command}``; run this module
+``{id, figure, value, unit, baseline, baseline_label, baseline_value, ratio,
+target, command}`` (``id`` stable across runs, as in ``python -m bench
+--json``); run this module
 (``python -m bench.revocation [--quick]``) to print them as a markdown table.
 Self-contained: it starts its own embedded Postgres (or uses
 ``FEDTOKEN_BENCH_DSN``, a superuser DSN) and its own two ``fedtoken serve``
@@ -208,6 +210,9 @@ def run_revocation_bench(quick: bool = False) -> list[Row]:
     for p in ("p50", "p99"):
         ms = prop[p] * 1e3
         rows.append({
+            "id": f"revocation_propagation_{p}",
+            "baseline_label": "Verify RTT p50 (ms)",
+            "baseline_value": round(prop["verify_p50"] * 1e3, 3),
             "figure": f"revocation propagation A->B {p} (Revoke sent on A until B says REVOKED,"
                       f" n={int(prop['n'])})",
             "value": round(ms, 2), "unit": "ms",
@@ -216,6 +221,7 @@ def run_revocation_bench(quick: bool = False) -> list[Row]:
             "command": cmd,
         })
     rows.append({
+        "id": "revocation_revoke_rtt_p50",
         "figure": "  of which: Revoke RTT on A p50 (commit + audit)",
         "value": round(prop["revoke_p50"] * 1e3, 2), "unit": "ms", "baseline": "",
         "ratio": None, "target": "", "command": cmd,
@@ -227,18 +233,22 @@ def run_revocation_bench(quick: bool = False) -> list[Row]:
     cost = view["after_mb"] - view["before_mb"]
     old_cost = old["after_mb"] - old["before_mb"]
     rows.append({
+        "id": "memory_revocations_rss",
+        "baseline_label": "set of ints + lists (MB)", "baseline_value": round(old_cost, 1),
         "figure": f"RSS of {label} active jti revocations (InMemoryRevocationView)",
         "value": round(cost, 1), "unit": "MB",
         "baseline": f"set of ints + lists: {old_cost:.1f} MB", "ratio": round(cost / old_cost, 2),
         "target": "well under 150 MB" if not quick else "", "command": cmd,
     })
     rows.append({
+        "id": "memory_resync_peak",
         "figure": f"peak RSS over baseline during a full resync of {label}",
         "value": round(view["peak_mb"] - view["before_mb"], 1), "unit": "MB",
         "baseline": f"set of ints + lists: {old['peak_mb'] - old['before_mb']:.1f} MB (no resync)",
         "ratio": None, "target": "", "command": cmd,
     })
     rows.append({
+        "id": "revocation_view_check_miss",
         "figure": "view.check on a miss (digest + probe), one thread",
         "value": round(view["check_us"], 2), "unit": "us", "baseline": "", "ratio": None,
         "target": "", "command": cmd,
