@@ -502,17 +502,19 @@ verify_pkcs1_sha256_mb(PyObject *module, PyObject *arg)
     }
     Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
     PyObject *result = PyBytes_FromStringAndSize(NULL, count);
+    PyObject *ret = NULL; /* result once everything succeeded */
     KeyHandle **handles = NULL;
     const fedtoken_mb_key **keys = NULL;
     const uint8_t **sigs = NULL, **digests = NULL;
     size_t *sig_lens = NULL;
     if (result == NULL) {
-        goto fail;
+        goto done;
     }
     uint8_t *status = (uint8_t *)PyBytes_AS_STRING(result);
     if (count == 0) {
-        Py_DECREF(seq);
-        return result;
+        ret = result;
+        result = NULL;
+        goto done;
     }
     size_t n = (size_t)count;
     handles = PyMem_Calloc(n, sizeof(KeyHandle *));
@@ -522,7 +524,7 @@ verify_pkcs1_sha256_mb(PyObject *module, PyObject *arg)
     sig_lens = PyMem_Calloc(n, sizeof(size_t));
     if (!handles || !keys || !sigs || !digests || !sig_lens) {
         PyErr_NoMemory();
-        goto fail;
+        goto done;
     }
 
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -530,7 +532,7 @@ verify_pkcs1_sha256_mb(PyObject *module, PyObject *arg)
         if (!PyTuple_Check(item) ||
             (PyTuple_GET_SIZE(item) != 3 && PyTuple_GET_SIZE(item) != 4)) {
             PyErr_Format(PyExc_TypeError, "item %zd must be a tuple of 3 or 4", i);
-            goto fail;
+            goto done;
         }
         int four = PyTuple_GET_SIZE(item) == 4;
         PyObject *key_obj = PyTuple_GET_ITEM(item, 0);
@@ -541,11 +543,11 @@ verify_pkcs1_sha256_mb(PyObject *module, PyObject *arg)
         Py_ssize_t sig_len, dig_len;
         if (get_bytes(sig_obj, "signature", &sig, &sig_len) < 0 ||
             get_bytes(dig_obj, "digest", &dig, &dig_len) < 0) {
-            goto fail;
+            goto done;
         }
         if (dig_len != DIGEST_LEN) {
             PyErr_Format(PyExc_ValueError, "item %zd: digest must be 32 bytes", i);
-            goto fail;
+            goto done;
         }
         KeyHandle *key;
         if (Py_IS_TYPE(key_obj, &KeyHandleType)) {
@@ -558,22 +560,22 @@ verify_pkcs1_sha256_mb(PyObject *module, PyObject *arg)
                         PyErr_Format(PyExc_ValueError,
                                      "item %zd: exponent differs from the KeyHandle's", i);
                     }
-                    goto fail;
+                    goto done;
                 }
             }
         } else if (PyBytes_Check(key_obj)) {
             if (e_obj == Py_None) {
                 PyErr_Format(PyExc_TypeError, "item %zd: a bytes modulus needs an exponent", i);
-                goto fail;
+                goto done;
             }
             key = key_new_from((const uint8_t *)PyBytes_AS_STRING(key_obj),
                                PyBytes_GET_SIZE(key_obj), e_obj);
             if (key == NULL) {
-                goto fail;
+                goto done;
             }
         } else {
             PyErr_Format(PyExc_TypeError, "item %zd: key must be a KeyHandle or bytes", i);
-            goto fail;
+            goto done;
         }
         handles[i] = key; /* reference moves into handles */
         keys[i] = key->key;
@@ -588,20 +590,13 @@ verify_pkcs1_sha256_mb(PyObject *module, PyObject *arg)
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         PyErr_NoMemory();
-        goto fail;
+        goto done;
     }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        Py_XDECREF(handles[i]);
-    }
-    PyMem_Free(handles);
-    PyMem_Free(keys);
-    PyMem_Free(sigs);
-    PyMem_Free(digests);
-    PyMem_Free(sig_lens);
-    Py_DECREF(seq);
-    return result;
+    ret = result;
+    result = NULL;
 
-fail:
+done:
+    /* One exit: ret is the answer, or NULL with an exception set. */
     if (handles != NULL) {
         for (Py_ssize_t i = 0; i < count; i++) {
             Py_XDECREF(handles[i]);
@@ -614,7 +609,7 @@ fail:
     PyMem_Free(sig_lens);
     Py_XDECREF(result);
     Py_DECREF(seq);
-    return NULL;
+    return ret;
 }
 
 /* ------------------------------------------------------------------ */
