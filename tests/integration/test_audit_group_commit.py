@@ -5,7 +5,7 @@ returns only once its own record is committed (or spilled), and is refused
 precisely when its record could not be made durable. No timing assertions.
 """
 
-# ruff: noqa: F811 - the fixtures are imported from test_audit_writer
+# ruff: noqa: F811 - the fixtures are imported from tests.integration._audit_fixture
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from fedtoken.audit import AuditMode
 from fedtoken.core.errors import AuditUnavailable, ErrorReason
 from fedtoken.store import AuditEvent, PgStore
 from fedtoken.store.embedded import EmbeddedPostgres
-from tests.integration.test_audit_writer import (  # noqa: F401 - fixtures
+from tests.integration._audit_fixture import (  # noqa: F401 - fixtures, found by name
     all_rows,
     eventually,
     own_db,

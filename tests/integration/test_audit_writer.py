@@ -1,5 +1,7 @@
 """The audit writer against a real Postgres: durability, grouping, outages, the spill."""
 
+# ruff: noqa: F811 - the fixtures are imported from tests.integration._audit_fixture
+
 from __future__ import annotations
 
 import asyncio
@@ -7,100 +9,42 @@ import collections
 import json
 import os
 import stat
-import tempfile
-import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-import pytest_asyncio
 
 from fedtoken.audit import (
     SPILLED_AT_KEY,
     VERIFIED_EVENT,
     VERIFIED_FIELDS,
     AuditMode,
-    AuditWriter,
     SpillRecord,
     encode_record,
     spill_dir_for,
 )
 from fedtoken.core.errors import AuditUnavailable, ErrorReason
 from fedtoken.core.model import Reason, Tenant, Verdict
-from fedtoken.store import AuditEvent, AuditRecord, ChainProblem, PgStore, apply_migrations
-from fedtoken.store import create_pool as store_pool
+from fedtoken.store import AuditEvent, AuditRecord, ChainProblem, PgStore
 from fedtoken.store.embedded import EmbeddedPostgres
-from tests._pg_fixture import create_database, drop_database, private_postgres
+from tests.integration._audit_fixture import (  # noqa: F401 - fixtures, found by name
+    all_rows,
+    eventually,
+    own_db,
+    private_pg,
+    private_store,
+    store,
+    tmp_path,
+    writer_for,
+)
 
 pytestmark = pytest.mark.integration
 
-# Generous bound for "eventually" conditions; tests never assert durations.
-DEADLINE_S = 120.0
-
-
-# --- fixtures -------------------------------------------------------------------
-
-
-@pytest.fixture
-def own_db(pg_dsn: str) -> Iterator[str]:
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    yield create_database(pg_dsn, name)
-    drop_database(pg_dsn, name)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def store(own_db: str) -> AsyncIterator[PgStore]:
-    pool = await store_pool(own_db, min_size=1, max_size=10)
-    await apply_migrations(pool)
-    yield PgStore(pool)
-    await pool.close()
-
-
-@pytest.fixture
-def tmp_path() -> Iterator[Path]:
-    """A private temporary directory (pytest's basetemp rotation is shared with
-    concurrent sessions on the same machine, which may remove it mid-test)."""
-    with tempfile.TemporaryDirectory(prefix="fedtoken-audit-") as name:
-        yield Path(name)
-
-
-@pytest.fixture(scope="module")
-def private_pg() -> Iterator[EmbeddedPostgres]:
-    """A Postgres of this module's own: these tests stop and restart it."""
-    with private_postgres("fedtoken-audit-pg-") as pg:
-        yield pg
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def private_store(private_pg: EmbeddedPostgres) -> AsyncIterator[PgStore]:
-    if not private_pg.is_running():
-        await asyncio.to_thread(private_pg.start)
-    dsn = await asyncio.to_thread(
-        create_database, private_pg.dsn, f"test_{uuid.uuid4().hex[:12]}"
-    )
-    pool = await store_pool(dsn, min_size=1, max_size=10, connect_timeout=2)
-    await apply_migrations(pool)
-    try:
-        yield PgStore(pool, acquire_timeout=2)
-    finally:
-        await pool.close()
-        if not private_pg.is_running():
-            await asyncio.to_thread(private_pg.start)
-
 
 # --- helpers --------------------------------------------------------------------
-
-
-async def all_rows(store: PgStore) -> list[AuditRecord]:
-    rows: list[AuditRecord] = []
-    while True:
-        page = await store.audit.list(after_seq=rows[-1].seq if rows else 0, limit=10_000)
-        rows.extend(page)
-        if len(page) < 10_000:
-            return rows
 
 
 def verified_items(rows: list[AuditRecord]) -> list[dict[str, Any]]:
@@ -131,15 +75,6 @@ def verdict(tenant: str, jti: str, *, valid: bool = True, subject: str = "alice"
     )
 
 
-async def eventually(condition: Any, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + DEADLINE_S
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        await asyncio.sleep(0.02)
-
-
 def completes_without_waiting(call: Coroutine[Any, Any, None]) -> bool:
     """Whether the call returns without suspending once (the request path's fast path)."""
     try:
@@ -148,16 +83,6 @@ def completes_without_waiting(call: Coroutine[Any, Any, None]) -> bool:
         return True
     call.close()
     return False
-
-
-def writer_for(store: PgStore, spill_dir: Path, **kwargs: Any) -> AuditWriter:
-    options: dict[str, Any] = {
-        "flush_interval": 0.05,
-        "retry_interval": 0.05,
-        "max_retry_interval": 0.5,
-    }
-    options.update(kwargs)
-    return AuditWriter(store, spill_dir, **options)
 
 
 # --- durable records ----------------------------------------------------------------
