@@ -139,7 +139,7 @@ setup(
         Extension(
             "fedtoken._native",
             sources=["server/fedtoken/_native/fastverify.c"],
-            depends=[MB_HEADER],
+            depends=[MB_HEADER, "server/fedtoken/_native/pipeline.h"],
             libraries=["crypto"],
             optional=True,
         ),

@@ -38,7 +38,7 @@ from fedtoken.hsm.devtoken import ensure_dev_token, find_softhsm_module
 from fedtoken.http import combine, create_ops_app, create_public_app, start_site
 from fedtoken.revocation import InMemoryRevocationView
 from fedtoken.rpc.interceptors import Boundary
-from fedtoken.rpc.servicers import KeyAdminServicer, TokenServicer
+from fedtoken.rpc.servicers import KeyAdminServicer, TokenServicer, add_token_service
 from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Verification
 from fedtoken.service.callers import Callers
 from fedtoken.service.checkpoints import Checkpoints
@@ -59,7 +59,7 @@ from fedtoken.tls.devca import OPERATOR_ID
 from fedtoken.tls.identity import spiffe_id_of_der
 from fedtoken.verifier import LocalKeyResolver, VerificationEngine
 from fedtoken.verifier.federated import FederatedResolver
-from fedtoken_client._pb.fedtoken.v1 import key_admin_pb2_grpc, token_service_pb2_grpc
+from fedtoken_client._pb.fedtoken.v1 import key_admin_pb2_grpc
 
 log = logging.getLogger("fedtoken")
 
@@ -505,8 +505,7 @@ async def start_app(
                             else _assumed(settings.insecure_identity),
                             deadline_scope=caller_deadline)
         server = grpc.aio.server(options=grpc_options(settings), interceptors=[boundary])
-        token_service_pb2_grpc.add_TokenServiceServicer_to_server(
-            TokenServicer(tokens, verification, exchange), server)
+        add_token_service(TokenServicer(tokens, verification, exchange), server)
         key_admin_pb2_grpc.add_KeyAdminServicer_to_server(
             KeyAdminServicer(keys, callers, trust, compliance), server)
         address = f"{settings.grpc_host}:{settings.grpc_port}"

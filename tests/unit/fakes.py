@@ -760,6 +760,7 @@ class MemoryAudit:
         self.spilled: list[AuditEvent] = []
         self.queued: list[AuditEvent] = []
         self.verifications: list[VerificationEntry] = []
+        self.entries: list[tuple[str, str, list[list[Any]]]] = []
         self.handed: list[AuditEvent | None] = []
         self.on_durable: Callable[[AuditEvent], None] | None = None
 
@@ -810,6 +811,13 @@ class MemoryAudit:
             raise AuditUnavailable("the audit queue is full")
         self.verifications.append(VerificationEntry(tenant, actor, request_id,
                                                     tuple(verdicts)))
+
+    async def record_entries(self, actor: str, groups: Sequence[tuple[str, list[list[Any]]]]
+                             ) -> None:
+        await asyncio.sleep(0)
+        if self.queue_full:
+            raise AuditUnavailable("the audit queue is full")
+        self.entries.extend((tenant, actor, items) for tenant, items in groups)
 
     def of_type(self, event_type: str) -> list[AuditEvent]:
         """Durable and queued events of one type, in order."""

@@ -968,58 +968,72 @@ PyDoc_STRVAR(verify_doc,
 "claims[i]: the payload as json.loads builds it when it is a flat object the\n"
 "scanner fully understands (signature-valid tokens only), else None.");
 
-static PyObject *
-KeyTable_verify(KeyTable *self, PyObject *args, PyObject *kwds)
+/* One run of tokens[start:start+n]: the str objects held, their bytes, and
+ * the scratch memory of phases one and two. */
+typedef struct {
+    Py_ssize_t n;
+    PyObject **held;
+    const unsigned char **data;
+    Py_ssize_t *lens, *offsets, *plens, *slots;
+    unsigned char *status, *scratch, *digests, **sigs;
+    CallState *cs;
+} Run;
+
+static void
+run_free(Run *r)
 {
-    static char *kwlist[] = {"tokens", "start", "stop", NULL};
-    PyObject *tokens, *seq, *result = NULL, *statuses = NULL, *payloads = NULL, *claims = NULL;
-    Py_ssize_t start = 0, stop = PY_SSIZE_T_MAX, n, i;
-    PyObject **held = NULL;
-    const unsigned char **data = NULL;
-    Py_ssize_t *lens = NULL, *offsets = NULL, *plens = NULL, *slots = NULL;
-    unsigned char *status = NULL, *scratch = NULL, *digests = NULL, **sigs = NULL;
-    int failed = 0;
-    size_t scratch_size = 0;
-    CallState *cs = NULL;
+    if (r->held != NULL) {
+        for (Py_ssize_t i = 0; i < r->n; i++) {
+            Py_XDECREF(r->held[i]);
+        }
+    }
+    if (r->cs != NULL) {
+        for (Py_ssize_t i = 0; i < MAX_SLOTS; i++) {
+            EVP_PKEY_CTX_free(r->cs->ctx[i]);
+        }
+        EVP_MD_CTX_free(r->cs->md);
+    }
+    PyMem_Free(r->cs);
+    PyMem_Free(r->scratch);
+    PyMem_Free(r->status);
+    PyMem_Free(r->slots);
+    PyMem_Free(r->sigs);
+    PyMem_Free(r->digests);
+    PyMem_Free(r->plens);
+    PyMem_Free(r->offsets);
+    PyMem_Free(r->lens);
+    PyMem_Free(r->data);
+    PyMem_Free(r->held);
+    memset(r, 0, sizeof(*r));
+}
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|nn:verify", kwlist, &tokens, &start,
-                                     &stop)) {
-        return NULL;
-    }
-    seq = PySequence_Fast(tokens, "tokens must be a sequence");
-    if (seq == NULL) {
-        return NULL;
-    }
-    Py_ssize_t total = PySequence_Fast_GET_SIZE(seq);
-    if (start < 0 || start > total) {
-        start = start < 0 ? 0 : total;
-    }
-    if (stop > total) {
-        stop = total;
-    }
-    n = stop > start ? stop - start : 0;
-    size_t alloc = (size_t)(n > 0 ? n : 1);
-
-    held = PyMem_Calloc(alloc, sizeof(PyObject *));
-    data = PyMem_Calloc(alloc, sizeof(unsigned char *));
-    lens = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
-    offsets = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
-    plens = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
-    status = PyMem_Calloc(alloc, 1);
-    slots = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
-    sigs = PyMem_Calloc(alloc, sizeof(unsigned char *));
-    digests = PyMem_Calloc(alloc, 32);
-    cs = PyMem_Calloc(1, sizeof(CallState));
-    if (!held || !data || !lens || !offsets || !plens || !status || !slots || !sigs ||
-        !digests || !cs) {
+/* Set up a run over seq[start:start+n] (GIL held). -1 with MemoryError. */
+static int
+run_init(Run *r, const KeyTable *t, PyObject *seq, Py_ssize_t start, Py_ssize_t n)
+{
+    size_t alloc = (size_t)(n > 0 ? n : 1), scratch_size = 0;
+    memset(r, 0, sizeof(*r));
+    r->n = n;
+    r->held = PyMem_Calloc(alloc, sizeof(PyObject *));
+    r->data = PyMem_Calloc(alloc, sizeof(unsigned char *));
+    r->lens = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
+    r->offsets = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
+    r->plens = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
+    r->status = PyMem_Calloc(alloc, 1);
+    r->slots = PyMem_Calloc(alloc, sizeof(Py_ssize_t));
+    r->sigs = PyMem_Calloc(alloc, sizeof(unsigned char *));
+    r->digests = PyMem_Calloc(alloc, 32);
+    r->cs = PyMem_Calloc(1, sizeof(CallState));
+    if (!r->held || !r->data || !r->lens || !r->offsets || !r->plens || !r->status ||
+        !r->slots || !r->sigs || !r->digests || !r->cs) {
         PyErr_NoMemory();
-        goto done;
+        return -1;
     }
     /* Hold a reference to every str whose bytes we read without the GIL:
      * the caller's list may change meanwhile, the str objects cannot. */
-    for (i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, start + i);
-        offsets[i] = (Py_ssize_t)scratch_size;
+        r->offsets[i] = (Py_ssize_t)scratch_size;
         if (!PyUnicode_CheckExact(item)) {
             continue;
         }
@@ -1033,40 +1047,90 @@ KeyTable_verify(KeyTable *self, PyObject *args, PyObject *kwds)
             continue;
         }
         Py_ssize_t len = PyUnicode_GET_LENGTH(item);
-        if (len <= 0 || len > self->max_token) {
+        if (len <= 0 || len > t->max_token) {
             continue;
         }
         Py_INCREF(item);
-        held[i] = item;
-        data[i] = (const unsigned char *)PyUnicode_DATA(item);
-        lens[i] = len;
+        r->held[i] = item;
+        r->data[i] = (const unsigned char *)PyUnicode_DATA(item);
+        r->lens[i] = len;
         /* Payload and signature each decode to at most 3/4 of the token's
          * length: room for both, the signature first. */
         scratch_size += 2 * (size_t)len;
     }
-    scratch = PyMem_Malloc(scratch_size > 0 ? scratch_size : 1);
-    cs->md = EVP_MD_CTX_new();
-    if (scratch == NULL || cs->md == NULL) {
+    r->scratch = PyMem_Malloc(scratch_size > 0 ? scratch_size : 1);
+    r->cs->md = EVP_MD_CTX_new();
+    if (r->scratch == NULL || r->cs->md == NULL) {
         PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* Phases one and two of a run, no GIL. -1 when out of memory. */
+static int
+run_verify(const KeyTable *t, Run *r)
+{
+    for (Py_ssize_t i = 0; i < r->n; i++) {
+        r->sigs[i] = r->scratch + r->offsets[i];
+        r->slots[i] = r->data[i] == NULL
+                          ? -1
+                          : prepare_one(t, r->cs->md, r->data[i], r->lens[i], r->sigs[i],
+                                        r->sigs[i] + r->lens[i], &r->plens[i],
+                                        r->digests + 32 * i);
+    }
+    return verify_prepared(t, r->cs, r->n, r->slots, r->sigs, r->digests, r->status);
+}
+
+static inline const unsigned char *
+run_payload(const Run *r, Py_ssize_t i)
+{
+    return r->scratch + r->offsets[i] + r->lens[i];
+}
+
+/* start/stop of tokens[start:stop] clamped as slicing does; the count. */
+static Py_ssize_t
+clamp_run(Py_ssize_t total, Py_ssize_t *start, Py_ssize_t stop)
+{
+    if (*start < 0 || *start > total) {
+        *start = *start < 0 ? 0 : total;
+    }
+    if (stop > total) {
+        stop = total;
+    }
+    return stop > *start ? stop - *start : 0;
+}
+
+static PyObject *
+KeyTable_verify(KeyTable *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"tokens", "start", "stop", NULL};
+    PyObject *tokens, *seq, *result = NULL, *statuses = NULL, *payloads = NULL, *claims = NULL;
+    Py_ssize_t start = 0, stop = PY_SSIZE_T_MAX, n, i;
+    Run r;
+    int failed = 0;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|nn:verify", kwlist, &tokens, &start,
+                                     &stop)) {
+        return NULL;
+    }
+    seq = PySequence_Fast(tokens, "tokens must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    n = clamp_run(PySequence_Fast_GET_SIZE(seq), &start, stop);
+    if (run_init(&r, self, seq, start, n) != 0) {
         goto done;
     }
-
     Py_BEGIN_ALLOW_THREADS
-    for (i = 0; i < n; i++) {
-        sigs[i] = scratch + offsets[i];
-        slots[i] = data[i] == NULL
-                       ? -1
-                       : prepare_one(self, cs->md, data[i], lens[i], sigs[i],
-                                     sigs[i] + lens[i], &plens[i], digests + 32 * i);
-    }
-    failed = verify_prepared(self, cs, n, slots, sigs, digests, status) < 0;
+    failed = run_verify(self, &r) < 0;
     Py_END_ALLOW_THREADS
     if (failed) {
         PyErr_NoMemory();
         goto done;
     }
 
-    statuses = PyBytes_FromStringAndSize((const char *)status, n);
+    statuses = PyBytes_FromStringAndSize((const char *)r.status, n);
     payloads = PyList_New(n);
     claims = PyList_New(n);
     if (statuses == NULL || payloads == NULL || claims == NULL) {
@@ -1074,17 +1138,17 @@ KeyTable_verify(KeyTable *self, PyObject *args, PyObject *kwds)
     }
     for (i = 0; i < n; i++) {
         PyObject *p, *d = NULL;
-        if (status[i] == ST_FALLBACK) {
+        if (r.status[i] == ST_FALLBACK) {
             p = Py_NewRef(Py_None);
         }
         else {
-            const unsigned char *pl = scratch + offsets[i] + lens[i];
-            p = PyBytes_FromStringAndSize((const char *)pl, plens[i]);
+            const unsigned char *pl = run_payload(&r, i);
+            p = PyBytes_FromStringAndSize((const char *)pl, r.plens[i]);
             if (p == NULL) {
                 goto done;
             }
-            if (!(status[i] & ST_INVALID)) {
-                d = scan_flat(pl, plens[i]);
+            if (!(r.status[i] & ST_INVALID)) {
+                d = scan_flat(pl, r.plens[i]);
                 if (d == NULL && PyErr_Occurred()) {
                     Py_DECREF(p);
                     goto done;
@@ -1100,31 +1164,12 @@ done:
     Py_XDECREF(statuses);
     Py_XDECREF(payloads);
     Py_XDECREF(claims);
-    if (held != NULL) {
-        for (i = 0; i < n; i++) {
-            Py_XDECREF(held[i]);
-        }
-    }
-    if (cs != NULL) {
-        for (i = 0; i < MAX_SLOTS; i++) {
-            EVP_PKEY_CTX_free(cs->ctx[i]);
-        }
-        EVP_MD_CTX_free(cs->md);
-    }
-    PyMem_Free(cs);
-    PyMem_Free(scratch);
-    PyMem_Free(status);
-    PyMem_Free(slots);
-    PyMem_Free(sigs);
-    PyMem_Free(digests);
-    PyMem_Free(plens);
-    PyMem_Free(offsets);
-    PyMem_Free(lens);
-    PyMem_Free(data);
-    PyMem_Free(held);
+    run_free(&r);
     Py_DECREF(seq);
     return result;
 }
+
+#include "pipeline.h"
 
 static PyObject *
 KeyTable_len(KeyTable *self, PyObject *Py_UNUSED(ignored))
@@ -1141,6 +1186,7 @@ KeyTable_mb_slots(KeyTable *self, PyObject *Py_UNUSED(ignored))
 static PyMethodDef KeyTable_methods[] = {
     {"verify", (PyCFunction)(void (*)(void))KeyTable_verify, METH_VARARGS | METH_KEYWORDS,
      verify_doc},
+    {"pipeline", (PyCFunction)KeyTable_pipeline, METH_VARARGS, pipeline_doc},
     {"slots", (PyCFunction)KeyTable_len, METH_NOARGS, "Number of key slots."},
     {"multibuffer_slots", (PyCFunction)KeyTable_mb_slots, METH_NOARGS,
      "Number of key slots whose signatures go through crypto_mb."},

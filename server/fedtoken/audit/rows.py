@@ -56,6 +56,17 @@ class VerdictLike(Protocol):
 VerifyEntry = tuple[str, str, str, float, Sequence[VerdictLike]]
 
 
+@dataclass(frozen=True, slots=True)
+class Entries:
+    """Verification entries already in the row format (``VERIFIED_FIELDS``,
+    every string clean), for one tenant and actor: what the native pipeline
+    writes, so the writer does per-batch work only."""
+
+    tenant: str
+    actor: str
+    items: list[list[Any]]
+
+
 @dataclass(slots=True)
 class Row:
     """A row built by the writer task, not yet durable; ``items`` is how many
@@ -95,7 +106,8 @@ class Group:
         return Row(event, count)
 
 
-def build_rows(entries: Iterable[VerifyEntry | AuditEvent], max_items: int) -> list[Row]:
+def build_rows(entries: Iterable[VerifyEntry | Entries | AuditEvent], max_items: int
+               ) -> list[Row]:
     """The rows for queued entries, in order: an event is a row of its own;
     verdicts join the open group of their (tenant, actor), at most
     ``max_items`` per row."""
@@ -104,6 +116,9 @@ def build_rows(entries: Iterable[VerifyEntry | AuditEvent], max_items: int) -> l
     for entry in entries:
         if isinstance(entry, AuditEvent):
             out.append(Row(clean_event(entry), 1))
+            continue
+        if isinstance(entry, Entries):
+            _add_entries(entry, groups, out, max_items)
             continue
         tenant, actor, request_id, at, verdicts = entry
         added = 0
@@ -138,6 +153,20 @@ def build_rows(entries: Iterable[VerifyEntry | AuditEvent], max_items: int) -> l
                 details={"error": type(exc).__name__, "lost_items": missing},
             )), missing))
     return [g.row() if isinstance(g, Group) else g for g in out]
+
+
+def _add_entries(entry: Entries, groups: dict[tuple[str, str], Group], out: list[Row | Group],
+                 max_items: int) -> None:
+    key = (entry.tenant, entry.actor)
+    items, start = entry.items, 0
+    while start < len(items):
+        group = groups.get(key)
+        if group is None or len(group.entries) >= max_items:
+            group = groups[key] = Group(_clean(key[0]), _clean(key[1]))
+            out.append(group)
+        room = max_items - len(group.entries)
+        group.entries.extend(items[start:start + room])
+        start += room
 
 
 # --- sanitising ------------------------------------------------------------------------
@@ -187,6 +216,7 @@ __all__ = [
     "MAX_ITEM_CHARS",
     "VERIFIED_EVENT",
     "VERIFIED_FIELDS",
+    "Entries",
     "Group",
     "Row",
     "VerdictLike",

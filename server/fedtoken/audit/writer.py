@@ -73,12 +73,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedtoken.audit.appender import SpillAppender
 from fedtoken.audit.mode import AuditMode, ModeControl
 from fedtoken.audit.replay import SpillReplay, append_in_chunks, not_yet_stored
-from fedtoken.audit.rows import Row, VerdictLike, VerifyEntry, build_rows, clean_event
+from fedtoken.audit.rows import Entries, Row, VerdictLike, VerifyEntry, build_rows, clean_event
 from fedtoken.audit.spill import (
     DEFAULT_MAX_SEGMENT_BYTES,
     SpillLog,
@@ -153,7 +153,7 @@ class AuditWriter:
                                   retry_interval=retry_interval,
                                   max_retry_interval=max_retry_interval,
                                   stopping=lambda: self._stopping)
-        self._queue: deque[VerifyEntry | AuditEvent] = deque()
+        self._queue: deque[VerifyEntry | Entries | AuditEvent] = deque()
         self._backlog: list[Row] = []
         self._running = False
         self._stopping = False
@@ -282,6 +282,19 @@ class AuditWriter:
             return
         self._admit(count)
         self._queue.append((tenant, actor, request_id, self._clock(), verdicts))
+        if not self._enqueued(count):
+            await self._wait_for_room()
+
+    async def record_entries(self, actor: str, groups: Sequence[tuple[str, list[list[Any]]]]
+                             ) -> None:
+        """Queue verification entries already in the row format (the native
+        pipeline's: ``audit.rows.VERIFIED_FIELDS``, clean strings), as
+        (tenant, entries) pairs; waits only as ``record_verifications`` does."""
+        count = sum(len(items) for _, items in groups)
+        if count == 0:
+            return
+        self._admit(count)
+        self._queue.extend(Entries(tenant, actor, items) for tenant, items in groups if items)
         if not self._enqueued(count):
             await self._wait_for_room()
 

@@ -150,3 +150,21 @@ FOREIGN_SEPARATOR = "\x1f"
 def foreign_ref(issuer: str, value: str) -> str:
     """The revocation value of a foreign issuer's jti, subject or kid."""
     return f"{issuer}{FOREIGN_SEPARATOR}{value}" if value else ""
+
+
+@dataclass(slots=True)
+class WireBatch:
+    """What the native pipeline made of a batch.
+
+    ``out`` holds the serialized ``VerifyBatchResponse.verdicts`` elements of
+    the tokens it decided, in order; ``rest`` the indexes of the others, and
+    ``cuts`` where the element of each belongs in ``out``; ``verdicts`` are
+    their verdicts (from the Python path), in the order of ``rest``.
+    ``audit`` holds the decided tokens' audit entries as (tenant, entries).
+    """
+
+    out: bytes
+    rest: list[int]
+    cuts: list[int]
+    verdicts: list[Verdict]
+    audit: list[tuple[str, list[list[Any]]]]

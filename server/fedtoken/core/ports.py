@@ -368,6 +368,12 @@ class AuditSink(Protocol):
         """Queue compact verification entries (waits only for queue room)."""
         ...
 
+    async def record_entries(self, actor: str, groups: Sequence[tuple[str, list[list[Any]]]]
+                             ) -> None:
+        """Queue verification entries already in the audit row format
+        (``fedtoken.audit.rows.VERIFIED_FIELDS``), as (tenant, entries) pairs."""
+        ...
+
 
 # --- persistence ------------------------------------------------------------------
 

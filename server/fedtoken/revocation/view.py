@@ -7,7 +7,7 @@ heartbeat NOTIFY that travels behind all earlier notifications). Past
 ``staleness`` seconds without confirmation, every check answers
 REVOCATION_UNAVAILABLE until the view is confirmed again.
 
-Memory: a revoked jti is kept as a 63-bit keyed digest of (tenant, jti) in an
+Memory: a revoked jti is kept as a 63-bit digest of (tenant, jti) (``jti_digest``) in an
 open-addressing hash table made of two flat arrays (8 bytes of digest and 4
 bytes of expiry per slot, load factor at most 0.6), plus the digest once
 more in a per-minute expiry bucket (an array of uint64) so that expired
@@ -24,6 +24,7 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 from fedtoken.core.model import Reason
 from fedtoken.core.ports import RevocationEntry
@@ -31,9 +32,11 @@ from fedtoken.core.ports import RevocationEntry
 __all__ = [
     "DigestTable",
     "InMemoryRevocationView",
+    "NativeRevocations",
     "RevocationEntry",
     "SnapshotBuilder",
     "jti_digest",
+    "jti_digest_prefix",
 ]
 
 _BUCKET_SECONDS = 60
@@ -46,11 +49,20 @@ _MIN_SLOTS = 1024
 _U32_MAX = 0xFFFF_FFFF
 
 
+def jti_digest_prefix(tenant: str) -> bytes:
+    """What the digest of a jti of ``tenant`` hashes first (length-prefixed,
+    so no (tenant, jti) pair hashes like another)."""
+    raw = tenant.encode("utf-8", "surrogatepass")
+    return len(raw).to_bytes(4, "big") + raw
+
+
 def jti_digest(tenant: str, jti: str) -> int:
-    digest = hashlib.blake2b(
-        jti.encode("utf-8", "surrogatepass"), digest_size=8, key=tenant.encode()[:64]
-    ).digest()
-    return int.from_bytes(digest, "big") >> 1
+    """The 63-bit digest a revoked jti is kept as: the first 8 bytes of
+    SHA-256(prefix || jti), shifted right once. The native pipeline
+    (fedtoken._native, pipeline.h) computes the very same."""
+    digest = hashlib.sha256(
+        jti_digest_prefix(tenant) + jti.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 class _Slots:
@@ -96,6 +108,13 @@ class DigestTable:
         s = self._slots
         total = s.digests.buffer_info()[1] * 8 + s.expiry.buffer_info()[1] * 4
         return total + sum(b.buffer_info()[1] * 8 for b in self._buckets.values())
+
+    def probe_array(self) -> array[int] | None:
+        """The current generation's digest array (a power of two long; see
+        ``__contains__`` for the probe), or None while the table is empty:
+        what the native pipeline probes without the GIL. A rebuild swaps in
+        another array; one taken before keeps a consistent older generation."""
+        return self._slots.digests if self._live else None
 
     def __contains__(self, digest: int) -> bool:
         s = self._slots
@@ -189,6 +208,15 @@ class DigestTable:
         self._filled = self._live
 
 
+class NativeRevocations(NamedTuple):
+    """What the native pipeline reads of a fresh view, taken once per batch."""
+
+    jtis: array[int] | None
+    subjects: dict[tuple[str, str], tuple[int, int]] | None
+    keys: dict[str, int]
+    digest_prefix: Callable[[str], bytes]
+
+
 class _State:
     """The three kinds of revocation, swapped as one object so a reader that
     took it sees one generation of all three."""
@@ -249,6 +277,15 @@ class InMemoryRevocationView:
             if cut is not None and issued_at < cut[0]:
                 return Reason.REVOKED
         return None
+
+    def native_state(self) -> NativeRevocations | None:
+        """The state a batch checks natively, or None while the view is stale
+        (then every check answers REVOCATION_UNAVAILABLE: the Python path)."""
+        if self._monotonic() > self._fresh_until:
+            return None
+        state = self._state
+        return NativeRevocations(state.jtis.probe_array(), state.subjects or None, state.keys,
+                                 jti_digest_prefix)
 
     @property
     def staleness(self) -> float:

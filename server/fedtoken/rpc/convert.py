@@ -14,7 +14,15 @@ from typing import Any
 from fedtoken.core.audit import AuditRecord, ChainReport
 from fedtoken.core.authz import Grant
 from fedtoken.core.claims import is_numeric_date
-from fedtoken.core.model import Expectation, KeyRecord, KeyState, Reason, Tenant, Verdict
+from fedtoken.core.model import (
+    Expectation,
+    KeyRecord,
+    KeyState,
+    Reason,
+    Tenant,
+    Verdict,
+    WireBatch,
+)
 from fedtoken.core.trust import TrustedIssuer
 from fedtoken.service.exchange import JWT_TOKEN_TYPE
 from fedtoken.service.keyadmin import TenantTiming
@@ -69,6 +77,39 @@ def verify_batch_response(verdicts: Sequence[Verdict]) -> token_service_pb2.Veri
     for v in verdicts:
         add(**_verdict_fields(v))
     return response
+
+
+def verify_batch_bytes(wire: WireBatch) -> bytes:
+    """The serialized VerifyBatchResponse of a WireBatch: the pipeline's
+    elements with the verdicts of the other tokens serialized into their
+    places (a run of them at one place as one message: the encoding of a
+    repeated field is the concatenation of its elements)."""
+    if not wire.out:
+        return verify_batch_response(wire.verdicts).SerializeToString()
+    if not wire.rest:
+        return wire.out
+    out, cuts, verdicts = wire.out, wire.cuts, wire.verdicts
+    pieces: list[bytes] = []
+    prev = 0
+    i, count = 0, len(cuts)
+    while i < count:
+        cut = cuts[i]
+        j = i + 1
+        while j < count and cuts[j] == cut:
+            j += 1
+        pieces.append(out[prev:cut])
+        pieces.append(verify_batch_response(verdicts[i:j]).SerializeToString())
+        prev, i = cut, j
+    pieces.append(out[prev:])
+    return b"".join(pieces)
+
+
+def serialize_verify_batch(response: bytes | token_service_pb2.VerifyBatchResponse) -> bytes:
+    """VerifyBatch's response serializer: the servicer answers bytes it
+    serialized itself (``verify_batch_bytes``), or a message."""
+    if type(response) is bytes:
+        return response
+    return response.SerializeToString()  # type: ignore[union-attr]
 
 
 def _verdict_fields(v: Verdict) -> dict[str, Any]:

@@ -19,7 +19,7 @@ takes the Python path here. Verdicts are the same either way.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from hashlib import sha256
@@ -45,7 +45,13 @@ from fedtoken.core.model import (
 )
 from fedtoken.core.ports import Clock, IssuerKeys, KeyResolver, RevocationView, VerificationKey
 from fedtoken.verifier._shared import MALFORMED, PARSE_ERRORS, log_unexpected
-from fedtoken.verifier.native import INVALID, NATIVE_AVAILABLE, NativePath
+from fedtoken.verifier.native import (
+    INVALID,
+    NATIVE_AVAILABLE,
+    PIPELINE_REASONS,
+    NativePath,
+    WireBatch,
+)
 from fedtoken.verifier.tokencache import DEFAULT_SIZE, CachedToken, TokenCache, digest
 
 __all__ = [
@@ -82,6 +88,26 @@ class _Pending:
     issuer: str
     alg: str = ""
     raw: bytes = b""
+
+
+def _merge_parts(parts: Sequence[Any], plan: Sequence[Any]) -> WireBatch:
+    """One WireBatch from the pipeline's answers for consecutive slices;
+    audit entries grouped by the tenant of their slot's plan."""
+    outs: list[bytes] = []
+    rest: list[int] = []
+    cuts: list[int] = []
+    by_tenant: dict[str, list[list[Any]]] = {}
+    offset = 0
+    for out, part_rest, part_cuts, audit in parts:
+        rest.extend(part_rest)
+        cuts.extend([c + offset for c in part_cuts] if offset else part_cuts)
+        outs.append(out)
+        offset += len(out)
+        for slot_plan, entries in zip(plan, audit, strict=True):
+            if entries:
+                by_tenant.setdefault(slot_plan[3], []).extend(entries)
+    out = outs[0] if len(outs) == 1 else b"".join(outs)
+    return WireBatch(out, rest, cuts, [], list(by_tenant.items()))
 
 
 def _check_signatures(items: Sequence[Verdict | _Pending]) -> list[bool]:
@@ -272,6 +298,73 @@ class VerificationEngine:
             for i, verdict in zip(misses, done, strict=True):
                 cached[i] = verdict
         return cached  # type: ignore[return-value] # every None was replaced
+
+    async def verify_batch_wire(
+        self,
+        tokens: Sequence[str],
+        expect: Expectation,
+        *,
+        allowed: frozenset[str] | None,
+        reason_numbers: Mapping[Reason, int],
+        request_id: str,
+        at: float,
+    ) -> WireBatch | None:
+        """A batch through the native pipeline (``KeyTable.pipeline``): the
+        response elements and audit entries of the tokens it decides, the
+        verdicts of the others from the Python path. None when the pipeline
+        cannot take this call (not built, nothing learned yet, no slot
+        planned, or a revocation view that is stale or not in memory): then
+        ``verify_batch`` answers it.
+
+        ``allowed``: the tenants whose valid verdicts the caller may see
+        (None: any); a slot of another tenant is left to the Python path and
+        the caller's scoping. ``reason_numbers``: the wire value of each
+        reason. ``request_id`` and ``at`` go into the audit entries as they
+        are (clean them first).
+        """
+        native = self._native
+        native_state = getattr(self._revocations, "native_state", None)
+        if native is None or native_state is None or not tokens:
+            return None
+        snapshot = native.snapshot()
+        revocations = native_state()
+        if snapshot is None or revocations is None:
+            return None
+        plan = native.plan(snapshot.slots, expect, allowed, revocations.keys,
+                           revocations.digest_prefix)
+        if plan is None:
+            return None
+        now = self._clock.now()
+        if type(tokens) is not list:
+            tokens = list(tokens)
+        audience = (expect.audience.encode("utf-8", "surrogatepass")
+                    if expect.check_audience else None)
+        reasons = tuple((reason_numbers[r], r.value) for r in PIPELINE_REASONS)
+        args = (plan, audience, now, self._leeway, revocations.jtis, revocations.subjects,
+                reasons, request_id, at)
+        table, count = snapshot.table, len(tokens)
+        if count < INLINE_BATCH:
+            parts = [table.pipeline(tokens, 0, count, *args)]
+        else:
+            loop = asyncio.get_running_loop()
+            slices = max(1, min(self._threads, count // MIN_CHUNK))
+            size = -(-count // slices)
+            parts = await asyncio.gather(*(
+                loop.run_in_executor(self._executor, table.pipeline, tokens, i, i + size, *args)
+                for i in range(0, count, size)))
+        wire = _merge_parts(parts, plan)
+        if wire.rest:
+            others = [tokens[i] for i in wire.rest]
+            if self._cache is None:
+                wire.verdicts = await self._batch_uncached(others, expect, now)
+            else:
+                cached, misses = self._cached_split(others, expect, now)
+                if misses:
+                    done = await self._batch_uncached([others[i] for i in misses], expect, now)
+                    for i, verdict in zip(misses, done, strict=True):
+                        cached[i] = verdict
+                wire.verdicts = cached  # type: ignore[assignment] # every None was replaced
+        return wire
 
     async def _batch_uncached(
         self, tokens: Sequence[str], expect: Expectation, now: float

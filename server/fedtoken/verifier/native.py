@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fedtoken.core.claims import check_claims
 from fedtoken.core.jose import loads_strict
-from fedtoken.core.model import MAX_RSA_BITS, Expectation, Reason, Verdict
+from fedtoken.core.model import MAX_RSA_BITS, Expectation, Reason, Verdict, WireBatch
 from fedtoken.core.ports import VerificationKey
 from fedtoken.verifier._shared import MALFORMED, PARSE_ERRORS, log, log_unexpected
 
@@ -38,8 +38,11 @@ __all__ = [
     "NATIVE",
     "NATIVE_AVAILABLE",
     "NATIVE_SLOTS",
+    "PIPELINE_REASONS",
     "NativePath",
     "NativeSnapshot",
+    "WireBatch",
+    "pb_string_fields",
     "rsa_path",
 ]
 
@@ -61,6 +64,41 @@ CLAIM_REASONS: Final = (
     Reason.AUDIENCE_MISMATCH,
 )
 _MAX_BITS: Final = MAX_RSA_BITS
+# The reasons fedtoken._native.KeyTable.pipeline decides, by index (the
+# RS_* constants of pipeline.h).
+PIPELINE_REASONS: Final = (
+    Reason.OK,
+    Reason.MISSING_CLAIM,
+    Reason.INVALID_CLAIM,
+    Reason.EXPIRED,
+    Reason.NOT_YET_VALID,
+    Reason.ISSUED_IN_FUTURE,
+    Reason.AUDIENCE_MISMATCH,
+    Reason.REVOKED,
+    Reason.BAD_SIGNATURE,
+)
+# Longest kid an audit entry carries unchanged (audit.rows.MAX_ITEM_CHARS).
+_MAX_AUDIT_KID: Final = 1024
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def pb_string_fields(*fields: tuple[int, str]) -> bytes:
+    """The protobuf encoding of proto3 string fields (field number, value),
+    in the order given; an empty string is omitted, as proto3 does."""
+    out = bytearray()
+    for number, value in fields:
+        raw = value.encode("utf-8", "surrogatepass")
+        if raw:
+            out += _varint(number << 3 | 2) + _varint(len(raw)) + raw
+    return bytes(out)
 
 
 def _load_native() -> Any:
@@ -206,6 +244,50 @@ class NativePath:
                 entries.clear()
             entries[header] = ((parsed[0], parsed[1], key), der)
             self._version += 1
+
+    # --- the pipeline ----------------------------------------------------------
+
+    def plan(
+        self,
+        slots: tuple[Slot, ...],
+        expect: Expectation,
+        allowed: frozenset[str] | None,
+        revoked_keys: Any,
+        digest_prefix: Callable[[str], bytes],
+    ) -> tuple[Any, ...] | None:
+        """The per-slot plan of KeyTable.pipeline for one call, or None when
+        no slot may be decided natively.
+
+        A slot is planned only when the resolver, for the slot key's own
+        issuer under this expectation, selects that very key (a local RS256
+        key), the caller may see its tenant's verdicts, and the key is not
+        revoked: then, for a token whose iss is that issuer, everything the
+        Python path would check before the claims is already known. Any
+        other slot's tokens take the Python path.
+        """
+        plans: list[Any] = []
+        any_on = False
+        for alg, kid, key in slots:
+            plan = None
+            if alg == _ALG and not key.foreign and key.issuer:
+                resolved = self._resolve({"iss": key.issuer}, alg, kid, expect)
+                if type(resolved) is not Verdict:
+                    rkey, tenant, iss = resolved  # type: ignore[misc]
+                    if (rkey is key and iss == key.issuer
+                            and (allowed is None or tenant in allowed)
+                            and key.kid not in revoked_keys
+                            and key.kid.isascii() and key.kid.isprintable()
+                            and len(key.kid) <= _MAX_AUDIT_KID):
+                        plan = (
+                            iss.encode("utf-8", "surrogatepass"),
+                            pb_string_fields((3, tenant), (4, iss), (5, key.kid)),
+                            digest_prefix(tenant),
+                            tenant,
+                            key.kid,
+                        )
+                        any_on = True
+            plans.append(plan)
+        return tuple(plans) if any_on else None
 
     # --- verdicts -------------------------------------------------------------
 
