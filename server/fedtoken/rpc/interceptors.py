@@ -20,6 +20,14 @@ method, so the per-call cost is one dict lookup):
 
 Metrics and authentication interceptors slot in beside it (``interceptors``
 in ``fedtoken.app``).
+
+The success path is kept lean (it is most of a unary Verify's own time): one
+pass over the metadata finds the request id and the declared name, a new
+request id is 16 random bytes in hex (``uuid4().hex``'s format without the
+UUID object), and the frozen ``Principal`` of a (identity, peer, declared)
+triple is reused across that connection's calls (a bounded map per method;
+the identity itself is still read from the call's own certificate every
+call, and authorization is decided per call against the current policy).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import uuid
+import os
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -79,19 +87,41 @@ def call_context() -> CallContext:
     return _CALL.get()
 
 
-def _request_id(metadata: Any) -> str:
-    for key, value in metadata or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= 64 \
-                and value.isprintable():
-            return value
-    return uuid.uuid4().hex
+def new_request_id() -> str:
+    """A fresh request id: 32 lowercase hex digits, random, with the UUID
+    version 4 and variant bits set (what ``uuid.uuid4().hex`` gives, at a
+    fraction of its cost)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return raw.hex()
 
 
-def _declared(metadata: Any) -> str:
+def _valid_request_id(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable()
+
+
+def _clean_declared(value: str) -> str:
+    return value[:128] if value[:128].isprintable() else \
+        "".join(c for c in value[:128] if c.isprintable())
+
+
+def _scan(metadata: Any) -> tuple[str, str]:
+    """(request id, declared caller) from the invocation metadata in one
+    pass: the first ``x-request-id`` that is short and printable (else a new
+    id) and the first ``x-fedtoken-caller``, its unprintable characters
+    dropped (else "")."""
+    request_id = ""
+    declared: str | None = None
     for key, value in metadata or ():
-        if key == CALLER_KEY and isinstance(value, str):
-            return "".join(c for c in value[:128] if c.isprintable())
-    return ""
+        if key == REQUEST_ID_KEY:
+            if not request_id and _valid_request_id(value):
+                request_id = value
+        elif key == CALLER_KEY and declared is None and isinstance(value, str):
+            declared = _clean_declared(value)
+    return request_id or new_request_id(), declared or ""
+
+
 
 
 # Reads the caller's verified identity from the call (the mTLS client
@@ -132,6 +162,11 @@ def _no_scope(_remaining: float | None) -> AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
+# Distinct (identity, peer, declared) principals kept per wrapped method: one
+# per live connection in practice; the map is emptied when it reaches this.
+MAX_PRINCIPALS = 1024
+
+
 def wrap_unary(name: str, behavior: Behavior,
                authenticate: Authenticate | None = None,
                deadline_scope: DeadlineScope = _no_scope) -> Behavior:
@@ -141,16 +176,22 @@ def wrap_unary(name: str, behavior: Behavior,
     only) the principal has no identity, so the authorizer denies every call
     that needs a role.
     """
+    # Principal is frozen: equal triples may share one instance. The identity
+    # in the key comes from this call's own certificate (``authenticate``).
+    principals: dict[tuple[str, str, str], Principal] = {}
 
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        metadata = context.invocation_metadata()
-        request_id = _request_id(metadata)
+        request_id, declared = _scan(context.invocation_metadata())
         token: contextvars.Token[CallContext] | None = None
         try:
             identity = authenticate(context) if authenticate is not None else ""
-            ctx = CallContext(Principal(identity, context.peer() or "", _declared(metadata)),
-                              request_id, name)
-            token = _CALL.set(ctx)
+            key = (identity, context.peer() or "", declared)
+            principal = principals.get(key)
+            if principal is None:
+                if len(principals) >= MAX_PRINCIPALS:
+                    principals.clear()
+                principal = principals[key] = Principal(*key)
+            token = _CALL.set(CallContext(principal, request_id, name))
             if request is _UNDECODABLE:
                 raise InvalidRequest("the request message could not be decoded",
                                      reason=ErrorReason.MALFORMED_REQUEST)
@@ -182,7 +223,15 @@ def wrap_unary(name: str, behavior: Behavior,
 
 
 class Boundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Request id, principal and error mapping for every unary method."""
+    """Request id, principal and error mapping for every unary method.
+
+    Two ways to put it around the servicers, with the same wrapped handlers:
+    as a server interceptor (``grpc.aio.server(interceptors=[boundary])``:
+    grpc then runs ``intercept_service`` on every call, a few coroutines per
+    call), or at registration (``boundary.register(add_X_to_server, servicer,
+    server)`` on a server without interceptors: the wrapped handlers are what
+    grpc dispatches to, nothing runs per call but the wrapper itself).
+    """
 
     def __init__(self, authenticate: Authenticate | None = None, *,
                  deadline_scope: DeadlineScope = _no_scope) -> None:
@@ -190,16 +239,14 @@ class Boundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._deadline_scope = deadline_scope
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler | None
+             ) -> grpc.RpcMethodHandler | None:
+        """``handler`` of ``method`` (``/package.Service/Name``) with the
+        boundary around it: unary-unary handlers only (others, and None, as
+        they are). One wrapped handler per method, made once."""
         cached = self._wrapped.get(method)
         if cached is not None:
             return cached
-        handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler  # unknown method (UNIMPLEMENTED) or a streaming one
         wrapped = grpc.unary_unary_rpc_method_handler(
@@ -210,3 +257,57 @@ class Boundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
         self._wrapped[method] = wrapped
         return wrapped
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        return self.wrap(method, await continuation(handler_call_details))
+
+    def register(self, add_to_server: Callable[[Any, Any], None], servicer: Any,
+                 server: grpc.aio.Server) -> None:
+        """``add_to_server(servicer, server)`` (a generated
+        ``add_*Servicer_to_server``) with every unary method it registers
+        wrapped by this boundary, for a server created without it as an
+        interceptor."""
+        add_to_server(servicer, _Registrar(server, self))
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A generic handler whose method handlers come out wrapped."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, boundary: Boundary) -> None:
+        self._inner = inner
+        self._boundary = boundary
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails
+                ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
+        cached = self._boundary._wrapped.get(method)
+        if cached is not None:
+            return cached
+        return self._boundary.wrap(method, self._inner.service(handler_call_details))
+
+
+class _Registrar:
+    """Stands in for the server a generated ``add_*_to_server`` registers on
+    (the two methods it calls), wrapping what it registers."""
+
+    def __init__(self, server: grpc.aio.Server, boundary: Boundary) -> None:
+        self._server = server
+        self._boundary = boundary
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_WrappedGeneric(h, self._boundary) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {name: self._boundary.wrap(f"/{service}/{name}", h)
+                      for name, h in handlers.items()})

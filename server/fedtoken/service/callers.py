@@ -37,6 +37,8 @@ _REASON = {
     Denial.LIFETIME_NOT_GRANTED: ErrorReason.LIFETIME_NOT_GRANTED,
 }
 MAX_GRANT_TENANTS = 256
+# Memoized decisions per policy snapshot (see ``Callers._memo``); emptied at this size.
+MAX_MEMO = 4096
 
 
 class Callers:
@@ -48,6 +50,13 @@ class Callers:
         self._bootstrap = frozenset(bootstrap)
         # Bootstrap identities are the operators: every role, every tenant.
         self._policy = Policy.of(self._operator_grants(), self._bootstrap)
+        # Decisions of the current snapshot only: both maps belong to
+        # ``_memo_policy`` and are dropped the moment ``_policy`` is another
+        # object (a reload replaces it whole; a Policy is immutable), so a
+        # memoized answer is always the one ``decide`` would give now.
+        self._memo_policy: Policy | None = None
+        self._denials: dict[tuple[str, Role, str], Denial | None] = {}
+        self._scopes: dict[tuple[str, Role], frozenset[str] | None] = {}
         self._reloader = CoalescedReload(self._load, name="callers", what="caller grants")
 
     def _operator_grants(self) -> list[Grant]:
@@ -60,9 +69,32 @@ class Callers:
     def policy(self) -> Policy:
         return self._policy
 
+    def _memo(self) -> Policy:
+        policy = self._policy
+        if policy is not self._memo_policy:
+            self._denials = {}
+            self._scopes = {}
+            self._memo_policy = policy
+        return policy
+
+    def _decide(self, identity: str, ask: Ask) -> Denial | None:
+        policy = self._memo()
+        if ask.role is Role.ISSUER:  # audiences and lifetime vary per call
+            return decide(policy, identity, ask)
+        key = (identity, ask.role, ask.tenant)
+        try:
+            return self._denials[key]
+        except KeyError:
+            pass
+        denial = decide(policy, identity, ask)
+        if len(self._denials) >= MAX_MEMO:
+            self._denials.clear()
+        self._denials[key] = denial
+        return denial
+
     async def require(self, ctx: CallContext, ask: Ask) -> None:
         identity = ctx.principal.identity
-        denial = decide(self._policy, identity, ask)
+        denial = self._decide(identity, ask)
         if denial is None:
             return
         await self._audit.record_soon(AuditEvent(
@@ -78,7 +110,15 @@ class Callers:
             reason=_REASON[denial], tenant=ask.tenant)
 
     async def scope(self, ctx: CallContext, role: Role) -> frozenset[str] | None:
-        allowed = self._policy.tenants_for(ctx.principal.identity, role)
+        policy = self._memo()
+        key = (ctx.principal.identity, role)
+        try:
+            allowed = self._scopes[key]
+        except KeyError:
+            allowed = policy.tenants_for(*key)
+            if len(self._scopes) >= MAX_MEMO:
+                self._scopes.clear()
+            self._scopes[key] = allowed
         if allowed is not None and not allowed:
             await self.require(ctx, Ask(role))  # raises, audited
         return allowed

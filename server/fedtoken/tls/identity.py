@@ -4,12 +4,13 @@ gRPC has already verified the chain against the client CA bundle during the
 handshake; here the leaf certificate (``x509_pem_cert`` in the auth context)
 is parsed and must carry exactly one URI SAN, a syntactically valid
 ``spiffe://`` ID. Anything else is UNAUTHENTICATED. Parsed results are cached
-per certificate, so the cost per call is a dict lookup.
+per certificate (keyed by its exact PEM bytes; the result depends on nothing
+else), so the cost per call is a dict lookup. The bound evicts the oldest
+entry (FIFO: no reordering on the per-call path).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 from cryptography import x509
@@ -19,7 +20,7 @@ from fedtoken.core.authz import is_spiffe_id
 from fedtoken.core.errors import Unauthenticated
 
 _CACHE_SIZE = 4096
-_cache: OrderedDict[bytes, str | Unauthenticated] = OrderedDict()
+_cache: dict[bytes, str | Unauthenticated] = {}
 
 
 def _parse(pem: bytes) -> str:
@@ -57,7 +58,9 @@ def spiffe_id_of_der(der: bytes | None) -> str:
 
 def spiffe_id_of(auth_context: dict[str, Any]) -> str:
     """The caller's SPIFFE ID; Unauthenticated when there is none to trust."""
-    pems: list[Any] = list(auth_context.get("x509_pem_cert") or ())
+    pems: Any = auth_context.get("x509_pem_cert") or ()
+    if not isinstance(pems, list | tuple):
+        pems = list(pems)
     if len(pems) != 1 or not isinstance(pems[0], bytes):
         raise Unauthenticated("no client certificate: connect with mTLS")
     pem: bytes = pems[0]
@@ -67,11 +70,10 @@ def spiffe_id_of(auth_context: dict[str, Any]) -> str:
             found = _parse(pem)
         except Unauthenticated as exc:
             found = exc
+        if len(_cache) >= _CACHE_SIZE:
+            del _cache[next(iter(_cache))]
         _cache[pem] = found
-        if len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    else:
-        _cache.move_to_end(pem)
-    if isinstance(found, Unauthenticated):
-        raise Unauthenticated(found.message)
-    return found
+    if type(found) is str:
+        return found
+    assert isinstance(found, Unauthenticated)
+    raise Unauthenticated(found.message)
