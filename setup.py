@@ -139,7 +139,8 @@ setup(
         Extension(
             "fedtoken._native",
             sources=["server/fedtoken/_native/fastverify.c"],
-            depends=[MB_HEADER, "server/fedtoken/_native/pipeline.h"],
+            depends=[MB_HEADER, "server/fedtoken/_native/pipeline.h",
+                     "server/fedtoken/_native/sigcache.h"],
             libraries=["crypto"],
             optional=True,
         ),

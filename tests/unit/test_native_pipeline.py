@@ -296,3 +296,88 @@ async def _one(p: _Pair, token: str) -> None:
 
 
 _PAIR = _Pair() if NATIVE_AVAILABLE else None  # type: ignore[assignment]
+
+
+# --- the pipeline's signature cache (sigcache.h) ---------------------------------
+
+
+def _stats(p: _Pair) -> dict[str, int]:
+    stats = p.native.signature_cache_stats()
+    assert stats is not None
+    return stats
+
+
+async def test_repeated_tokens_hit_and_still_agree(pair: _Pair) -> None:
+    w = pair.w
+    tokens = _shapes(w)
+    await pair.learn(tokens, w.expect)
+    await pair.compare(tokens, w.expect)
+    before = _stats(pair)
+    for expect in EXPECTATIONS:
+        await pair.compare(tokens, expect)
+    after = _stats(pair)
+    assert after["hits"] > before["hits"] + len(EXPECTATIONS)
+    # Only verified signatures are stored: the bad signature of _shapes never is.
+    bad = w.token(claims=w.claims(), sign_with="b_active")
+    stores = _stats(pair)["stores"]
+    for _ in range(3):
+        await pair.compare([bad, bad], w.expect)
+    assert _stats(pair)["stores"] == stores
+
+
+async def test_attack_table_with_a_warm_signature_cache(pair: _Pair) -> None:
+    w = pair.w
+    tokens: list[Any] = [c.build(w) for c in CASES if c.expect is None]
+    await pair.learn(tokens, w.expect)
+    for _ in range(3):
+        await pair.compare(tokens * 2, w.expect)
+    assert _stats(pair)["hits"] > 0
+
+
+async def test_a_hit_still_checks_time_revocation_and_key(pair: _Pair) -> None:
+    w = pair.w
+    token = w.token(claims=w.claims(jti="cached", sub="dave", exp=NOW + 100))
+    await pair.learn([token], w.expect)
+    await pair.compare([token] * 2, w.expect)
+    hits = _stats(pair)["hits"]
+    await pair.compare([token] * 2, w.expect)
+    assert _stats(pair)["hits"] > hits
+    pair.view.add(RevocationEntry("acme", "jti", "cached", NOW + 3600))
+    await pair.compare([token], w.expect)  # REVOKED, from a hit
+    token2 = w.token(claims=w.claims(jti="cached2", exp=NOW + 100))
+    await pair.compare([token2] * 2, w.expect)
+    w.clock.t = NOW + 200
+    try:
+        await pair.compare([token2] * 2, w.expect)  # EXPIRED, from a hit
+    finally:
+        w.clock.t = NOW
+    # The key withdrawn: never planned again, the Python path answers.
+    from tests.unit._world import KEYS, TENANTS, record
+
+    records = [record(name, *spec[:3], **spec[3]) for name, spec in KEYS.items()
+               if name != "a_active"]
+    w.resolver.replace(TENANTS, records)
+    await pair.compare([token2, token], w.expect)
+
+
+def test_signature_cache_bounds() -> None:
+    from fedtoken.verifier.native import NATIVE
+
+    assert NATIVE.SignatureCache(1).stats()["capacity"] == 4
+    assert NATIVE.SignatureCache(8192).stats()["capacity"] == 8192
+    assert NATIVE.SignatureCache(5000).stats()["capacity"] == 8192
+    for size in (0, -1, 2**25):
+        with pytest.raises(ValueError):
+            NATIVE.SignatureCache(size)
+
+
+async def test_tiny_cache_under_a_flood_still_agrees() -> None:
+    p = _Pair()
+    p.native = VerificationEngine(p.w.resolver, p.view, clock=p.w.clock, native=True,
+                                  token_cache=3)
+    w = p.w
+    tokens = [w.token(claims=w.claims(jti=f"f{i}")) for i in range(60)]
+    await p.learn(tokens[:1], w.expect)
+    for _ in range(2):
+        await p.compare(tokens, w.expect)
+    assert _stats(p)["capacity"] == 4

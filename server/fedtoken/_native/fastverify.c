@@ -165,6 +165,7 @@ typedef struct {
     fedtoken_mb_key **mb_keys; /* per slot: crypto_mb's key, or NULL (OpenSSL) */
     const fedtoken_mb_api *mb; /* set when any slot has an mb key */
     Py_ssize_t mb_slots;
+    uint64_t *key_fps;        /* per slot: the first 8 bytes of SHA-256(DER) | 1 */
 } KeyTable;
 
 static void
@@ -186,6 +187,7 @@ KeyTable_dealloc(KeyTable *self)
     PyMem_Free(self->header_lens);
     PyMem_Free(self->keys);
     PyMem_Free(self->sig_lens);
+    PyMem_Free(self->key_fps);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -265,8 +267,9 @@ KeyTable_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->mb_keys = PyMem_Calloc((size_t)alloc, sizeof(fedtoken_mb_key *));
     self->mb = want_mb ? multibuffer_api() : NULL;
     self->mb_slots = 0;
+    self->key_fps = PyMem_Calloc((size_t)alloc, sizeof(uint64_t));
     if (!self->headers || !self->header_lens || !self->keys || !self->sig_lens ||
-        !self->mb_keys) {
+        !self->mb_keys || !self->key_fps) {
         PyErr_NoMemory();
         goto fail;
     }
@@ -314,6 +317,18 @@ KeyTable_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         self->header_lens[i] = hdr_len;
         self->keys[i] = pkey;
         self->sig_lens[i] = size;
+        unsigned char fp[32];
+        unsigned int fp_len = 0;
+        if (EVP_Digest(der, (size_t)der_len, fp, &fp_len, sha256_md, NULL) != 1 || fp_len != 32) {
+            ERR_clear_error();
+            PyErr_SetString(PyExc_ValueError, "cannot hash the key");
+            goto fail;
+        }
+        uint64_t v = 0;
+        for (int k = 0; k < 8; k++) {
+            v = (v << 8) | fp[k];
+        }
+        self->key_fps[i] = v | 1; /* never 0: 0 marks an empty cache way */
         self->count = i + 1;
         if (self->mb != NULL && mb_key_of(self->mb, pkey, &self->mb_keys[i]) < 0) {
             PyErr_NoMemory();
@@ -1067,9 +1082,9 @@ run_init(Run *r, const KeyTable *t, PyObject *seq, Py_ssize_t start, Py_ssize_t 
     return 0;
 }
 
-/* Phases one and two of a run, no GIL. -1 when out of memory. */
-static int
-run_verify(const KeyTable *t, Run *r)
+/* Phase one of a run, no GIL. */
+static void
+run_prepare(const KeyTable *t, Run *r)
 {
     for (Py_ssize_t i = 0; i < r->n; i++) {
         r->sigs[i] = r->scratch + r->offsets[i];
@@ -1079,6 +1094,13 @@ run_verify(const KeyTable *t, Run *r)
                                         r->sigs[i] + r->lens[i], &r->plens[i],
                                         r->digests + 32 * i);
     }
+}
+
+/* Phases one and two of a run, no GIL. -1 when out of memory. */
+static int
+run_verify(const KeyTable *t, Run *r)
+{
+    run_prepare(t, r);
     return verify_prepared(t, r->cs, r->n, r->slots, r->sigs, r->digests, r->status);
 }
 
@@ -1169,6 +1191,7 @@ done:
     return result;
 }
 
+#include "sigcache.h"
 #include "pipeline.h"
 
 static PyObject *
@@ -1284,7 +1307,7 @@ PyInit__native(void)
             return NULL;
         }
     }
-    if (PyType_Ready(&KeyTableType) < 0) {
+    if (PyType_Ready(&KeyTableType) < 0 || PyType_Ready(&SignatureCacheType) < 0) {
         return NULL;
     }
     m = PyModule_Create(&native_module);
@@ -1294,6 +1317,12 @@ PyInit__native(void)
     Py_INCREF(&KeyTableType);
     if (PyModule_AddObject(m, "KeyTable", (PyObject *)&KeyTableType) < 0) {
         Py_DECREF(&KeyTableType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&SignatureCacheType);
+    if (PyModule_AddObject(m, "SignatureCache", (PyObject *)&SignatureCacheType) < 0) {
+        Py_DECREF(&SignatureCacheType);
         Py_DECREF(m);
         return NULL;
     }

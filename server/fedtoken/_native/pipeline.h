@@ -588,9 +588,55 @@ audit_entry(const Decision *d, const Plan *plan, PyObject *const *reason_names,
     return e;
 }
 
+/* The cache lookups of a prepared run, no GIL: a token whose exact bytes
+ * verified under its slot's key before gets hit[i] = 1 + slot and is taken
+ * out of the signature phase (slot -1); the others get their digest noted. */
+static void
+cache_lookups(const KeyTable *t, Run *r, SignatureCache *cache, unsigned char *token_digests,
+              uint8_t *hit)
+{
+    for (Py_ssize_t i = 0; i < r->n; i++) {
+        hit[i] = 0;
+        if (r->slots[i] >= 0 &&
+            EVP_Digest(r->data[i], (size_t)r->lens[i], token_digests + 32 * i, NULL, sha256_md,
+                       NULL) != 1) {
+            ERR_clear_error();
+            r->slots[i] = -1; /* the Python path decides */
+        }
+    }
+    pthread_mutex_lock(&cache->lock);
+    for (Py_ssize_t i = 0; i < r->n; i++) {
+        Py_ssize_t slot = r->slots[i];
+        if (slot >= 0 && cache_lookup(cache, token_digests + 32 * i, t->key_fps[slot])) {
+            hit[i] = (uint8_t)(1 + slot);
+            r->slots[i] = -1;
+        }
+    }
+    pthread_mutex_unlock(&cache->lock);
+}
+
+/* After the signature phase, no GIL: hits get their valid status back, and
+ * every signature that verified is stored. */
+static void
+cache_results(const KeyTable *t, Run *r, SignatureCache *cache,
+              const unsigned char *token_digests, const uint8_t *hit)
+{
+    pthread_mutex_lock(&cache->lock);
+    for (Py_ssize_t i = 0; i < r->n; i++) {
+        if (hit[i]) {
+            r->slots[i] = hit[i] - 1;
+            r->status[i] = hit[i];
+        }
+        else if (r->status[i] != ST_FALLBACK && !(r->status[i] & ST_INVALID)) {
+            cache_store(cache, token_digests + 32 * i, t->key_fps[(r->status[i] & 0x7F) - 1]);
+        }
+    }
+    pthread_mutex_unlock(&cache->lock);
+}
+
 PyDoc_STRVAR(pipeline_doc,
 "pipeline(tokens, start, stop, plan, audience, now, leeway, jtis, subjects,\n"
-"         reasons, request_id, at) -> (out, rest, cuts, audit)\n\n"
+"         reasons, request_id, at, cache) -> (out, rest, cuts, audit)\n\n"
 "Decide tokens[start:stop] end to end (see pipeline.h). plan: one item per\n"
 "slot, None or (iss, fields, digest_prefix, tenant, audit_kid). audience:\n"
 "bytes, or None for no comparison. jtis: the view's digest array ('Q', a\n"
@@ -604,7 +650,7 @@ static PyObject *
 KeyTable_pipeline(KeyTable *self, PyObject *args)
 {
     PyObject *tokens, *plan_seq, *audience_o, *now_o, *leeway_o, *jtis_o, *subjects, *reasons;
-    PyObject *request_id, *at, *seq = NULL, *result = NULL, *out = NULL, *rest = NULL;
+    PyObject *request_id, *at, *cache_o, *seq = NULL, *result = NULL, *out = NULL, *rest = NULL;
     PyObject *cuts = NULL, *audit = NULL, *valid_s = NULL, *invalid_s = NULL;
     Py_ssize_t start, stop, n = 0, i;
     Plan plans[MAX_SLOTS];
@@ -619,12 +665,22 @@ KeyTable_pipeline(KeyTable *self, PyObject *args)
     Decision *dec = NULL;
     int *decided = NULL, failed = 0;
     size_t total = 0;
+    SignatureCache *cache = NULL;
+    unsigned char *token_digests = NULL;
+    uint8_t *hit = NULL;
 
     memset(&r, 0, sizeof(r));
-    if (!PyArg_ParseTuple(args, "OnnO!OOOOOO!UO:pipeline", &tokens, &start, &stop, &PyTuple_Type,
-                          &plan_seq, &audience_o, &now_o, &leeway_o, &jtis_o, &subjects,
-                          &PyTuple_Type, &reasons, &request_id, &at)) {
+    if (!PyArg_ParseTuple(args, "OnnO!OOOOOO!UOO:pipeline", &tokens, &start, &stop,
+                          &PyTuple_Type, &plan_seq, &audience_o, &now_o, &leeway_o, &jtis_o,
+                          &subjects, &PyTuple_Type, &reasons, &request_id, &at, &cache_o)) {
         return NULL;
+    }
+    if (cache_o != Py_None) {
+        if (!PyObject_TypeCheck(cache_o, &SignatureCacheType)) {
+            PyErr_SetString(PyExc_TypeError, "cache must be a SignatureCache or None");
+            return NULL;
+        }
+        cache = (SignatureCache *)cache_o;
     }
     if (!exact_double(now_o, &now) || !exact_double(leeway_o, &leeway)) {
         PyErr_SetString(PyExc_ValueError, "now and leeway must be exact numbers");
@@ -690,13 +746,24 @@ KeyTable_pipeline(KeyTable *self, PyObject *args)
     }
     dec = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(Decision));
     decided = PyMem_Calloc((size_t)(n > 0 ? n : 1), sizeof(int));
-    if (dec == NULL || decided == NULL) {
+    if (cache != NULL) {
+        token_digests = PyMem_Malloc((size_t)(n > 0 ? n : 1) * 32);
+        hit = PyMem_Calloc((size_t)(n > 0 ? n : 1), 1);
+    }
+    if (dec == NULL || decided == NULL || (cache != NULL && (!token_digests || !hit))) {
         PyErr_NoMemory();
         goto done;
     }
 
     Py_BEGIN_ALLOW_THREADS
-    failed = run_verify(self, &r) < 0;
+    run_prepare(self, &r);
+    if (cache != NULL) {
+        cache_lookups(self, &r, cache, token_digests, hit);
+    }
+    failed = verify_prepared(self, r.cs, r.n, r.slots, r.sigs, r.digests, r.status) < 0;
+    if (!failed && cache != NULL) {
+        cache_results(self, &r, cache, token_digests, hit);
+    }
     if (!failed) {
         for (i = 0; i < n; i++) {
             decided[i] = decide_one(&r, i, plans, &jt, now, leeway, audience, audience_len,
@@ -797,6 +864,8 @@ done:
     Py_XDECREF(invalid_s);
     PyMem_Free(dec);
     PyMem_Free(decided);
+    PyMem_Free(token_digests);
+    PyMem_Free(hit);
     run_free(&r);
     Py_XDECREF(seq);
     if (jbuf.obj != NULL) {

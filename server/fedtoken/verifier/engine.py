@@ -47,6 +47,7 @@ from fedtoken.core.ports import Clock, IssuerKeys, KeyResolver, RevocationView, 
 from fedtoken.verifier._shared import MALFORMED, PARSE_ERRORS, log_unexpected
 from fedtoken.verifier.native import (
     INVALID,
+    NATIVE,
     NATIVE_AVAILABLE,
     PIPELINE_REASONS,
     NativePath,
@@ -180,7 +181,13 @@ class VerificationEngine:
         )
         self._cache = TokenCache(token_cache) if token_cache > 0 else None
         self._native: NativePath | None = None
+        # The native pipeline's own verified-token cache (token digest and
+        # key fingerprint only; fedtoken/_native/sigcache.h), sized as the
+        # Python one.
+        self._sigcache: Any = None
         if NATIVE_AVAILABLE and native is not False:
+            if token_cache > 0:
+                self._sigcache = NATIVE.SignatureCache(token_cache)
             self._native = NativePath(
                 max_token_size=max_token_size,
                 leeway=leeway,
@@ -193,6 +200,11 @@ class VerificationEngine:
     def native(self) -> bool:
         """Whether this engine uses the native fast path."""
         return self._native is not None
+
+    def signature_cache_stats(self) -> dict[str, int] | None:
+        """The native pipeline cache's {capacity, hits, misses, stores}, or
+        None when there is none."""
+        return None if self._sigcache is None else dict(self._sigcache.stats())
 
     def close(self) -> None:
         """Stop the worker threads (after the batches in flight finish)."""
@@ -341,7 +353,7 @@ class VerificationEngine:
                     if expect.check_audience else None)
         reasons = tuple((reason_numbers[r], r.value) for r in PIPELINE_REASONS)
         args = (plan, audience, now, self._leeway, revocations.jtis, revocations.subjects,
-                reasons, request_id, at)
+                reasons, request_id, at, self._sigcache)
         table, count = snapshot.table, len(tokens)
         if count < INLINE_BATCH:
             parts = [table.pipeline(tokens, 0, count, *args)]
