@@ -504,10 +504,13 @@ async def start_app(
         boundary = Boundary(_authenticate if transport.tls is not None
                             else _assumed(settings.insecure_identity),
                             deadline_scope=caller_deadline)
-        server = grpc.aio.server(options=grpc_options(settings), interceptors=[boundary])
-        add_token_service(TokenServicer(tokens, verification, exchange), server)
-        key_admin_pb2_grpc.add_KeyAdminServicer_to_server(
-            KeyAdminServicer(keys, callers, trust, compliance), server)
+        # The boundary wraps each method's handler once, at registration: as
+        # a server interceptor grpc would run its chain on every call.
+        server = grpc.aio.server(options=grpc_options(settings))
+        boundary.register(add_token_service, TokenServicer(tokens, verification, exchange),
+                          server)
+        boundary.register(key_admin_pb2_grpc.add_KeyAdminServicer_to_server,
+                          KeyAdminServicer(keys, callers, trust, compliance), server)
         address = f"{settings.grpc_host}:{settings.grpc_port}"
         port = (server.add_insecure_port(address) if transport.tls is None
                 else server.add_secure_port(address, server_credentials(transport.tls)))
