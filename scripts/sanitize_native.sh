@@ -9,7 +9,9 @@
 #   - tests/unit/test_multibuffer.py (Wycheproof + the 100,000-item
 #     differential test of _mbrsa against OpenSSL);
 #   - tests/unit/test_native_multibuffer.py (_native's KeyTable with the
-#     multi-buffer core through _mbrsa's C API, against the OpenSSL-only table).
+#     multi-buffer core through _mbrsa's C API, against the OpenSSL-only table);
+#   - tests/unit/test_native_pipeline.py (KeyTable.pipeline and its
+#     SignatureCache against the Python path).
 # Both extensions are the sanitized ones, in pytest and in the interpreters
 # the tests start: a sitecustomize.py in the temporary directory (on
 # PYTHONPATH) puts a finder first on sys.meta_path that loads fedtoken._native
@@ -100,4 +102,5 @@ PY
 
 echo "==> running the multi-buffer tests against $NATIVE_SO and $SO" >&2
 "$PY" -m pytest -q -rs -p no:cacheprovider \
-    tests/unit/test_multibuffer.py tests/unit/test_native_multibuffer.py "$@"
+    tests/unit/test_multibuffer.py tests/unit/test_native_multibuffer.py \
+    tests/unit/test_native_pipeline.py "$@"
