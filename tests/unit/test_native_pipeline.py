@@ -381,3 +381,78 @@ async def test_tiny_cache_under_a_flood_still_agrees() -> None:
     for _ in range(2):
         await p.compare(tokens, w.expect)
     assert _stats(p)["capacity"] == 4
+
+
+# --- trusted foreign issuers -------------------------------------------------------
+
+
+def _foreign_pair() -> tuple[_Pair, Any]:
+    from fedtoken.core.model import foreign_ref
+    from fedtoken.verifier.federated import FederatedResolver
+    from tests.unit.test_federation_engine import ISS_F, Trusted, fkey
+
+    p = _Pair()
+    trusted = Trusted(keys={(k := fkey("f1")).kid: k})
+    resolver = FederatedResolver(p.w.resolver, trusted)
+    p.view.replace_all([
+        RevocationEntry("acme", "jti", foreign_ref(ISS_F, "f-revoked"), NOW + 3600),
+        RevocationEntry("acme", "jti", "f-jti-local", NOW + 3600),  # a local jti: no effect
+        RevocationEntry("acme", "subject", foreign_ref(ISS_F, "mallory"), NOW + 3600, NOW),
+        RevocationEntry("beta", "jti", foreign_ref(ISS_F, "f-jti-1"), NOW + 3600),
+    ])
+    p.view.confirm_fresh(0.0)
+    p.native = VerificationEngine(resolver, p.view, clock=p.w.clock, native=True)
+    p.reference = VerificationEngine(resolver, p.view, clock=p.w.clock, native=False,
+                                     token_cache=0)
+    return p, trusted
+
+
+def _foreign_tokens() -> list[str]:
+    from tests.unit.test_federation_engine import kid, token
+
+    k = kid("f1")
+    return [
+        token("f1", k),
+        token("f1", k, jti="f-revoked"),
+        token("f1", k, jti="f-jti-local"),
+        token("f1", k, sub="mallory"),
+        token("f1", k, sub="mallory", iat=NOW + 5),
+        token("f1", k, exp=NOW - 100),
+        token("f1", k, aud="other"),
+        token("f2", k),  # bad signature under f1's kid
+        token("f1", k, iss="https://auth.example/t/acme"),
+    ]
+
+
+@pytest.mark.parametrize("tenant", ["acme", "beta", ""])
+async def test_foreign_tokens_agree(tenant: str) -> None:
+    p, _ = _foreign_pair()
+    tokens = _foreign_tokens() + _shapes(p.w)[:10]
+    expect = Expectation(audience=AUDIENCE, tenant=tenant)
+    await p.learn(tokens, Expectation(audience=AUDIENCE, tenant="acme"))
+    for _ in range(2):  # the second time from the signature cache
+        decided, total = await p.compare(tokens, expect)
+    if tenant == "acme":
+        assert decided >= 8
+
+
+async def test_foreign_trust_changes_take_effect() -> None:
+    from dataclasses import replace
+
+    from fedtoken.core.model import foreign_ref
+    from tests.unit.test_federation_engine import ISS_F, fkey, kid
+
+    p, trusted = _foreign_pair()
+    tokens = _foreign_tokens()
+    expect = Expectation(audience=AUDIENCE, tenant="acme")
+    await p.learn(tokens, expect)
+    await p.compare(tokens, expect)
+    trusted.audiences = frozenset({"only-this"})
+    await p.compare(tokens, expect)
+    trusted.audiences = frozenset()
+    p.view.add(RevocationEntry("acme", "key", foreign_ref(ISS_F, kid("f1")), NOW + 3600))
+    await p.compare(tokens, expect)
+    trusted.keys = {kid("f1"): replace(fkey("f2"), kid=kid("f1"))}
+    await p.compare(tokens, expect)
+    trusted.tenants = frozenset()
+    await p.compare(tokens, expect)

@@ -304,6 +304,9 @@ typedef struct {
     Py_ssize_t tenant_len;
     PyObject *tenant_str;         /* borrowed: for the subject lookup */
     PyObject *audit_kid;          /* borrowed */
+    const unsigned char *ref;     /* a foreign issuer's revocation prefix ("iss\x1f"), or "" */
+    Py_ssize_t ref_len;
+    int foreign;                  /* Verdict.foreign */
 } Plan;
 
 #define MAX_ITEM_LEN 1024 /* audit.rows.MAX_ITEM_CHARS: longer strings go to Python */
@@ -324,6 +327,7 @@ jti_revoked(const JtiTable *jt, EVP_MD_CTX *md, const Plan *plan, const Member *
     }
     if (EVP_DigestInit_ex(md, sha256_md, NULL) <= 0 ||
         EVP_DigestUpdate(md, plan->tenant, (size_t)plan->tenant_len) <= 0 ||
+        EVP_DigestUpdate(md, plan->ref, (size_t)plan->ref_len) <= 0 ||
         EVP_DigestUpdate(md, jti->s, (size_t)jti->len) <= 0 ||
         EVP_DigestFinal_ex(md, d, &dlen) <= 0 || dlen != 32) {
         ERR_clear_error();
@@ -419,7 +423,7 @@ verdict_message(const Decision *d, const Plan *plan, const int *reason_pb,
     size_t size = (valid ? 2 : 0) + 1 + varint_len((uint64_t)reason_pb[d->reason]) +
                   (size_t)plan->fields_len + bytes_field_len(sub_len) +
                   bytes_field_len(jti_len) + (expires ? 1 + varint_len((uint64_t)expires) : 0) +
-                  bytes_field_len(claims_len);
+                  bytes_field_len(claims_len) + (plan->foreign ? 2 : 0);
     if (out == NULL) {
         return size;
     }
@@ -439,6 +443,10 @@ verdict_message(const Decision *d, const Plan *plan, const int *reason_pb,
         p = put_varint(p, (uint64_t)expires);
     }
     p = put_bytes(p, 9, payload, claims_len);
+    if (plan->foreign) {
+        *p++ = 10 << 3;
+        *p++ = 1;
+    }
     return (size_t)(p - out);
 }
 
@@ -496,7 +504,16 @@ static int
 subject_revoked(PyObject *subjects, const Plan *plan, const Claims *cl)
 {
     const Member *sub = &cl->m[M_SUB];
-    PyObject *s = ascii_str(sub->s, sub->len);
+    /* The subject as the view keys it: a foreign issuer's is "iss\x1fsub". */
+    unsigned char *buf = PyMem_Malloc((size_t)(plan->ref_len + sub->len) + 1);
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(buf, plan->ref, (size_t)plan->ref_len);
+    memcpy(buf + plan->ref_len, sub->s, (size_t)sub->len);
+    PyObject *s = PyUnicode_DecodeUTF8((const char *)buf, plan->ref_len + sub->len, "strict");
+    PyMem_Free(buf);
     if (s == NULL) {
         return -1;
     }
@@ -535,14 +552,15 @@ parse_plans(PyObject *plan_seq, const KeyTable *t, Plan *plans)
         if (p == Py_None) {
             continue;
         }
-        if (!PyTuple_Check(p) || PyTuple_GET_SIZE(p) != 5 ||
+        if (!PyTuple_Check(p) || PyTuple_GET_SIZE(p) != 7 ||
             !PyBytes_Check(PyTuple_GET_ITEM(p, 0)) || !PyBytes_Check(PyTuple_GET_ITEM(p, 1)) ||
             !PyBytes_Check(PyTuple_GET_ITEM(p, 2)) ||
             !PyUnicode_CheckExact(PyTuple_GET_ITEM(p, 3)) ||
-            !PyUnicode_CheckExact(PyTuple_GET_ITEM(p, 4))) {
+            !PyUnicode_CheckExact(PyTuple_GET_ITEM(p, 4)) ||
+            !PyBytes_Check(PyTuple_GET_ITEM(p, 5)) || !PyBool_Check(PyTuple_GET_ITEM(p, 6))) {
             PyErr_SetString(PyExc_TypeError,
                             "a slot plan is (iss: bytes, fields: bytes, digest_prefix: bytes, "
-                            "tenant: str, audit_kid: str) or None");
+                            "tenant: str, audit_kid: str, ref: bytes, foreign: bool) or None");
             return -1;
         }
         Plan *pl = &plans[k];
@@ -555,6 +573,9 @@ parse_plans(PyObject *plan_seq, const KeyTable *t, Plan *plans)
         pl->tenant_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(p, 2));
         pl->tenant_str = PyTuple_GET_ITEM(p, 3);
         pl->audit_kid = PyTuple_GET_ITEM(p, 4);
+        pl->ref = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(p, 5));
+        pl->ref_len = PyBytes_GET_SIZE(PyTuple_GET_ITEM(p, 5));
+        pl->foreign = PyTuple_GET_ITEM(p, 6) == Py_True;
     }
     return 0;
 }
@@ -638,7 +659,8 @@ PyDoc_STRVAR(pipeline_doc,
 "pipeline(tokens, start, stop, plan, audience, now, leeway, jtis, subjects,\n"
 "         reasons, request_id, at, cache) -> (out, rest, cuts, audit)\n\n"
 "Decide tokens[start:stop] end to end (see pipeline.h). plan: one item per\n"
-"slot, None or (iss, fields, digest_prefix, tenant, audit_kid). audience:\n"
+"slot, None or (iss, fields, digest_prefix, tenant, audit_kid, ref, foreign).\n"
+"audience:\n"
 "bytes, or None for no comparison. jtis: the view's digest array ('Q', a\n"
 "power of two long) or None. subjects: the view's subject dict or None.\n"
 "reasons: RS_COUNT (pb_value, name) pairs. out: the VerifyBatchResponse\n"

@@ -30,7 +30,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fedtoken.core.claims import check_claims
 from fedtoken.core.jose import loads_strict
-from fedtoken.core.model import MAX_RSA_BITS, Expectation, Reason, Verdict, WireBatch
+from fedtoken.core.model import (
+    FOREIGN_SEPARATOR,
+    MAX_RSA_BITS,
+    Expectation,
+    Reason,
+    Verdict,
+    WireBatch,
+)
 from fedtoken.core.ports import VerificationKey
 from fedtoken.verifier._shared import MALFORMED, PARSE_ERRORS, log, log_unexpected
 
@@ -259,23 +266,27 @@ class NativePath:
         no slot may be decided natively.
 
         A slot is planned only when the resolver, for the slot key's own
-        issuer under this expectation, selects that very key (a local RS256
-        key), the caller may see its tenant's verdicts, and the key is not
-        revoked: then, for a token whose iss is that issuer, everything the
-        Python path would check before the claims is already known. Any
-        other slot's tokens take the Python path.
+        issuer under this expectation, selects that very RS256 key (ours, or
+        a trusted issuer's for the tenant the caller names), the caller may
+        see that tenant's verdicts, and the key is not revoked: then, for a
+        token whose iss is that issuer, everything the Python path would
+        check before the claims is already known. Any other slot's tokens
+        take the Python path.
         """
         plans: list[Any] = []
         any_on = False
         for alg, kid, key in slots:
             plan = None
-            if alg == _ALG and not key.foreign and key.issuer:
+            if alg == _ALG and key.issuer:
                 resolved = self._resolve({"iss": key.issuer}, alg, kid, expect)
                 if type(resolved) is not Verdict:
                     rkey, tenant, iss = resolved  # type: ignore[misc]
-                    if (rkey is key and iss == key.issuer
+                    # A trusted foreign issuer's revocations are kept under
+                    # "iss<US>value" in the trusting tenant (core.model.foreign_ref).
+                    ref = f"{iss}{FOREIGN_SEPARATOR}" if key.foreign else ""
+                    if (rkey is key and iss == key.issuer and tenant
                             and (allowed is None or tenant in allowed)
-                            and key.kid not in revoked_keys
+                            and f"{ref}{key.kid}" not in revoked_keys
                             and key.kid.isascii() and key.kid.isprintable()
                             and len(key.kid) <= _MAX_AUDIT_KID):
                         plan = (
@@ -284,6 +295,8 @@ class NativePath:
                             digest_prefix(tenant),
                             tenant,
                             key.kid,
+                            ref.encode("utf-8", "surrogatepass"),
+                            key.foreign,
                         )
                         any_on = True
             plans.append(plan)
