@@ -71,6 +71,20 @@ class Settings:
     http_keepalive_seconds: float = 30.0
     # HTTP bridge: connections one process holds at once; more get 503.
     http_max_connections: int = 1024
+    # Operations listener (plain HTTP, keep it private: /metrics for
+    # Prometheus, /healthz for probes); a negative port disables it. Workers
+    # share it through SO_REUSEPORT, and /metrics sums every worker.
+    ops_host: str = "127.0.0.1"
+    ops_port: int = 9464
+    # Directory of the Prometheus multiprocess files the workers write (wiped
+    # at start). Empty: state_dir/metrics.
+    metrics_dir: str = ""
+    # gRPC server reflection, so grpcurl and similar tools can list and call
+    # the services.
+    grpc_reflection: bool = True
+    # Log lines: "json" (one object per line), "text", or "auto" (text on a
+    # terminal, JSON otherwise).
+    log_format: str = "auto"
     # Base URL the HTTP bridge is reachable at; the default tenant's issuer
     # is this URL, tenant T's is <public_url>/t/<T>. Empty: derived from http.
     public_url: str = ""
@@ -312,6 +326,8 @@ def _validate(s: Settings) -> None:
             raise InvalidRequest("bootstrap_admins: each entry must be a SPIFFE ID "
                                  "(spiffe://trust-domain/path)")
     check_key_size(s.key_size)
+    if s.log_format not in ("auto", "text", "json"):
+        raise InvalidRequest("log_format must be auto, text or json")
     if not 1 <= s.max_batch <= 100_000:
         raise InvalidRequest("max_batch must be between 1 and 100000")
     if not 1024 <= s.max_token_bytes <= 65536:
