@@ -67,6 +67,7 @@ from fedtoken.federation.freshness import (
     freshness_lifetime,
     refresh_delay,
 )
+from fedtoken.ops import metrics
 
 if TYPE_CHECKING:
     from fedtoken.core.ports import TrustedKeys
@@ -723,6 +724,7 @@ class RemoteJwksCache:
         )
         self._publish(state)
         log.debug("issuer %r: %s (%s)", issuer, outcome.value, trigger)
+        metrics.observe_jwks_fetch(issuer, outcome.value)
         self._report(issuer, outcome, detail)
         self._save(state, StoredKeySet(issuer=issuer, jwks_uri=keyset.jwks_uri,
                                        body=keyset.body, etag=keyset.etag,
@@ -783,6 +785,7 @@ class RemoteJwksCache:
             )
         log.warning("issuer %r: JWKS fetch %s (%s): %s; keeping the last good set",
                     issuer, outcome.value, trigger, detail)
+        metrics.observe_jwks_fetch(issuer, outcome.value)
         self._report(issuer, outcome, detail)
         keyset = state.keyset
         if keyset is None:

@@ -27,6 +27,7 @@ import functools
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from fedtoken.core.jwk import rsa_public_jwk, rsa_thumbprint
 from fedtoken.core.policy import check_key_size
 from fedtoken.core.ports import GeneratedKey, HsmKeyAttributes
 from fedtoken.hsm.session import PKCS11_LOCK, TokenChannel, channel_for
+from fedtoken.ops import metrics
 
 if TYPE_CHECKING:
     from fedtoken.core.ports import CheckpointSigner, Signer
@@ -322,9 +324,19 @@ class Pkcs11Hsm:
 
         def sign(channel: TokenChannel) -> list[bytes]:
             key = channel.private_key(hsm_label, kid)
-            return [bytes(key.sign(data, mechanism=_RS256)) for data in inputs]
+            out = []
+            for data in inputs:
+                # Timed per C_Sign: the batch is one lock turn, not one call.
+                started = time.perf_counter()
+                out.append(bytes(key.sign(data, mechanism=_RS256)))
+                metrics.observe_hsm_sign(time.perf_counter() - started)
+            return out
 
-        return self._call("sign", sign)
+        try:
+            return self._call("sign", sign)
+        except Exception:
+            metrics.observe_hsm_error()
+            raise
 
     def public_jwk(self, hsm_label: str) -> dict[str, Any]:
         """The public JWK of a key pair, read back from the token."""

@@ -57,6 +57,7 @@ from fedtoken.core.ports import (
     Verifier,
     utc,
 )
+from fedtoken.ops import metrics
 from fedtoken.service.catalog import Catalog
 from fedtoken.service.keyadmin import KeyAdmin
 from fedtoken.service.types import Introspection, Issued, IssueParams, Revoked, RevokeParams
@@ -270,6 +271,7 @@ class Tokens:
             details={"aud": m.audience, "exp": m.now + m.lifetime, **m.audit_details,
                      **ctx.untrusted},
         ))
+        metrics.observe_issued(m.tenant.id)
         return Issued(m.token, m.jti, m.kid, m.tenant.id, m.tenant.issuer, m.now,
                       m.now + m.lifetime)
 

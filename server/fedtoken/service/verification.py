@@ -19,6 +19,7 @@ from fedtoken.core.errors import ErrorReason, InvalidRequest
 from fedtoken.core.model import Expectation, Reason, Verdict, WireBatch
 from fedtoken.core.policy import MAX_AUDIENCE, MAX_ISSUER_URL, check_text
 from fedtoken.core.ports import AuditSink, Authorizer, CallContext, TrustedKeys, Verifier
+from fedtoken.ops import metrics
 from fedtoken.service.catalog import Catalog
 from fedtoken.service.tokens import require_token
 from fedtoken.service.types import KeySet
@@ -104,6 +105,7 @@ class Verification:
             verdict = _scoped(verdict, allowed)
         await self._audit.record_verifications(expect.tenant, ctx.actor, ctx.request_id,
                                                (verdict,))
+        metrics.observe_verdicts((verdict,))
         return verdict
 
     async def verify_batch(self, tokens: Sequence[str], expect: Expectation,
@@ -151,6 +153,9 @@ class Verification:
         await self._audit.record_entries(ctx.actor, wire.audit)
         await self._audit.record_verifications(expect.tenant, ctx.actor, request_id,
                                                wire.verdicts)
+        # Per batch: one Counter over each tenant group's reason column.
+        metrics.observe_wire_audit(wire.audit)
+        metrics.observe_verdicts(wire.verdicts)
         return wire
 
     async def _verify_batch(self, tokens: Sequence[str], expect: Expectation,
@@ -161,6 +166,7 @@ class Verification:
             verdicts = [_scoped(v, allowed) for v in verdicts]
         await self._audit.record_verifications(expect.tenant, ctx.actor, ctx.request_id,
                                                verdicts)
+        metrics.observe_verdicts(verdicts)
         return verdicts
 
 
