@@ -3,7 +3,8 @@
 It wires settings, Postgres (pool, repositories, migrations), the HSM
 signer, the audit writer, the key table and revocation view, the two
 verification engines, the event feed, the service layer, the gRPC server
-with its interceptors and the HTTP bridge. ``serve``, the tests and the
+with its interceptors, health and reflection, the HTTP bridge and the
+operations listener (/healthz, /metrics). ``serve``, the tests and the
 benchmarks all start fedtoken through ``start_app``, so what is tested is
 what runs.
 """
@@ -36,7 +37,9 @@ from fedtoken.federation import CacheSettings, RemoteJwksCache
 from fedtoken.hsm import HsmConfig, Pkcs11Hsm
 from fedtoken.hsm.devtoken import ensure_dev_token, find_softhsm_module
 from fedtoken.http import combine, create_ops_app, create_public_app, start_site
+from fedtoken.ops import metrics
 from fedtoken.revocation import InMemoryRevocationView
+from fedtoken.rpc.health import HealthMonitor, enable_reflection, http_health
 from fedtoken.rpc.interceptors import Boundary
 from fedtoken.rpc.servicers import KeyAdminServicer, TokenServicer, add_token_service
 from fedtoken.service import Catalog, Jobs, KeyAdmin, TenantDefaults, Tokens, Verification
@@ -102,7 +105,11 @@ class App:
     revocations: InMemoryRevocationView
     grpc_port: int
     http_port: int = 0
+    # The operations listener's port (0: not listening).
+    ops_port: int = 0
     dsn: str = ""
+    # grpc.health.v1 statuses and the task that keeps them true.
+    health: HealthMonitor | None = None
     # The remote JWKS cache of the trusted issuers (a KeyResolver half for
     # the verification engine).
     trusted_keys: TrustedKeys = field(default_factory=NullTrustedKeys)
@@ -113,7 +120,11 @@ class App:
         return f"{self.settings.grpc_host}:{self.grpc_port}"
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Graceful stop: refuse new calls, let running ones finish, release all."""
+        """Graceful stop: health NOT_SERVING first (load balancers and Watch
+        streams see it), then refuse new calls, let running ones finish,
+        release all."""
+        if self.health is not None:
+            await self.health.shutdown()
         await self.server.stop(grace)
         await _close_all(self._closers)
 
@@ -354,8 +365,10 @@ async def start_app(
     bootstrap: bool = True,
     worker: int = 0,
     reuse_http_port: bool = False,
+    ops: bool = True,
 ) -> App:
-    """Start one fedtoken process: gRPC server (and HTTP bridge) ready to serve."""
+    """Start one fedtoken process: gRPC server (and HTTP bridge, and the
+    operations listener unless ``ops`` is false) ready to serve."""
     closers: list[Closer] = []
     try:
         if dsn is None:
@@ -511,6 +524,13 @@ async def start_app(
                           server)
         boundary.register(key_admin_pb2_grpc.add_KeyAdminServicer_to_server,
                           KeyAdminServicer(keys, callers, trust, compliance), server)
+        # Health and reflection: on the same (mTLS) listener, but not through
+        # the boundary, since probes and grpcurl hold no caller role.
+        monitor = HealthMonitor(hsm=hsm, pool=pool, revocations=revocations)
+        monitor.register(server)
+        if settings.grpc_reflection:
+            enable_reflection(server)
+        await monitor.check()  # true statuses from the first call on
         address = f"{settings.grpc_host}:{settings.grpc_port}"
         port = (server.add_insecure_port(address) if transport.tls is None
                 else server.add_secure_port(address, server_credentials(transport.tls)))
@@ -518,14 +538,21 @@ async def start_app(
             raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
         await server.start()
         closers.append(lambda: server.stop(0))  # a failed start; App.stop is graceful
+        monitor.start()
+        closers.append(monitor.close)
         app = App(settings, services, server, hsm, store, audit, revocations, port, dsn=dsn,
-                  trusted_keys=trusted_keys, _closers=closers)
+                  trusted_keys=trusted_keys, health=monitor, _closers=closers)
+        closers.append(_cancel_and_wait(metrics.start_sampler(app)))
+        health = http_health(monitor, lambda: {"audit": audit.mode.value})
+        if ops and settings.ops_port >= 0:
+            # Every worker binds the same port (SO_REUSEPORT); /metrics sums
+            # them all, so any one of them may answer a scrape.
+            ops_runner, app.ops_port = await start_site(
+                create_ops_app(health, metrics.render), settings.ops_host, settings.ops_port,
+                reuse_port=settings.ops_port != 0)
+            closers.append(ops_runner.cleanup)
         if http and settings.http_port >= 0:
-
-            async def health() -> tuple[bool, dict[str, object]]:
-                return True, {"revocations_fresh": revocations.is_fresh,
-                              "audit": audit.mode.value}
-
+            # /healthz stays on the bridge as an alias; /metrics does not.
             web_app = combine(create_public_app(_PublicApi(catalog, tokens, exchange), settings,
                                                 identity_of=spiffe_id_of_der,
                                                 compliance_report=compliance.report),

@@ -8,6 +8,7 @@ the environment name is ``FEDTOKEN_`` + the upper-case field name.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -197,6 +198,19 @@ class Settings:
         return f"{scheme}://{self.http_host}:{self.http_port}"
 
     @property
+    def metrics_path(self) -> Path:
+        """The Prometheus multiprocess directory: metrics_dir, else state_dir/metrics."""
+        if self.metrics_dir:
+            return Path(self.metrics_dir)
+        return self.state_dir.resolve() / "metrics"
+
+    @property
+    def log_level_number(self) -> int:
+        """log_level as a logging level (an unknown name is INFO)."""
+        level = logging.getLevelNamesMapping().get(self.log_level.strip().upper())
+        return logging.INFO if level is None else level
+
+    @property
     def bootstrap_identities(self) -> list[str]:
         return [s.strip() for s in self.bootstrap_admins.split(",") if s.strip()]
 
@@ -328,6 +342,8 @@ def _validate(s: Settings) -> None:
     check_key_size(s.key_size)
     if s.log_format not in ("auto", "text", "json"):
         raise InvalidRequest("log_format must be auto, text or json")
+    if s.log_level.strip().upper() not in logging.getLevelNamesMapping():
+        raise InvalidRequest("log_level must be a level name: DEBUG, INFO, WARNING or ERROR")
     if not 1 <= s.max_batch <= 100_000:
         raise InvalidRequest("max_batch must be between 1 and 100000")
     if not 1024 <= s.max_token_bytes <= 65536:

@@ -9,6 +9,9 @@ ports (SO_REUSEPORT, the kernel spreads connections; each worker's bridge
 reads its own in-process catalog); this process supervises the workers
 (started one after the other, each confirmed listening; one that dies is
 restarted).
+Metrics: this process points every worker at one Prometheus multiprocess
+directory (``metrics.prepare``) before any starts, and marks a worker's
+files dead when it exits; any worker's /metrics sums them all.
 Several processes are how the Python part of verification scales: the GIL
 allows one thread of Python per process.
 """
@@ -24,14 +27,18 @@ import os
 import signal
 import time
 
+from fedtoken import logs
 from fedtoken.app import App, prepare_database, prepare_hsm, start_app
 from fedtoken.config import Settings, replace
+from fedtoken.ops import metrics
 from fedtoken.verifier.native import rsa_path
 
 log = logging.getLogger("fedtoken")
 
 
 def run(settings: Settings) -> int:
+    logs.configure(settings.log_format, settings.log_level_number)
+    metrics.prepare(str(settings.metrics_path))
     workers = settings.workers or os.cpu_count() or 1
     if settings.workers == 0 and settings.grpc_port == 0:
         # One per core was asked for implicitly, but workers can only share a
@@ -68,14 +75,16 @@ def _announce(app: App) -> None:
     if app.http_port:
         log.info("HTTP bridge on http://%s:%d (JWKS: %s/.well-known/jwks.json)",
                  s.http_host, app.http_port, s.http_public_url)
+    if app.ops_port:
+        log.info("operations listener on http://%s:%d (/healthz, /metrics)",
+                 s.ops_host, app.ops_port)
 
 
 def _worker_main(settings: Settings, dsn: str, index: int,
                  ready: multiprocessing.synchronize.Event) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s[w{index}:%(process)d]: %(message)s",
-    )
+    # A spawned process: nothing configured yet; PROMETHEUS_MULTIPROC_DIR
+    # came with the environment the supervisor prepared.
+    logs.configure(settings.log_format, settings.log_level_number, worker=f"w{index}")
 
     async def main() -> None:
         app = await start_app(settings, dsn=dsn, bootstrap=False, worker=index,
@@ -120,6 +129,7 @@ class _Workers:
             if ready.is_set():
                 return
             _terminate(proc)
+            _exited(proc)
             log.error("worker %d did not start (attempt %d of %d, exit code %s)",
                       index, attempt, START_ATTEMPTS, proc.exitcode)
         raise SystemExit(f"worker {index} could not start; see the log above")
@@ -136,6 +146,7 @@ class _Workers:
                 if proc is not None and not proc.is_alive() and not self.stopping:
                     log.error("worker %d (pid %s) exited with code %s; restarting it",
                               i, proc.pid, proc.exitcode)
+                    _exited(proc)
                     await asyncio.to_thread(self.start, i)
 
     def stop(self) -> None:
@@ -150,6 +161,13 @@ class _Workers:
                 if proc.is_alive():
                     proc.kill()
                     proc.join(5)
+                _exited(proc)
+
+
+def _exited(proc: multiprocessing.context.SpawnProcess) -> None:
+    """Its live gauges leave /metrics (its counters still count)."""
+    if proc.pid is not None and not proc.is_alive():
+        metrics.mark_worker_dead(proc.pid)
 
 
 def _terminate(proc: multiprocessing.context.SpawnProcess) -> None:
@@ -162,21 +180,25 @@ def _terminate(proc: multiprocessing.context.SpawnProcess) -> None:
 
 
 def _serve_many(settings: Settings, workers: int) -> int:
-    if settings.grpc_port == 0 or settings.http_port == 0:
-        raise SystemExit("several workers need a fixed --grpc-port and --http-port to share "
-                         "(or --http-port -1 to disable the HTTP bridge)")
+    if settings.grpc_port == 0 or settings.http_port == 0 or settings.ops_port == 0:
+        raise SystemExit("several workers need a fixed --grpc-port, --http-port and ops_port "
+                         "to share (or a negative http_port / ops_port to disable the HTTP "
+                         "bridge / the operations listener)")
     dsn, pg = prepare_database(settings)
     prepare_hsm(settings)  # creates the dev token once, before workers race for it
 
     async def bootstrap() -> None:
-        app = await start_app(replace(settings, grpc_port=0), dsn=dsn, http=False)
+        app = await start_app(replace(settings, grpc_port=0), dsn=dsn, http=False, ops=False)
         await app.stop(0)
+        metrics.mark_worker_dead(os.getpid())  # its gauges are not a worker's
 
     asyncio.run(bootstrap())
     pool = _Workers(settings, dsn, workers)
 
     async def supervise() -> None:
         bridge = f", HTTP bridge on {settings.http_public_url}" if settings.http_port > 0 else ""
+        if settings.ops_port > 0:
+            bridge += f", operations on http://{settings.ops_host}:{settings.ops_port}"
         log.info("fedtoken: %d workers on gRPC %s:%d%s", workers, settings.grpc_host,
                  settings.grpc_port, bridge)
         supervisor = asyncio.create_task(pool.supervise())

@@ -1,5 +1,5 @@
 """HTTP: the public app (JWKS, discovery, introspection), the ops app
-(health), and the small helpers the composition root uses to serve them."""
+(health, metrics), and the small helpers the composition root uses to serve them."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import ssl
 from aiohttp import web
 
 from fedtoken.http.guard import LIMITS_KEY, GuardedSite, HttpLimits, boundary
-from fedtoken.http.ops import HealthCheck, create_ops_app
+from fedtoken.http.ops import HealthCheck, MetricsRender, create_ops_app
 from fedtoken.http.public import PublicApi, create_public_app
 
-__all__ = ["HealthCheck", "HttpLimits", "PublicApi", "combine", "create_ops_app",
-           "create_public_app", "start_site"]
+__all__ = ["HealthCheck", "HttpLimits", "MetricsRender", "PublicApi", "combine",
+           "create_ops_app", "create_public_app", "start_site"]
 
 
 async def start_site(app: web.Application, host: str, port: int, *,

@@ -1,25 +1,30 @@
-"""The operations HTTP app: GET /healthz (metrics will join it here).
+"""The operations HTTP app: GET /healthz and GET /metrics.
 
-Meant for a listener of its own, away from the public one; until that
-exists the composition root mounts it on the public app (``combine``).
+Served on a listener of its own (settings ``ops_host``, ``ops_port``; plain
+HTTP, keep it private), every worker binding the same port. The public
+bridge keeps ``/healthz`` as an alias (``combine`` with an ops app made
+without ``metrics``), never ``/metrics``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-__all__ = ["HealthCheck", "create_ops_app"]
+__all__ = ["HealthCheck", "MetricsRender", "create_ops_app"]
 
 log = logging.getLogger(__name__)
 
 # Returns (healthy, details); the details are merged into the response body.
 HealthCheck = Callable[[], Awaitable[tuple[bool, dict[str, object]]]]
+# Returns (body, content type) of the Prometheus text exposition.
+MetricsRender = Callable[[], tuple[bytes, str]]
 
 
-def create_ops_app(health: HealthCheck) -> web.Application:
+def create_ops_app(health: HealthCheck, metrics: MetricsRender | None = None) -> web.Application:
     async def healthz(_request: web.Request) -> web.Response:
         try:
             healthy, details = await health()
@@ -33,5 +38,16 @@ def create_ops_app(health: HealthCheck) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
-    # Metrics: app.router.add_get("/metrics", ...) goes here.
+    if metrics is not None:
+        render = metrics
+
+        async def scrape(_request: web.Request) -> web.Response:
+            # Off the loop: the multiprocess collector reads every worker's files.
+            body, content_type = await asyncio.to_thread(render)
+            # aiohttp's content_type argument refuses parameters (charset):
+            # the header is given whole.
+            return web.Response(body=body, headers={"Content-Type": content_type,
+                                                    "Cache-Control": "no-store"})
+
+        app.router.add_get("/metrics", scrape)
     return app
