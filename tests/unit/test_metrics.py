@@ -265,3 +265,14 @@ async def test_start_sampler_runs_until_cancelled(tmp_path: Path, fresh: None) -
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_operations_doc_lists_every_metric() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    section = doc[doc.index("## Metrics"):]
+    section = section[:section.index("\n## ", 1)]
+    for name, spec in metrics.METRICS.items():
+        sample = name + ("_total" if spec.kind == "counter" else "")
+        assert f"| `{sample}` | {spec.kind}" in section, name
+        if spec.kind == "gauge":
+            assert f"{spec.kind}, `{spec.mode}`" in section.split(f"`{sample}`")[1][:40], name
