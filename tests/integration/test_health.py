@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -34,7 +35,7 @@ from fedtoken.rpc.health import KEY_ADMIN, OVERALL, TOKEN_SERVICE, Conditions, H
 from fedtoken.store import create_pool
 from fedtoken.store.embedded import EmbeddedPostgres
 from tests._pg_fixture import create_database
-from tests.integration._faults import PgControl
+from tests.integration._faults import FaultServe, PgControl
 from tests.support import ServerThread, free_port, make_settings
 
 pytestmark = pytest.mark.integration
@@ -161,3 +162,32 @@ def test_an_unusable_hsm_is_not_serving_for_the_overall_status_and_key_admin(env
     found, seen = env.srv.run(probe())
     assert found == Conditions(hsm=False, postgres=True, revocations_fresh=True)
     assert seen == {OVERALL: NOT_SERVING, TOKEN_SERVICE: SERVING, KEY_ADMIN: NOT_SERVING}
+
+
+# -- `fedtoken serve --workers 2`: every worker on the operations port ---------------------
+
+
+def test_serve_workers_share_the_operations_port(tmp_path: Path, pg_dsn: str) -> None:
+    ops_port = free_port()
+    serve = FaultServe(tmp_path, create_database(pg_dsn, f"health_w_{uuid.uuid4().hex[:8]}"),
+                       workers=2, extra_env={"FEDTOKEN_OPS_PORT": str(ops_port),
+                                             "FEDTOKEN_LOG_FORMAT": "text"})
+    try:
+        serve.start(timeout=120)
+        workers = serve.listening_workers()
+        assert len(workers) == 2, serve.log_tail()
+        on_ops = {pid for pid, proc in workers.items()
+                  if any(c.status == psutil.CONN_LISTEN and c.laddr.port == ops_port
+                         for c in proc.net_connections(kind="tcp"))}
+        assert on_ops == set(workers), serve.log_tail()
+        base = f"http://127.0.0.1:{ops_port}"
+        eventually(lambda: healthz(base)[0], lambda code: code == 200, "/healthz 200")
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain")
+        with serve.channel() as channel:
+            eventually(lambda: statuses(channel), all_are("SERVING"), "SERVING")
+    except BaseException:
+        serve.stop()
+        raise
+    assert serve.stop() == 0, serve.log_tail()  # SIGTERM: a clean exit
