@@ -526,7 +526,8 @@ async def start_app(
                           KeyAdminServicer(keys, callers, trust, compliance), server)
         # Health and reflection: on the same (mTLS) listener, but not through
         # the boundary, since probes and grpcurl hold no caller role.
-        monitor = HealthMonitor(hsm=hsm, pool=pool, revocations=revocations)
+        monitor = HealthMonitor(hsm=hsm, pool=pool, revocations=revocations,
+                                db_timeout=settings.db_request_timeout_seconds)
         monitor.register(server)
         if settings.grpc_reflection:
             enable_reflection(server)

@@ -1,16 +1,19 @@
 """gRPC health (``grpc.health.v1``) wired to the conditions that fail closed.
 
-One ``HealthMonitor`` per process. Every ``interval`` seconds it probes,
-each probe bounded by ``timeout``:
+One ``HealthMonitor`` per process. Every ``interval`` seconds it probes
+(each probe bounded):
 
 - the HSM: one object search on this process's logged-in session
   (``Pkcs11Hsm.key_attributes`` of a label no key carries), through the
   HSM's own serialising worker thread, so python-pkcs11 is never entered
   from two threads at once. While the session module has marked the token
-  down, the call fails at once. A probe still running from an earlier
-  round (a hung HSM) counts as a failure and no second one is queued
-  behind it.
-- Postgres: ``SELECT 1`` on a connection of the process's pool.
+  down, the call fails at once. The probe waits in that thread's queue
+  behind signing batches, so a slow answer keeps the last verdict; one
+  pending for ``hsm_stuck_after`` seconds (a hung HSM) is a failure, and no
+  second probe is queued behind it.
+- Postgres: ``SELECT 1`` on a connection of the process's pool, within
+  ``db_timeout`` (the bound of a request-path operation: when the probe
+  cannot get an answer in it, requests cannot either).
 - the revocation view: ``is_fresh`` (confirmed current within its
   staleness bound; past it every verdict is REVOCATION_UNAVAILABLE).
 
@@ -44,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -109,11 +113,14 @@ class HealthMonitor:
     services = (OVERALL, TOKEN_SERVICE, KEY_ADMIN)
 
     def __init__(self, *, hsm: _Hsm, pool: asyncpg.Pool, revocations: _Fresh,
-                 interval: float = 1.0, timeout: float = 1.0) -> None:
+                 interval: float = 1.0, timeout: float = 1.0, db_timeout: float = 2.0,
+                 hsm_stuck_after: float = 5.0) -> None:
         self.servicer = health.aio.HealthServicer()
         self._hsm, self._pool, self._revocations = hsm, pool, revocations
-        self._interval, self._timeout = interval, timeout
+        self._interval, self._timeout, self._db_timeout = interval, timeout, db_timeout
+        self._hsm_stuck_after = hsm_stuck_after
         self._hsm_probe: asyncio.Future[Any] | None = None
+        self._hsm_probe_since = 0.0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.conditions = Conditions(hsm=False, postgres=False, revocations_fresh=False)
@@ -179,18 +186,20 @@ class HealthMonitor:
             # worker thread would run it anyway), it is waited for next round.
             probe = self._hsm_probe = asyncio.ensure_future(
                 self._hsm.key_attributes(_PROBE_LABEL))
+            self._hsm_probe_since = time.monotonic()
         done, _ = await asyncio.wait({probe}, timeout=self._timeout)
         if not done:
-            return False
+            pending = time.monotonic() - self._hsm_probe_since
+            return self.conditions.hsm and pending < self._hsm_stuck_after
         return _passed(probe)
 
     async def _probe_postgres(self) -> bool:
         async def select_one() -> object:
-            async with self._pool.acquire(timeout=self._timeout) as conn:
-                return await conn.fetchval("SELECT 1", timeout=self._timeout)
+            async with self._pool.acquire(timeout=self._db_timeout) as conn:
+                return await conn.fetchval("SELECT 1", timeout=self._db_timeout)
 
         try:
-            return await asyncio.wait_for(select_one(), self._timeout) == 1
+            return await asyncio.wait_for(select_one(), self._db_timeout) == 1
         except Exception:  # noqa: BLE001 - any failure means unreachable
             return False
 
