@@ -66,6 +66,7 @@ __all__ = [
     "METRICS",
     "exported_names",
     "mark_worker_dead",
+    "note_rsa_path",
     "observe_hsm_error",
     "observe_hsm_sign",
     "observe_issued",
@@ -394,6 +395,18 @@ def observe_jwks_fetch(issuer: str, outcome: str) -> None:
     m.child("fedtoken_jwks_fetches", m.bounded("issuer", issuer), outcome).inc()
 
 
+_rsa_path: str | None = None
+
+
+def note_rsa_path(path: str) -> None:
+    """The RSA implementation this process's verification engine uses
+    ("multibuffer" or "openssl"), set by the engine when it is built; the
+    sampler exports it (the metrics module imports no adapter)."""
+    global _rsa_path
+    if path in RSA_PATHS:
+        _rsa_path = path
+
+
 def mark_worker_dead(pid: int) -> None:
     """Drop a dead worker's live gauges (livesum/liveall/...); its counters
     stay in the sums, so totals never go backwards."""
@@ -414,7 +427,6 @@ class _Sampler:
         self.failing: set[str] = set()
         self.issuers: set[str] = set()
         self.tenants: set[str] = set()
-        self.rsa_path: str | None = None
 
     def run_once(self) -> None:
         for part in (self.revocations, self.audit, self.federation, self.rotation,
@@ -516,15 +528,11 @@ class _Sampler:
         self.tenants = current
 
     def rsa(self) -> None:
-        if self.rsa_path is None:
-            from fedtoken.verifier import multibuffer, native
-
-            path = "multibuffer" if native.NATIVE is not None and multibuffer.available() \
-                else "openssl"
-            log.debug("metrics: RSA path %s (%s)", path, native.rsa_path())
-            self.rsa_path = path
-        for path in RSA_PATHS:
-            self._gauge("fedtoken_rsa_verify_path", path).set(1 if path == self.rsa_path else 0)
+        path = _rsa_path
+        if path is None:
+            return  # no verification engine built in this process yet
+        for name in RSA_PATHS:
+            self._gauge("fedtoken_rsa_verify_path", name).set(1 if name == path else 0)
 
 
 def _dir_bytes(directory: Path) -> int:

@@ -44,6 +44,8 @@ from fedtoken.core.model import (
     foreign_ref,
 )
 from fedtoken.core.ports import Clock, IssuerKeys, KeyResolver, RevocationView, VerificationKey
+from fedtoken.ops import metrics
+from fedtoken.verifier import multibuffer
 from fedtoken.verifier._shared import MALFORMED, PARSE_ERRORS, log_unexpected
 from fedtoken.verifier.native import (
     INVALID,
@@ -195,6 +197,10 @@ class VerificationEngine:
                 resolve=self._resolve,
                 conclude=self._conclude_checked,
             )
+        # For the fedtoken_rsa_verify_path gauge: the native path verifies
+        # batches with crypto_mb when this CPU and build allow it.
+        metrics.note_rsa_path("multibuffer" if self._native is not None
+                              and multibuffer.available() else "openssl")
 
     @property
     def native(self) -> bool:
