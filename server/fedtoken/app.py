@@ -17,7 +17,7 @@ import inspect
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,6 +220,17 @@ class _NoRevocations:
     def check(self, tenant: str, jti: str, subject: str, issued_at: int,
               kid: str) -> None:
         return None
+
+
+def postgres_ping(pool: Any) -> Callable[[float], Awaitable[object]]:
+    """The health monitor's Postgres probe: ``SELECT 1`` on a pool connection,
+    acquiring and answering each within ``timeout``."""
+
+    async def ping(timeout: float) -> object:
+        async with pool.acquire(timeout=timeout) as conn:
+            return await conn.fetchval("SELECT 1", timeout=timeout)
+
+    return ping
 
 
 def prepare_hsm(settings: Settings) -> HsmConfig:
@@ -526,7 +537,7 @@ async def start_app(
                           KeyAdminServicer(keys, callers, trust, compliance), server)
         # Health and reflection: on the same (mTLS) listener, but not through
         # the boundary, since probes and grpcurl hold no caller role.
-        monitor = HealthMonitor(hsm=hsm, pool=pool, revocations=revocations,
+        monitor = HealthMonitor(hsm=hsm, ping_db=postgres_ping(pool), revocations=revocations,
                                 db_timeout=settings.db_request_timeout_seconds)
         monitor.register(server)
         if settings.grpc_reflection:

@@ -30,6 +30,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fedtoken.app import postgres_ping
 from fedtoken.hsm import HsmConfig, Pkcs11Hsm
 from fedtoken.rpc.health import KEY_ADMIN, OVERALL, TOKEN_SERVICE, Conditions, HealthMonitor
 from fedtoken.store import create_pool
@@ -148,7 +149,8 @@ def test_an_unusable_hsm_is_not_serving_for_the_overall_status_and_key_admin(env
         pool = await create_pool(env.dsn, min_size=1, max_size=1)
         hsm = Pkcs11Hsm(missing)
         try:
-            monitor = HealthMonitor(hsm=hsm, pool=pool, revocations=revocations)
+            monitor = HealthMonitor(hsm=hsm, ping_db=postgres_ping(pool),
+                                    revocations=revocations)
             found = await monitor.check()
             servicer = monitor.servicer
             seen = {s: (await servicer.Check(health_pb2.HealthCheckRequest(service=s),

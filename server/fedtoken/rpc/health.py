@@ -11,9 +11,10 @@ One ``HealthMonitor`` per process. Every ``interval`` seconds it probes
   behind signing batches, so a slow answer keeps the last verdict; one
   pending for ``hsm_stuck_after`` seconds (a hung HSM) is a failure, and no
   second probe is queued behind it.
-- Postgres: ``SELECT 1`` on a connection of the process's pool, within
-  ``db_timeout`` (the bound of a request-path operation: when the probe
-  cannot get an answer in it, requests cannot either).
+- Postgres: ``ping_db(db_timeout)``, which the composition root makes a
+  ``SELECT 1`` on a connection of the process's pool; ``db_timeout`` is the
+  bound of a request-path operation (when the probe cannot get an answer in
+  it, requests cannot either).
 - the revocation view: ``is_fresh`` (confirmed current within its
   staleness bound; past it every verdict is REVOCATION_UNAVAILABLE).
 
@@ -52,7 +53,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import asyncpg
 import grpc
 from grpc_health.v1 import (  # type: ignore[import-untyped]
     health,
@@ -112,11 +112,12 @@ class HealthMonitor:
 
     services = (OVERALL, TOKEN_SERVICE, KEY_ADMIN)
 
-    def __init__(self, *, hsm: _Hsm, pool: asyncpg.Pool, revocations: _Fresh,
+    def __init__(self, *, hsm: _Hsm, ping_db: Callable[[float], Awaitable[object]],
+                 revocations: _Fresh,
                  interval: float = 1.0, timeout: float = 1.0, db_timeout: float = 2.0,
                  hsm_stuck_after: float = 5.0) -> None:
         self.servicer = health.aio.HealthServicer()
-        self._hsm, self._pool, self._revocations = hsm, pool, revocations
+        self._hsm, self._ping_db, self._revocations = hsm, ping_db, revocations
         self._interval, self._timeout, self._db_timeout = interval, timeout, db_timeout
         self._hsm_stuck_after = hsm_stuck_after
         self._hsm_probe: asyncio.Future[Any] | None = None
@@ -194,12 +195,8 @@ class HealthMonitor:
         return _passed(probe)
 
     async def _probe_postgres(self) -> bool:
-        async def select_one() -> object:
-            async with self._pool.acquire(timeout=self._db_timeout) as conn:
-                return await conn.fetchval("SELECT 1", timeout=self._db_timeout)
-
         try:
-            return await asyncio.wait_for(select_one(), self._db_timeout) == 1
+            return await asyncio.wait_for(self._ping_db(self._db_timeout), self._db_timeout) == 1
         except Exception:  # noqa: BLE001 - any failure means unreachable
             return False
 
