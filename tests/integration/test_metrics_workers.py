@@ -137,3 +137,5 @@ def test_counters_equal_the_load_sent_through_two_workers(
     paths = by(samples, "fedtoken_rsa_verify_path", "path")
     assert set(paths) == {"multibuffer", "openssl"} and sum(paths.values()) == 1
     assert samples[("fedtoken_revocation_fresh", frozenset())] == 1
+    assert 0 < samples[("fedtoken_rotation_next_step_seconds",
+                        frozenset({("tenant", tenant)}))] < 400 * 86400
