@@ -177,6 +177,9 @@ class HealthMonitor:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(task, 5)
+        if self._hsm_probe is not None:
+            # Its outcome is nobody's now (and no "exception never retrieved").
+            self._hsm_probe.add_done_callback(_passed)
 
     # --- probes -----------------------------------------------------------------
 
