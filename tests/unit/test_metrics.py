@@ -279,3 +279,19 @@ def test_operations_doc_lists_every_metric() -> None:
         assert f"| `{sample}` | {spec.kind}" in section, name
         if spec.kind == "gauge":
             assert f"{spec.kind}, `{spec.mode}`" in section.split(f"`{sample}`")[1][:40], name
+
+
+def test_a_series_that_cannot_be_created_costs_the_sample_not_the_call(
+        fresh: None, caplog: pytest.LogCaptureFixture) -> None:
+    issued = metrics._get().by_name["fedtoken_tokens_issued"]
+
+    def full_disk(*labels: str) -> Any:
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(issued, "labels", full_disk)
+        metrics.observe_issued("acme")
+        metrics.observe_issued("acme")
+    assert len([r for r in caplog.records if "cannot add a series" in r.getMessage()]) == 1
+    metrics.observe_issued("acme")  # the disk has room again: counted from now on
+    assert value(scrape(), "fedtoken_tokens_issued_total", tenant="acme") == 1

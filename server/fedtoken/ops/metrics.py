@@ -227,6 +227,7 @@ class _Metrics:
         # lookup does not (a batch looks up one child per distinct reason).
         self.children: dict[tuple[str, tuple[str, ...]], Any] = {}
         self.seen: dict[str, set[str]] = {label: set() for label in LABEL_LIMITS}
+        self.broken: set[str] = set()
         self.lock = threading.Lock()
 
     def bounded(self, label: str, value: str) -> str:
@@ -243,11 +244,33 @@ class _Metrics:
         key = (name, label_values)
         found = self.children.get(key)
         if found is None:
-            found = self.by_name[name].labels(*label_values)
+            try:
+                found = self.by_name[name].labels(*label_values)
+            except Exception:
+                # A new series grows its worker's file (multiprocess mode):
+                # a full disk must cost the sample, never the call counted.
+                if name not in self.broken:
+                    self.broken.add(name)
+                    log.exception("metrics: cannot add a series to %s; not counted", name)
+                return _NOOP
             self.children[key] = found
         return found
 
 
+class _NoOp:
+    """Stands in for a series that could not be created."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+_NOOP: Final = _NoOp()
 _metrics: _Metrics | None = None
 _build_lock = threading.Lock()
 
@@ -316,7 +339,7 @@ def observe_rpc(method: str, code: str, seconds: float) -> None:
         label = m.bounded("method", method)
         child = m.child("fedtoken_rpc_duration_seconds", label,
                         code if code in STATUS_CODES else "UNKNOWN")
-        if label == method:
+        if label == method and child is not _NOOP:
             m.children[key] = child
     child.observe(seconds)
 
@@ -359,7 +382,7 @@ def _verdict_child(m: _Metrics, reason: str, tenant: str) -> Any:
     if child is None:
         labels = (m.bounded("reason", reason), m.bounded("tenant", tenant))
         child = m.child("fedtoken_verifications", *labels)
-        if labels == (reason, tenant):
+        if labels == (reason, tenant) and child is not _NOOP:
             m.children[key] = child
     return child
 
@@ -372,7 +395,7 @@ def observe_issued(tenant: str, count: int = 1) -> None:
     if child is None:
         label = m.bounded("tenant", tenant)
         child = m.child("fedtoken_tokens_issued", label)
-        if label == tenant:
+        if label == tenant and child is not _NOOP:
             m.children[key] = child
     child.inc(count)
 
