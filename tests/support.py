@@ -98,6 +98,9 @@ def make_settings(state_dir: Path, **overrides: Any) -> Settings:
         "state_dir": state_dir,
         "grpc_port": 0,
         "http_port": free_port(),
+        # Never the shared default 9464: SO_REUSEPORT would let one test
+        # server's ops listener answer for another's.
+        "ops_port": free_port(),
         "hsm_init_dev_token": False,
     }
     base.update(overrides)
@@ -157,6 +160,7 @@ class ServeProcess(_Tls):
     def __init__(self, state: Path, dsn: str, *, name: str = "serve", workers: int = 1) -> None:
         self.name, self.state, self.dsn, self.workers = name, state, dsn, workers
         self.grpc_port, self.http_port = free_port(), free_port()
+        self.ops_port = free_port()
         self.log = state / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -168,6 +172,10 @@ class ServeProcess(_Tls):
     def http_base(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def ops_base(self) -> str:
+        return f"http://127.0.0.1:{self.ops_port}"
+
     def env(self) -> dict[str, str]:
         return child_env()
 
@@ -175,8 +183,10 @@ class ServeProcess(_Tls):
         cmd = [sys.executable, "-m", "fedtoken.cli.main", "serve", "--state-dir", str(self.state),
                "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
                "--dsn", self.dsn, "--workers", str(self.workers)]
+        env = self.env()
+        env.setdefault("FEDTOKEN_OPS_PORT", str(self.ops_port))
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env())
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
