@@ -6,6 +6,9 @@ server/fedtoken.
     adapters     hsm, store, events, verifier, revocation, audit: implement ports
     boundaries   rpc (gRPC) and http (aiohttp): translate requests to use cases
     composition  app builds and injects everything; serve and cli start it
+    observability  ops (Prometheus metrics) and logs (log configuration):
+                 called from every layer like the logging module, and
+                 importing nothing of ours but core
 
 Imports point down only: boundaries -> service -> core <- adapters, and only
 the composition root puts adapters and the rest together. Type-only
@@ -30,6 +33,8 @@ ADAPTERS = ("fedtoken.hsm", "fedtoken.store", "fedtoken.events", "fedtoken.verif
             "fedtoken.revocation", "fedtoken.audit", "fedtoken.tls", "fedtoken.federation")
 RPC, HTTP = "fedtoken.rpc", "fedtoken.http"
 COMPOSITION = ("fedtoken.app", "fedtoken.serve", "fedtoken.cli")
+# Cross-cutting instrumentation every layer may call (metrics, log format).
+OBSERVABILITY = ("fedtoken.ops", "fedtoken.logs")
 CONFIG = "fedtoken.config"  # settings: read by the composition root and the HTTP boundary
 ROOT = "fedtoken"  # the package itself (version only)
 PB = "fedtoken_client._pb"  # the generated protobuf modules
@@ -110,6 +115,8 @@ def layer_of(module: str) -> str:
         return "boundary"
     if within(module, *COMPOSITION):
         return "composition"
+    if within(module, *OBSERVABILITY):
+        return "observability"
     if module in (CONFIG, ROOT):
         return "shared"
     return ""
@@ -190,10 +197,18 @@ def test_core_imports_nothing_of_ours_outside_core_and_no_io_library() -> None:
 
 def test_service_imports_only_core_and_service() -> None:
     offenders = violations(of_layer("service"), lambda m, name: (ours(name) and not within(
-        name, CORE, SERVICE)) or within(name, *IO_LIBRARIES))
+        name, CORE, SERVICE, *OBSERVABILITY)) or within(name, *IO_LIBRARIES))
     assert not offenders, report(
         "fedtoken.service may import only fedtoken.core and fedtoken.service (ports, not "
-        "adapters; no grpc, aiohttp, asyncpg, pkcs11)", offenders)
+        "adapters; no grpc, aiohttp, asyncpg, pkcs11), and the metrics", offenders)
+
+
+def test_observability_imports_only_core_and_no_io_library() -> None:
+    offenders = violations(of_layer("observability"), lambda m, name: (ours(name) and not within(
+        name, CORE, *OBSERVABILITY)) or within(name, *IO_LIBRARIES))
+    assert not offenders, report(
+        "fedtoken.ops and fedtoken.logs may import only fedtoken.core (every layer calls "
+        "them; they call no layer)", offenders)
 
 
 def test_adapters_never_import_the_layers_above() -> None:
