@@ -337,9 +337,9 @@ def observe_rpc(method: str, code: str, seconds: float) -> None:
     child = m.children.get(key)
     if child is None:
         label = m.bounded("method", method)
-        child = m.child("fedtoken_rpc_duration_seconds", label,
-                        code if code in STATUS_CODES else "UNKNOWN")
-        if label == method and child is not _NOOP:
+        known = code in STATUS_CODES
+        child = m.child("fedtoken_rpc_duration_seconds", label, code if known else "UNKNOWN")
+        if label == method and known and child is not _NOOP:
             m.children[key] = child
     child.observe(seconds)
 
