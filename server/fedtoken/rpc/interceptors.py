@@ -18,8 +18,20 @@ method, so the per-call cost is one dict lookup):
    INTERNAL with the request id, logged with its traceback. No stack trace,
    token or secret ever reaches the caller.
 
-Metrics and authentication interceptors slot in beside it (``interceptors``
-in ``fedtoken.app``).
+4. it observes the call once it ends, whatever the outcome:
+   ``fedtoken.ops.metrics.observe_rpc(method, status name, seconds)`` and one
+   access record on the logger ``fedtoken.access`` with the request-scoped
+   fields ``request_id``, ``method`` (``/package.Service/Name``),
+   ``principal`` (the SPIFFE ID, or "anonymous"), ``tenant`` (only the
+   request message's own ``tenant`` field, when it has one: at most 63
+   characters of ``[A-Za-z0-9._-]``, never anything read from a token),
+   ``outcome`` (the gRPC status name), ``code`` (the fedtoken reason of a
+   failure) and ``duration_ms``. Failures are logged at INFO, successes at
+   DEBUG: an INFO line per successful call would cost a formatted, written
+   line at every one of thousands of calls per second and drown the
+   failures; the metrics count the successes. With DEBUG off the success
+   path pays one ``isEnabledFor`` check (cached by logging) and the metrics
+   observation (see ``bench_boundary`` in tests/unit/test_logs.py).
 
 The success path is kept lean (it is most of a unary Verify's own time): one
 pass over the metadata finds the request id and the declared name, a new
@@ -32,10 +44,12 @@ call, and authorization is decided per call against the current policy).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -44,9 +58,15 @@ import grpc
 
 from fedtoken.core.errors import ErrorReason, FedtokenError, InvalidRequest, StatusClass
 from fedtoken.core.ports import CallContext, Principal
+from fedtoken.ops import metrics
 from fedtoken_client._pb.fedtoken.v1 import common_pb2
 
 log = logging.getLogger("fedtoken.rpc")
+# One record per RPC (see the module docstring): its own logger, so operators
+# can raise or lower it apart from the rest.
+access_log = logging.getLogger("fedtoken.access")
+ANONYMOUS = "anonymous"
+MAX_TENANT_IN_LOG = 63
 
 ERROR_DETAIL_KEY = "fedtoken-error-bin"
 REASON_KEY = "fedtoken-reason"
@@ -167,10 +187,64 @@ def _no_scope(_remaining: float | None) -> AbstractContextManager[None]:
 MAX_PRINCIPALS = 1024
 
 
+_TENANT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _request_tenant(request: Any) -> str:
+    """The request message's own ``tenant`` field for the access log ("" when
+    it has none): its first 63 characters, anything but ``[A-Za-z0-9._-]``
+    replaced by ``?`` (a log line must not carry what a caller typed)."""
+    value = getattr(request, "tenant", "")
+    if not isinstance(value, str) or not value:
+        return ""
+    value = value[:MAX_TENANT_IN_LOG]
+    return value if _TENANT_CHARS.issuperset(value) else \
+        "".join(c if c in _TENANT_CHARS else "?" for c in value)
+
+
+def _aborted_status(context: grpc.aio.ServicerContext) -> str:
+    """The status name a servicer's own ``context.abort`` set ("UNKNOWN" if unreadable)."""
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - a test double, or grpc internals changed
+        return "UNKNOWN"
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return str(status.name)
+    return "UNKNOWN"
+
+
+def _access(level: int, method: str, request_id: str, principal: Principal | None,
+            request: Any, outcome: str, code: str, seconds: float) -> None:
+    extra = {
+        "request_id": request_id,
+        "method": method,
+        "principal": principal.identity if principal is not None and principal.identity
+        else ANONYMOUS,
+        "outcome": outcome,
+        "duration_ms": round(seconds * 1000, 3),
+    }
+    tenant = _request_tenant(request) if request is not _UNDECODABLE else ""
+    if tenant:
+        extra["tenant"] = tenant
+    if code:
+        extra["code"] = code
+    access_log.log(level, "%s %s %s %.3fms", method, outcome, code or "-",
+                   seconds * 1000, extra=extra)
+
+
 def wrap_unary(name: str, behavior: Behavior,
                authenticate: Authenticate | None = None,
-               deadline_scope: DeadlineScope = _no_scope) -> Behavior:
-    """``behavior`` with authentication, a CallContext and error mapping around it.
+               deadline_scope: DeadlineScope = _no_scope, *,
+               method: str = "") -> Behavior:
+    """``behavior`` with authentication, a CallContext, error mapping and
+    the per-call observation (metrics, access log) around it.
+
+    ``method`` is the full ``/package.Service/Name`` the metrics and the
+    access log name (``name``, the short one, is the CallContext's; it
+    stands in when ``method`` is not given).
 
     Without ``authenticate`` (insecure mode, explicitly configured, loopback
     only) the principal has no identity, so the authorizer denies every call
@@ -179,10 +253,18 @@ def wrap_unary(name: str, behavior: Behavior,
     # Principal is frozen: equal triples may share one instance. The identity
     # in the key comes from this call's own certificate (``authenticate``).
     principals: dict[tuple[str, str, str], Principal] = {}
+    full = method or name
+    observe = metrics.observe_rpc
+    perf = time.perf_counter
+    debug_on = access_log.isEnabledFor
 
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = perf()
         request_id, declared = _scan(context.invocation_metadata())
         token: contextvars.Token[CallContext] | None = None
+        principal: Principal | None = None
+        outcome = "UNKNOWN"
+        code = ""
         try:
             identity = authenticate(context) if authenticate is not None else ""
             key = (identity, context.peer() or "", declared)
@@ -196,17 +278,27 @@ def wrap_unary(name: str, behavior: Behavior,
                 raise InvalidRequest("the request message could not be decoded",
                                      reason=ErrorReason.MALFORMED_REQUEST)
             with deadline_scope(context.time_remaining()):
-                return await behavior(request, context)
+                response = await behavior(request, context)
+            outcome = "OK"
+            return response
         except FedtokenError as exc:
             status = _STATUS[exc.status]
+            outcome, code = status.name, exc.reason.value
             if exc.status in (StatusClass.UNAVAILABLE, StatusClass.INTERNAL):
                 log.warning("%s %s failed: %s (%s) request_id=%s", name, status.name,
                             exc.reason.value, exc.message, request_id,
                             exc_info=exc.__cause__ is not None)
             await _abort(context, status, exc, request_id)
-        except (grpc.aio.AbortError, AssertionError):
+        except grpc.aio.AbortError:
+            outcome = _aborted_status(context)
+            raise
+        except AssertionError:
+            raise
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
             raise
         except Exception:
+            outcome, code = "INTERNAL", ErrorReason.INTERNAL_ERROR.value
             log.exception("%s failed unexpectedly; request_id=%s", name, request_id)
             internal = FedtokenError(
                 "internal error; the server log has the details under request_id "
@@ -217,6 +309,14 @@ def wrap_unary(name: str, behavior: Behavior,
         finally:
             if token is not None:
                 _CALL.reset(token)
+            seconds = perf() - start
+            observe(full, outcome, seconds)
+            if outcome != "OK":
+                _access(logging.INFO, full, request_id, principal, request, outcome, code,
+                        seconds)
+            elif debug_on(logging.DEBUG):
+                _access(logging.DEBUG, full, request_id, principal, request, outcome, code,
+                        seconds)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     return handler
@@ -251,7 +351,7 @@ class Boundary(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler  # unknown method (UNIMPLEMENTED) or a streaming one
         wrapped = grpc.unary_unary_rpc_method_handler(
             wrap_unary(method.rpartition("/")[2], handler.unary_unary, self._authenticate,
-                       self._deadline_scope),
+                       self._deadline_scope, method=method),
             request_deserializer=_safe(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
