@@ -169,11 +169,21 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """Ours on the root logger (so ``configure`` can replace it)."""
 
 
+def _replaced(handler: logging.Handler) -> bool:
+    """Ours, or what ``logging.basicConfig`` puts on a standard stream (a
+    caller that configured logging before us would otherwise print every
+    line twice, once in the old format)."""
+    return isinstance(handler, _Handler) or (
+        type(handler) is logging.StreamHandler
+        and handler.stream in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__))
+
+
 def configure(log_format: str = "auto", level: int = logging.INFO,
               worker: str = "") -> None:
     """Install the root handler on stderr: ``"json"``, ``"text"``, or
     ``"auto"`` (text when stderr is a terminal, JSON otherwise), at
-    ``level``. Calling it again replaces the handler it installed (other
+    ``level``. Calling it again replaces the handler it installed, and a
+    ``basicConfig`` stream handler on stderr or stdout goes too (other
     handlers on the root logger are left alone)."""
     if log_format not in ("auto", "text", "json"):
         raise ValueError(f"log_format must be auto, text or json, not {log_format!r}")
@@ -187,7 +197,7 @@ def configure(log_format: str = "auto", level: int = logging.INFO,
     handler.setFormatter(JsonFormatter(worker) if log_format == "json"
                          else TextFormatter(worker))
     root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+    for old in [h for h in root.handlers if _replaced(h)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)

@@ -140,6 +140,30 @@ def test_configure_twice_keeps_one_handler(capsys: pytest.CaptureFixture[str]) -
     assert len(_lines(capsys)) == 1
 
 
+def test_configure_replaces_a_basicconfig_handler_and_keeps_others(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    for h in before:
+        root.removeHandler(h)
+    try:
+        logging.basicConfig(format="%(levelname)s %(message)s")
+        kept = logging.StreamHandler(io.StringIO())
+        root.addHandler(kept)
+        logs.configure("json")
+        logging.getLogger("x").warning("once")
+        (line,) = _lines(capsys)
+        assert json.loads(line)["message"] == "once"
+        assert kept in root.handlers and kept.stream.getvalue() == "once\n"
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in before:
+            root.addHandler(h)
+
+
 def test_an_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="auto, text or json"):
         logs.configure("xml")
