@@ -5,7 +5,7 @@ API: ``configure(log_format: str = "auto", level: int = logging.INFO,
 worker: str = "")`` installs the root handler (serve, each worker, the CLI).
 Request-scoped fields (request id, method, principal, tenant, outcome, code,
 duration_ms) are passed as ``extra={...}`` by the RPC boundary's access log
-(``fedtoken.rpc.interceptors``, logger ``fedtoken.access``).
+(``fedtoken.rpc.interceptors``, logger ``fedtoken.rpc.access``).
 
 JSON lines (``log_format="json"``): ``ts`` (RFC 3339, UTC, milliseconds),
 ``level``, ``logger``, ``message``, ``worker`` (when given), ``pid``, then

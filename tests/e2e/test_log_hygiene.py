@@ -119,7 +119,7 @@ def test_every_line_is_one_json_object_with_the_required_fields(
 
 def test_every_rpc_left_an_access_record(served: tuple[JsonDebugServe, Workload, str]) -> None:
     _, work, text = served
-    access = [r for r in _records(text) if r["logger"] == "fedtoken.access"]
+    access = [r for r in _records(text) if r["logger"] == "fedtoken.rpc.access"]
     for r in access:
         assert ACCESS <= set(r), r
         assert r["level"] == ("DEBUG" if r["outcome"] == "OK" else "INFO"), r

@@ -260,7 +260,7 @@ def observed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, float]]:
 
 
 def _access(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "fedtoken.access"]
+    return [r for r in caplog.records if r.name == "fedtoken.rpc.access"]
 
 
 async def test_a_success_is_observed_once_and_logged_at_debug_only(
@@ -269,10 +269,10 @@ async def test_a_success_is_observed_once_and_logged_at_debug_only(
         return "ok"
 
     handler = ic.wrap_unary("Verify", ok, lambda _c: ALICE, method=METHOD)
-    caplog.set_level(logging.INFO, "fedtoken.access")
+    caplog.set_level(logging.INFO, "fedtoken.rpc.access")
     assert await handler(_Request("acme"), _Context()) == "ok"
     assert not _access(caplog)
-    caplog.set_level(logging.DEBUG, "fedtoken.access")
+    caplog.set_level(logging.DEBUG, "fedtoken.rpc.access")
     assert await handler(_Request("acme"), _Context()) == "ok"
     (record,) = _access(caplog)
     assert record.levelno == logging.DEBUG
@@ -289,7 +289,7 @@ async def test_a_failure_is_logged_at_info_with_its_status_and_reason(
     async def deny(request: Any, context: Any) -> str:
         raise PermissionDenied("caller lacks the role verifier")
 
-    caplog.set_level(logging.INFO, "fedtoken.access")
+    caplog.set_level(logging.INFO, "fedtoken.rpc.access")
     handler = ic.wrap_unary("Verify", deny, None, method=METHOD)
     with pytest.raises(grpc.aio.AbortError):
         await handler(_Request(), _Context(metadata=()))
@@ -326,7 +326,7 @@ async def test_a_servicers_own_abort_is_observed_with_its_status(
     async def abort(request: Any, context: Any) -> str:
         raise grpc.aio.AbortError(grpc.StatusCode.NOT_FOUND, "gone")
 
-    caplog.set_level(logging.INFO, "fedtoken.access")
+    caplog.set_level(logging.INFO, "fedtoken.rpc.access")
     handler = ic.wrap_unary("Get", abort, None, method="/s/Get")
     with pytest.raises(grpc.aio.AbortError):
         await handler(object(), Ctx())
@@ -347,7 +347,7 @@ async def test_the_logged_tenant_is_the_requests_own_bounded_and_sanitised(
     async def deny(request: Any, context: Any) -> str:
         raise PermissionDenied("no")
 
-    caplog.set_level(logging.INFO, "fedtoken.access")
+    caplog.set_level(logging.INFO, "fedtoken.rpc.access")
     handler = ic.wrap_unary("Verify", deny, None, method=METHOD)
     with pytest.raises(grpc.aio.AbortError):
         await handler(_Request(tenant), _Context())
@@ -361,7 +361,7 @@ async def test_a_request_without_a_tenant_field_logs_none(
     async def deny(request: Any, context: Any) -> str:
         raise PermissionDenied("no")
 
-    caplog.set_level(logging.INFO, "fedtoken.access")
+    caplog.set_level(logging.INFO, "fedtoken.rpc.access")
     handler = ic.wrap_unary("GetKeys", deny, None)
     with pytest.raises(grpc.aio.AbortError):
         await handler(token_service_pb2.GetKeysRequest(), _Context())
@@ -408,7 +408,7 @@ def bench_boundary(n: int = 200_000) -> dict[str, float]:
                 pass
         return call
 
-    logging.getLogger("fedtoken.access").setLevel(logging.INFO)
+    logging.getLogger("fedtoken.rpc.access").setLevel(logging.INFO)
     shipped = ic.wrap_unary("Verify", behavior, lambda _c: ALICE, method=METHOD)
     real = metrics.observe_rpc
     metrics.observe_rpc = lambda *a: None  # type: ignore[assignment]

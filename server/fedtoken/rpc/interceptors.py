@@ -20,7 +20,7 @@ method, so the per-call cost is one dict lookup):
 
 4. it observes the call once it ends, whatever the outcome:
    ``fedtoken.ops.metrics.observe_rpc(method, status name, seconds)`` and one
-   access record on the logger ``fedtoken.access`` with the request-scoped
+   access record on the logger ``fedtoken.rpc.access`` with the request-scoped
    fields ``request_id``, ``method`` (``/package.Service/Name``),
    ``principal`` (the SPIFFE ID, or "anonymous"), ``tenant`` (only the
    request message's own ``tenant`` field, when it has one: at most 63
@@ -30,8 +30,12 @@ method, so the per-call cost is one dict lookup):
    DEBUG: an INFO line per successful call would cost a formatted, written
    line at every one of thousands of calls per second and drown the
    failures; the metrics count the successes. With DEBUG off the success
-   path pays one ``isEnabledFor`` check (cached by logging) and the metrics
-   observation (see ``bench_boundary`` in tests/unit/test_logs.py).
+   path pays two clock reads, one ``isEnabledFor`` check (cached by
+   logging) and the metrics observation: about 0.3 µs of its own plus
+   ~1.6 µs in ``observe_rpc`` (prometheus-client's multiprocess histogram,
+   two locked writes to its memory-mapped file) on the machine it was
+   measured on (``python -m tests.unit.test_logs``). The access record's
+   fields are only gathered when it is logged.
 
 The success path is kept lean (it is most of a unary Verify's own time): one
 pass over the metadata finds the request id and the declared name, a new
@@ -64,7 +68,7 @@ from fedtoken_client._pb.fedtoken.v1 import common_pb2
 log = logging.getLogger("fedtoken.rpc")
 # One record per RPC (see the module docstring): its own logger, so operators
 # can raise or lower it apart from the rest.
-access_log = logging.getLogger("fedtoken.access")
+access_log = logging.getLogger("fedtoken.rpc.access")
 ANONYMOUS = "anonymous"
 MAX_TENANT_IN_LOG = 63
 
