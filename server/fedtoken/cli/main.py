@@ -1,8 +1,12 @@
 """The ``fedtoken`` command: run the service, and operate it through KeyAdmin.
 
-Every command except ``serve`` and ``token decode`` is a client of the gRPC
-API (``--target``, or FEDTOKEN_TARGET); none touches the database.
-Exit status: 0 success, 1 a verdict said invalid / inactive, 2 an error.
+Every command except ``serve``, ``doctor`` and ``token decode`` is a client
+of the gRPC API (``--target``, or FEDTOKEN_TARGET); none touches the database.
+Output: tables on a terminal, JSON with ``--json`` or when piped
+(``fedtoken.cli.output``). Exit status: 0 success; 1 a negative verdict or a
+violation (invalid or inactive token, broken audit chain, a compliance
+violation, a failing doctor check); 2 a usage, connection, TLS or
+permission error (one line on stderr saying what to check; docs/cli.md).
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from fedtoken.cli import errors, output
 from fedtoken.cli.compliance import register as register_compliance
+from fedtoken.cli.durations import duration, expires_in, since
+from fedtoken.cli.output import Columns
 from fedtoken.cli.trust import add_trust_commands
 from fedtoken.core.errors import FedtokenError
 from fedtoken_client import FedtokenClient, FedtokenRpcError, Tls
@@ -37,36 +44,63 @@ if TYPE_CHECKING:
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-def _print(msg: Message | dict[str, Any] | list[Any]) -> None:
+class UsageError(Exception):
+    """A command line that cannot work; the message says what to give instead."""
+
+
+# Table columns (on a terminal) of the list commands; JSON has every field.
+KEY_COLUMNS: Columns = [("TENANT", "tenant"), ("KID", "kid"), ("STATE", "state"),
+                        ("ALG", "alg"), ("BITS", "key_size"), ("CREATED", "created_at"),
+                        ("ACTIVATED", "activated_at"), ("HSM LABEL", "hsm_label")]
+TENANT_COLUMNS: Columns = [("ID", "id"), ("ISSUER", "issuer"),
+                           ("MAX LIFETIME", "max_token_lifetime_seconds"),
+                           ("ROTATION", "rotation_period_seconds"),
+                           ("NEXT STEP", "next_rotation_step"),
+                           ("AT", "next_rotation_step_at")]
+CALLER_COLUMNS: Columns = [("IDENTITY", "identity"), ("ROLE", "role"), ("TENANTS", "tenants"),
+                           ("AUDIENCES", "audiences"), ("MAX LIFETIME", "max_lifetime_seconds"),
+                           ("GRANTED BY", "granted_by")]
+AUDIT_COLUMNS: Columns = [("SEQ", "seq"), ("TIME (us)", "time_us"), ("TYPE", "event_type"),
+                          ("TENANT", "tenant"), ("ACTOR", "actor"), ("OUTCOME", "outcome"),
+                          ("REASON", "reason"), ("SUBJECT", "subject"), ("KID", "kid")]
+JWK_COLUMNS: Columns = [("KID", "kid"), ("KTY", "kty"), ("ALG", "alg"), ("USE", "use")]
+
+
+def _print(msg: Message | dict[str, Any] | list[Any], columns: Columns | None = None, *,
+           title: str = "") -> None:
     if isinstance(msg, Message):
         data: Any = MessageToDict(msg, preserving_proto_field_name=True,
                                   always_print_fields_with_no_presence=True)
     else:
         data = msg
-    print(json.dumps(data, indent=2, sort_keys=True))
+    output.current().emit(data, columns, title=title)
+
+
+def _emit(data: Any) -> None:
+    """The emitter handed to cli.trust and cli.compliance."""
+    _print(data)
 
 
 # -- serve -----------------------------------------------------------------------
 
 
-def _duration(text: str) -> int:
-    """Seconds from 900, 90s, 15m, 12h or 30d."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    text = text.strip().lower()
-    try:
-        if text and text[-1] in units:
-            return int(text[:-1]) * units[text[-1]]
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a duration: {text!r} (e.g. 90s, 15m, 12h, 30d)") from None
+def _serve_options(s: argparse.ArgumentParser) -> None:
+    """The settings flags of ``serve`` (``doctor`` takes the same ones)."""
+    s.add_argument("--config", type=Path, default=None,
+                   help="TOML settings file (env FEDTOKEN_CONFIG)")
+    s.add_argument("--state-dir", dest="state_dir")
+    s.add_argument("--grpc-host")
+    s.add_argument("--grpc-port", type=int)
+    s.add_argument("--http-host")
+    s.add_argument("--http-port", type=int)
+    s.add_argument("--dsn", help="Postgres DSN; default: embedded Postgres under the state dir")
+    s.add_argument("--workers", type=int, help="worker processes (0: one per core)")
+    s.add_argument("--log-level")
 
 
-def cmd_serve(ns: argparse.Namespace) -> int:
-    from fedtoken.config import load_settings
-    from fedtoken.serve import run
-
-    overrides = {
+def serve_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    """The settings the ``serve`` flags override (None: not given)."""
+    return {
         "state_dir": ns.state_dir or ns.global_state_dir,
         "grpc_host": ns.grpc_host,
         "grpc_port": ns.grpc_port,
@@ -76,7 +110,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         "workers": ns.workers,
         "log_level": ns.log_level,
     }
-    settings = load_settings(overrides, config_file=ns.config)
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from fedtoken.config import load_settings
+    from fedtoken.serve import run
+
+    settings = load_settings(serve_overrides(ns), config_file=ns.config)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
@@ -99,18 +139,31 @@ def _tls(ns: argparse.Namespace) -> Tls | None:
     given = (ns.tls_ca, ns.tls_cert, ns.tls_key)
     if any(given):
         if not all(given):
-            raise FedtokenError("give all of --tls-ca, --tls-cert and --tls-key")
-        return Tls(ns.tls_ca, ns.tls_cert, ns.tls_key, server_name=ns.tls_server_name)
-    from_env = Tls.from_env()
+            raise UsageError("give all of --tls-ca, --tls-cert and --tls-key")
+        return _checked(Tls(ns.tls_ca, ns.tls_cert, ns.tls_key,
+                            server_name=ns.tls_server_name))
+    try:
+        from_env = Tls.from_env()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if from_env is not None:
-        return from_env
+        return _checked(from_env)
     dev = _state_dir(ns) / "tls"
     if (dev / "operator.pem").exists():
-        return Tls(dev / "ca.pem", dev / "operator.pem", dev / "operator.key",
-                   server_name=ns.tls_server_name)
-    raise FedtokenError(
+        return _checked(Tls(dev / "ca.pem", dev / "operator.pem", dev / "operator.key",
+                            server_name=ns.tls_server_name))
+    raise UsageError(
         f"no client certificate: give --tls-ca/--tls-cert/--tls-key (or FEDTOKEN_TLS_CA/CERT/"
         f"KEY), or run `fedtoken serve` once so the dev certificates exist under {dev}")
+
+
+def _checked(tls: Tls) -> Tls:
+    """The TLS files exist and are in their validity window (a clear line
+    now, rather than a handshake failure later)."""
+    problem = errors.check_client_files(tls.ca, tls.cert, tls.key)
+    if problem:
+        raise UsageError(problem)
+    return tls
 
 
 def _client(ns: argparse.Namespace) -> FedtokenClient:
@@ -122,7 +175,7 @@ def cmd_callers(ns: argparse.Namespace) -> int:
     with _client(ns) as c:
         if ns.action == "list":
             _print([MessageToDict(g, preserving_proto_field_name=True)
-                    for g in c.list_callers()])
+                    for g in c.list_callers()], CALLER_COLUMNS)
         elif ns.action == "grant":
             _print(c.grant_caller(ns.identity, ns.role, tenants=ns.tenant or (),
                                   audiences=ns.audience or (),
@@ -147,7 +200,8 @@ def cmd_dev_cert(ns: argparse.Namespace) -> int:
 def cmd_tenants(ns: argparse.Namespace) -> int:
     with _client(ns) as c:
         if ns.action == "list":
-            _print([MessageToDict(t, preserving_proto_field_name=True) for t in c.list_tenants()])
+            _print([MessageToDict(t, preserving_proto_field_name=True) for t in c.list_tenants()],
+                   TENANT_COLUMNS)
         elif ns.action == "create":
             policy: dict[str, Any] = {}
             if ns.max_lifetime:
@@ -158,8 +212,11 @@ def cmd_tenants(ns: argparse.Namespace) -> int:
                 policy["key_size"] = ns.key_size
             if ns.rotation_period:
                 policy["rotation_period_seconds"] = ns.rotation_period
-            _print_tenant(c.create_tenant(ns.id, ns.issuer or "", generate_key=not ns.no_key,
-                                          **policy))
+            with output.current().progress(f"creating tenant {ns.id}"
+                                           + ("" if ns.no_key else " and its first HSM key")):
+                made = c.create_tenant(ns.id, ns.issuer or "", generate_key=not ns.no_key,
+                                       **policy)
+            _print_tenant(made)
         elif ns.action == "update":
             _print_tenant(c.update_tenant(
                 ns.id, rotation_period_seconds=ns.rotation_period,
@@ -177,35 +234,39 @@ def _print_tenant(tenant: Any) -> None:
     has the numbers; the note says what they promise)."""
     _print(tenant)
     if tenant.rotation_period_seconds:
-        print(f"# rotation: a new key every {tenant.rotation_period_seconds} s, published "
+        output.current().note(
+              f"# rotation: a new key every {tenant.rotation_period_seconds} s, published "
               f"{tenant.prepublish_seconds} s before it signs; after it stops signing it stays "
               f"published {tenant.grace_seconds} s (max token lifetime "
               f"{tenant.max_token_lifetime_seconds} s + JWKS max-age "
               f"{tenant.jwks_max_age_seconds} s + leeway), then is unpublished; its private "
-              "half is destroyed as soon as its successor signs", file=sys.stderr)
+              "half is destroyed as soon as its successor signs")
         if tenant.next_rotation_step:
-            print(f"# next step: {tenant.next_rotation_step} at {tenant.next_rotation_step_at} "
-                  "(Unix seconds)", file=sys.stderr)
+            output.current().note(f"# next step: {tenant.next_rotation_step} at "
+                                  f"{tenant.next_rotation_step_at} (Unix seconds)")
 
 
 def cmd_keys(ns: argparse.Namespace) -> int:
     with _client(ns) as c:
         if ns.action == "list":
             _print([MessageToDict(k, preserving_proto_field_name=True)
-                    for k in c.list_keys(ns.tenant)])
+                    for k in c.list_keys(ns.tenant)], KEY_COLUMNS)
         elif ns.action == "generate":
-            _print(c.generate_key(ns.tenant, key_size=ns.size, activate=ns.activate))
+            with output.current().progress("generating an RSA key in the HSM"):
+                made = c.generate_key(ns.tenant, key_size=ns.size, activate=ns.activate)
+            _print(made)
         elif ns.action == "activate":
             _print(c.activate_key(ns.kid, ns.tenant))
         elif ns.action == "retire":
             _print(c.retire_key(ns.kid, ns.tenant, emergency=ns.emergency))
         elif ns.action == "rotate":
             if not ns.now:
-                print("keys rotate: rotation follows the tenant's schedule (tenants update "
-                      "--rotation-period); pass --now for an emergency rotation",
-                      file=sys.stderr)
-                return 2
-            _print(c.rotate_key(ns.tenant, reason=ns.reason))
+                raise UsageError("keys rotate: rotation follows the tenant's schedule (tenants "
+                                 "update --rotation-period); pass --now for an emergency "
+                                 "rotation")
+            with output.current().progress("rotating: generating the new key in the HSM"):
+                rotated = c.rotate_key(ns.tenant, reason=ns.reason)
+            _print(rotated)
     return 0
 
 
@@ -220,7 +281,7 @@ def cmd_token(ns: argparse.Namespace) -> int:
             if ns.json:
                 _print(resp)
             else:
-                print(resp.token)
+                output.current().line(resp.token)
             return 0
         if ns.action == "verify":
             verdict = c.verify(_token_arg(ns.token), ns.aud, issuer=ns.issuer, tenant=ns.tenant)
@@ -229,23 +290,21 @@ def cmd_token(ns: argparse.Namespace) -> int:
             out.pop("claims_json", None)
             if verdict.valid:
                 out["claims"] = json.loads(verdict.claims_json)
-            _print(out)
+            _print(out, title="VALID" if verdict.valid else f"INVALID: {out.get('reason')}")
             return 0 if verdict.valid else 1
         if ns.action == "introspect":
             intro = c.introspect(_token_arg(ns.token))
-            _print(intro)
+            _print(intro, title="active" if intro.active else "INACTIVE")
             return 0 if intro.active else 1
         if ns.action == "revoke":
             if sum(bool(x) for x in (ns.token, ns.jti, ns.subject, ns.kid)) != 1:
-                print("give exactly one of --token, --jti, --subject or --kid", file=sys.stderr)
-                return 2
+                raise UsageError("give exactly one of --token, --jti, --subject or --kid")
             if ns.issuer and not (ns.jti or ns.subject):
-                print("--issuer goes with --jti or --subject", file=sys.stderr)
-                return 2
+                raise UsageError("--issuer goes with --jti or --subject")
             _print(c.revoke(token=_token_arg(ns.token) if ns.token else "", jti=ns.jti or "",
                             subject=ns.subject or "", issued_before=ns.issued_before,
                             kid=ns.kid or "", tenant=ns.tenant, reason=ns.reason,
-                            issuer=ns.issuer))
+                            issuer=ns.issuer, expires_at=ns.expires_at))
             return 0
         if ns.action == "exchange":
             done = c.exchange(_token_arg(ns.subject_token), ns.aud, tenant=ns.tenant,
@@ -253,7 +312,7 @@ def cmd_token(ns: argparse.Namespace) -> int:
             if ns.json:
                 _print(done)
             else:
-                print(done.access_token)
+                output.current().line(done.access_token)
             return 0
     return 2
 
@@ -263,19 +322,26 @@ def cmd_audit(ns: argparse.Namespace) -> int:
         return _verify_archives(ns)
     with _client(ns) as c:
         if ns.action == "verify":
-            report = c.verify_audit_chain()
-            if ns.checkpoints:
-                return _verify_checkpoints(ns, c, report)
-            _print(report)
+            with output.current().progress("verifying the audit hash chain"):
+                report = c.verify_audit_chain()
+                if ns.checkpoints:
+                    return _verify_checkpoints(ns, c, report)
+            _print(report, title="audit chain intact" if report.ok
+                   else f"AUDIT CHAIN BROKEN at row {report.first_bad_seq}: {report.problem}")
             return 0 if report.ok else 1
         after = ns.after
         while True:
             page = c.list_audit(tenant=ns.tenant, event_type=ns.type, subject=ns.subject,
                                 since=ns.since, after_seq=after, page_size=ns.limit)
-            for event in page.events:
-                print(json.dumps(MessageToDict(event, preserving_proto_field_name=True),
-                                 sort_keys=True), flush=True)
-                after = event.seq
+            out = output.current()
+            events = [MessageToDict(e, preserving_proto_field_name=True) for e in page.events]
+            if out.json:
+                for event in events:
+                    out.json_line(event)
+            elif events or not ns.follow:
+                out.emit(events, AUDIT_COLUMNS)
+            for e in page.events:
+                after = e.seq
             if not ns.follow:
                 return 0
             if not page.events:
@@ -319,7 +385,8 @@ def _verify_checkpoints(ns: argparse.Namespace, c: FedtokenClient,
             chain, report = fresh, check(fresh)
     _print({**report.as_dict(), "pinned_kids": sorted(keys),
             "chain": MessageToDict(chain, preserving_proto_field_name=True,
-                                   always_print_fields_with_no_presence=True)})
+                                   always_print_fields_with_no_presence=True)},
+           title="checkpoints verified" if report.ok else "CHECKPOINTS DO NOT VERIFY")
     return 0 if report.ok else 1
 
 
@@ -343,13 +410,15 @@ def _verify_archives(ns: argparse.Namespace) -> int:
     previous: tuple[int, bytes] | None = None
     ok = bool(paths)
     for path in paths:
-        report = verify_archive(read_archive_lines(path), keys, expect_prev=previous)
+        with output.current().progress(f"verifying {path.name}"):
+            report = verify_archive(read_archive_lines(path), keys, expect_prev=previous)
         reports.append({"file": str(path), **report.as_dict()})
         if not report.ok:
             ok = False
             break
         previous = (report.to_seq, report.last_hash)
-    _print({"ok": ok, "archives": reports})
+    _print({"ok": ok, "archives": reports},
+           title="archives verified" if ok else "ARCHIVES DO NOT VERIFY")
     return 0 if ok else 1
 
 
@@ -368,7 +437,12 @@ def cmd_hash_secret(ns: argparse.Namespace) -> int:
 def cmd_jwks(ns: argparse.Namespace) -> int:
     with _client(ns) as c:
         resp = c.get_keys(ns.tenant)
-        print(json.dumps(json.loads(resp.jwks_json), indent=2))
+        jwks = json.loads(resp.jwks_json)
+        out = output.current()
+        if out.json:  # the JWKS as served (key order kept, not sorted)
+            out.line(json.dumps(jwks, indent=2))
+        else:
+            out.emit(jwks.get("keys", []), JWK_COLUMNS)
     return 0
 
 
@@ -381,15 +455,14 @@ def _decode(token: str) -> int:
     token = _token_arg(token)
     parts = token.split(".")
     if len(parts) != 3:
-        print("not a compact JWS (need three dot-separated parts)", file=sys.stderr)
-        return 2
+        raise UsageError("not a compact JWS (need three dot-separated parts)")
     try:
         header, payload = (json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))
                            for p in parts[:2])
     except ValueError:
-        print("header or payload is not base64url JSON", file=sys.stderr)
-        return 2
-    _print({"UNVERIFIED": True, "header": header, "payload": payload})
+        raise UsageError("header or payload is not base64url JSON") from None
+    _print({"UNVERIFIED": True, "header": header, "payload": payload},
+           title="UNVERIFIED: nothing about this token was checked")
     return 0
 
 
@@ -409,19 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name to check the server's certificate against")
     p.add_argument("--insecure", action="store_true",
                    help="plaintext, no client certificate (only an insecure test server)")
+    p.add_argument("--json", dest="global_json", action="store_true",
+                   help="print JSON even on a terminal (the default when stdout is not one)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gRPC server and the HTTP bridge")
-    s.add_argument("--config", type=lambda v: __import__("pathlib").Path(v), default=None,
-                   help="TOML settings file (env FEDTOKEN_CONFIG)")
-    s.add_argument("--state-dir", dest="state_dir")
-    s.add_argument("--grpc-host")
-    s.add_argument("--grpc-port", type=int)
-    s.add_argument("--http-host")
-    s.add_argument("--http-port", type=int)
-    s.add_argument("--dsn", help="Postgres DSN; default: embedded Postgres under the state dir")
-    s.add_argument("--workers", type=int, help="worker processes (0: one per core)")
-    s.add_argument("--log-level")
+    _serve_options(s)
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("tenants", help="list, show or create tenants")
@@ -435,11 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     update = tsub.add_parser("update", help="change the rotation period or token lifetimes")
     update.add_argument("id")
     for policy_parser in (create, update):  # not "p": that is the top-level parser
-        policy_parser.add_argument("--max-lifetime", "--max-token-lifetime", type=_duration,
+        policy_parser.add_argument("--max-lifetime", "--max-token-lifetime", type=duration,
                                    default=0, help="maximum token lifetime (900, 90s, 15m, 1h)")
         policy_parser.add_argument("--default-lifetime", "--default-token-lifetime",
-                                   type=_duration, default=0)
-        policy_parser.add_argument("--rotation-period", type=_duration, default=0,
+                                   type=duration, default=0)
+        policy_parser.add_argument("--rotation-period", type=duration, default=0,
                                    help="a new signing key every DURATION (e.g. 30d; default 30d)")
     create.add_argument("--key-size", type=int, default=0)
     create.add_argument("--no-key", action="store_true", help="do not generate a first key")
@@ -473,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     iss.add_argument("--sub", required=True)
     iss.add_argument("--aud", required=True, action="append")
     iss.add_argument("--tenant", default="")
-    iss.add_argument("--lifetime", type=int, default=0)
+    iss.add_argument("--lifetime", type=duration, default=0,
+                     help="e.g. 900, 15m, 1h (default: the tenant's)")
     iss.add_argument("--claims", help="extra claims as a JSON object")
     iss.add_argument("--scope", default="")
     iss.add_argument("--json", action="store_true", help="print the whole response")
@@ -488,8 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     rev.add_argument("--token")
     rev.add_argument("--jti")
     rev.add_argument("--subject", help="revoke the subject's tokens issued before a time")
-    rev.add_argument("--issued-before", dest="issued_before", type=int, default=0,
-                     help="with --subject: Unix time of the cut (default now)")
+    rev.add_argument("--issued-before", dest="issued_before", type=since, default=0,
+                     help="with --subject: the cut, Unix seconds or a duration ago (1h; "
+                          "default now)")
+    rev.add_argument("--expires-in", dest="expires_at", type=expires_in, default=0,
+                     metavar="DURATION", help="keep the revocation this long (e.g. 1h, 30d; "
+                     "default: until the tokens it covers expire)")
     rev.add_argument("--kid", help="EMERGENCY: the key is compromised; reject all its tokens")
     rev.add_argument("--tenant", default="")
     rev.add_argument("--reason", default="")
@@ -501,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     exc.add_argument("subject_token", help="the foreign token, or - to read it from stdin")
     exc.add_argument("--tenant", required=True, help="a local tenant that trusts its issuer")
     exc.add_argument("--aud", required=True, action="append")
-    exc.add_argument("--lifetime", type=int, default=0)
+    exc.add_argument("--lifetime", type=duration, default=0,
+                     help="e.g. 300, 5m (default: the tenant's)")
     exc.add_argument("--scope", default="")
     exc.add_argument("--json", action="store_true", help="print the whole response")
     dec = tsub2.add_parser("decode", help="print header and payload, UNVERIFIED")
@@ -514,7 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--tenant", default="")
     tail.add_argument("--type", default="", help="event type, e.g. token.issued")
     tail.add_argument("--subject", default="")
-    tail.add_argument("--since", type=int, default=0, help="Unix seconds")
+    tail.add_argument("--since", type=since, default=0,
+                      help="Unix seconds, or a duration ago (e.g. 1h, 7d)")
     tail.add_argument("--after", type=int, default=0, help="start after this seq")
     tail.add_argument("--limit", type=int, default=100, help="page size (max 1000)")
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
@@ -548,15 +621,18 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["admin", "issuer", "verifier", "revoker", "auditor"])
     g.add_argument("--tenant", action="append", help="limit to this tenant (repeatable)")
     g.add_argument("--audience", action="append", help="issuer: allowed audience (repeatable)")
-    g.add_argument("--max-lifetime", type=_duration, default=0,
+    g.add_argument("--max-lifetime", type=duration, default=0,
                    help="issuer: longest token lifetime, e.g. 900, 15m, 1h")
     rv = csub.add_parser("revoke")
     rv.add_argument("identity")
     rv.add_argument("--role", default="", help="one role (default: every role)")
     cl.set_defaults(func=cmd_callers)
 
-    add_trust_commands(sub, connect=_client, emit=_print, duration=_duration)
-    register_compliance(sub, connect=_client, emit=_print, keys=ksub)
+    add_trust_commands(sub, connect=_client, emit=_emit, duration=duration)
+    register_compliance(sub, connect=_client, emit=_emit, keys=ksub)
+    from fedtoken.cli.doctor import add_doctor_command
+
+    add_doctor_command(sub, serve_options=_serve_options, overrides=serve_overrides)
 
     dc = sub.add_parser("dev-cert", help="issue a client certificate from the dev CA")
     dc.add_argument("identity", help="SPIFFE ID for the certificate's URI SAN")
@@ -571,21 +647,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = build_parser().parse_args(argv)  # usage errors: argparse exits 2
+    out = output.configure(output.Output.detect(
+        json_flag=bool(ns.global_json or getattr(ns, "json", False))))
+    if ns.command in ("compliance", "keys") and out.json:
+        ns.json = True  # their own table, or the report as JSON like every command
     try:
         code: int = ns.func(ns)
         return code
     except FedtokenRpcError as exc:
-        print(f"error: {exc.code.name} {exc.reason}: {exc.message}", file=sys.stderr)
-        return 2
+        out.error(errors.rpc_error(exc, ns.target))
+    except UsageError as exc:
+        out.error(str(exc))
     except FedtokenError as exc:
-        print(f"error: {exc.reason.value}: {exc.message}", file=sys.stderr)
-        return 2
-    except (json.JSONDecodeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        out.error(f"{exc.reason.value}: {exc.message}")
+    except json.JSONDecodeError as exc:
+        out.error(f"not JSON: {exc}")
+    except PermissionError as exc:
+        out.error(f"permission denied: {exc.filename}: run as a user that may read it")
+    except FileNotFoundError as exc:
+        out.error(f"no such file: {exc.filename}")
+    except OSError as exc:
+        out.error(str(exc))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - one line, never a stack trace
+        out.error(f"unexpected {type(exc).__name__}: {exc} (please report this)")
+    return 2
 
 
 if __name__ == "__main__":
