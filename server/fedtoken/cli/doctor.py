@@ -373,8 +373,11 @@ def run(ns: argparse.Namespace, *, overrides: Callable[[argparse.Namespace], dic
                             client_ca=ns.tls_ca)
     result = report(checks)
     failed = [c.name for c in checks if c.status == FAIL]
-    out.emit(result["checks"], COLUMNS,
-             title="all checks pass" if result["ok"] else f"FAILED: {', '.join(failed)}")
+    if out.json:
+        out.emit(result)
+    else:
+        out.emit(result["checks"], COLUMNS,
+                 title="all checks pass" if result["ok"] else f"FAILED: {', '.join(failed)}")
     return 0 if result["ok"] else 1
 
 
