@@ -16,7 +16,8 @@ record has one. Text (``"text"``): the format serve and the CLI always had,
 
 Never log a token, a PIN or key material. The formatters redact them anyway,
 as defence in depth (``redact``, ``redact_value``): a compact JWS (three
-base64url segments, the first decoding to a JSON object with "alg"), the
+base64url segments, the first decoding to a JSON object with "alg"; one
+that starts with "{", as every JOSE library writes it), the
 value of a secret-named key (pin, password, secret, token, ...) in ``key=value``
 text and in extras, and PEM private key blocks.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import functools
 import json
 import logging
 import re
@@ -57,15 +59,21 @@ _JWS = re.compile(r"(?<![A-Za-z0-9_-])([A-Za-z0-9_-]{4,})\.([A-Za-z0-9_-]+)\.([A
                   r"(?![A-Za-z0-9_-])")
 _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:.*?-----END [A-Z0-9 ]*PRIVATE KEY"
                   r"-----|.*\Z)", re.DOTALL)
-# ``pin=1234``, ``"password": "x"``, ``hsm_pin: 1234``, ``token=eyJ...``.
-_SECRET_NAMES: Final = r"(?:[A-Za-z0-9]+[_-])?(?:pin|password|passwd|passphrase|secret|token)"  # noqa: S105 - names, not a secret
-_KEY_VALUE = re.compile(
-    r"(?i)(?<![A-Za-z0-9])(" + _SECRET_NAMES + r")(\"?'?\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s,;]+)")
+# ``pin=1234``, ``"password": "x"``, ``hsm_pin: 1234``, ``token=eyJ...``:
+# searched in the lower-cased text (a case-insensitive alternation is several
+# times slower in ``re``), the value replaced at the same position.
+_SECRET_NAMES: Final = r"(?:pin|passw(?:or)?d|passphrase|secret|token)"  # noqa: S105 - names
+_VALUE: Final = r"([\"']?\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s,;]+)"
+_KEY_VALUE = re.compile(_SECRET_NAMES + _VALUE)
+_KEY_VALUE_ANY_CASE = re.compile(_SECRET_NAMES + _VALUE, re.IGNORECASE)
 # Parts of an extra's key that make its whole value a secret.
 _SECRET_PARTS: Final = frozenset({"pin", "password", "passwd", "passphrase", "secret", "token",
                                   "authorization", "pem"})
 _KEY_SPLIT = re.compile(r"[^a-z0-9]+")
 _MAX_HEADER = 4096
+# A cheap test first (``redact`` runs on every message and extra): a header
+# that is a JSON object starting with "{" is base64url starting "ey" or "ew".
+_JWS_HINT = re.compile(r"e[wy][A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]+\.")
 
 
 def _is_jws_header(segment: str) -> bool:
@@ -78,24 +86,50 @@ def _is_jws_header(segment: str) -> bool:
     return isinstance(header, dict) and "alg" in header
 
 
+_HEADER_START = re.compile(r"e[wy]")
+
+
 def _jws(match: re.Match[str]) -> str:
-    return REDACTED_JWS if _is_jws_header(match.group(1)) else match.group(0)
+    head = match.group(1)
+    # The run before the first dot may carry a prefix glued to the header
+    # ("Bearer_eyJ..."): a header starting further in counts too.
+    if _is_jws_header(head) or any(_is_jws_header(head[m.start():])
+                                   for m in _HEADER_START.finditer(head, 1)):
+        return REDACTED_JWS
+    return match.group(0)
 
 
-def _key_value(match: re.Match[str]) -> str:
-    return f"{match.group(1)}{match.group(2)}{REDACTED}"
+def _redact_key_values(text: str) -> str:
+    low = text.lower()
+    # lower() keeps ASCII lengths; a rare character whose lower case is
+    # longer would shift the positions: search the text itself then.
+    found = (_KEY_VALUE.finditer(low) if len(low) == len(text)
+             else _KEY_VALUE_ANY_CASE.finditer(text))
+    spans = [m.span(2) for m in found]
+    if not spans:
+        return text
+    out: list[str] = []
+    last = 0
+    for start, end in spans:
+        out += (text[last:start], REDACTED)
+        last = end
+    out.append(text[last:])
+    return "".join(out)
 
 
 def redact(text: str) -> str:
     """``text`` with compact JWS, PEM private keys and the values of
     secret-named ``key=value`` pairs replaced."""
+    if "." not in text and "=" not in text and ":" not in text and "-----" not in text:
+        return text  # none of the three can be in it (most ids, names, codes)
     if "-----BEGIN" in text:
         text = _PEM.sub(REDACTED_PEM, text)
-    if "." in text:
+    if _JWS_HINT.search(text):
         text = _JWS.sub(_jws, text)
-    return _KEY_VALUE.sub(_key_value, text)
+    return _redact_key_values(text)
 
 
+@functools.lru_cache(maxsize=1024)  # extras use a few names, over and over
 def secret_key(key: str) -> bool:
     """Whether an extra named ``key`` holds a secret (its value is dropped)."""
     parts = set(_KEY_SPLIT.split(key.lower()))

@@ -181,6 +181,7 @@ def test_a_real_token_is_redacted_from_message_extras_and_exceptions(
     log = logging.getLogger("fedtoken.test")
     log.info("verify %s failed.", token)
     log.info("header Authorization: Bearer %s", token)
+    log.info("glued x%s and key_%s", token, token)
     log.info("extra", extra={"detail": f"got {token}", "access_token": token})
     try:
         raise RuntimeError(f"bad token {token}")
@@ -210,6 +211,17 @@ def test_pin_like_values_and_private_keys_are_redacted(
         first = json.loads(out.splitlines()[0])
         assert first["hsm_pin"] == first["password"] == first["private_key"] == logs.REDACTED
         assert first["ping"] == "kept"
+
+
+TOKEN = real_token()
+
+
+@pytest.mark.parametrize("before", ["", " ", "(", "'", '"', "=", ":", "Bearer ", "x", "_",
+                                    "-", "\n", ",", "ey", "eyJ."])
+@pytest.mark.parametrize("after", ["", " ", ")", "'", '"', ".", ",", "\n", ";", "&x=1"])
+def test_a_token_is_redacted_whatever_surrounds_it(before: str, after: str) -> None:
+    out = logs.redact(f"got {before}{TOKEN}{after} here")
+    assert TOKEN.rsplit(".", 1)[1] not in out and TOKEN.split(".")[1] not in out
 
 
 @pytest.mark.parametrize("text", [
