@@ -131,6 +131,14 @@ def test_counters_equal_the_load_sent_through_two_workers(
     ok_by_tenant = {dict(labels)["tenant"]: v for (n, labels), v in samples.items()
                     if n == "fedtoken_verifications_total" and dict(labels)["reason"] == "OK"}
     assert ok_by_tenant == {tenant: sent["OK"]}
+    # The boundary counted every call: by method and status, summed over the workers.
+    rpcs = {(dict(labels)["method"], dict(labels)["code"]): v for (n, labels), v in samples.items()
+            if n == "fedtoken_rpc_duration_seconds_count"}
+    service = "/fedtoken.v1.TokenService/"
+    assert rpcs[(service + "Issue", "OK")] == ISSUES
+    assert rpcs[(service + "IssueBatch", "OK")] == 1
+    assert rpcs[(service + "VerifyBatch", "OK")] == CHANNELS + 1
+    assert rpcs[(service + "Verify", "OK")] == 12
     # Every signature was one timed C_Sign in some worker.
     assert samples[("fedtoken_hsm_sign_seconds_count", frozenset())] >= ISSUES + ISSUE_BATCH
     # The sampler's gauges are there (set within a second of each worker's start).
