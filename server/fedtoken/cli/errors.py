@@ -20,8 +20,9 @@ _ROLE = re.compile(r"\brole (\w+)")
 _TLS_WORDS = ("ssl", "tls", "handshake", "certificate", "x509")
 
 
-def rpc_error(exc: FedtokenRpcError, target: str) -> str:
-    """The line for a failed call to ``target``."""
+def rpc_error(exc: FedtokenRpcError, target: str, tls_files: str = "") -> str:
+    """The line for a failed call to ``target`` (``tls_files``: which CA and
+    client certificate were used, named in a handshake failure)."""
     message = exc.message.strip()
     from_service = exc.reason != "ERROR_REASON_UNSPECIFIED"
     if from_service:
@@ -30,15 +31,16 @@ def rpc_error(exc: FedtokenRpcError, target: str) -> str:
             role = _ROLE.search(message)
             if role:
                 line = f"{exc.code.name} {exc.reason}: missing role {role.group(1)}: {message}"
-        if exc.request_id:
+        if exc.request_id and exc.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
             line += f" (request id {exc.request_id}: search the server log)"
         return line
     lowered = message.lower()
     if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and any(
             w in lowered for w in _TLS_WORDS):
-        return (f"UNAVAILABLE: TLS handshake with {target} failed ({_short(message)}): check "
-                "that --tls-ca is the CA of the server's certificate, that --tls-cert/--tls-key "
-                "are a client certificate its CA trusts and not expired, and "
+        used = f" with {tls_files}" if tls_files else ""
+        return (f"UNAVAILABLE: TLS handshake with {target}{used} failed ({_short(message)}): "
+                "check that --tls-ca is the CA of the server's certificate, that "
+                "--tls-cert/--tls-key are a client certificate its CA trusts and not expired, and "
                 "--tls-server-name if you dial an address the certificate does not name")
     if exc.code == grpc.StatusCode.UNAVAILABLE:
         return (f"UNAVAILABLE: cannot reach a fedtoken server at {target} ({_short(message)}): "

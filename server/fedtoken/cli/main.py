@@ -167,7 +167,10 @@ def _checked(tls: Tls) -> Tls:
 
 
 def _client(ns: argparse.Namespace) -> FedtokenClient:
-    return FedtokenClient(ns.target, tls=_tls(ns), insecure=ns.insecure,
+    tls = _tls(ns)
+    if tls is not None:  # named in the error line should the handshake fail
+        ns.tls_files = f"CA {tls.ca} and client certificate {tls.cert}"
+    return FedtokenClient(ns.target, tls=tls, insecure=ns.insecure,
                           caller=ns.caller or f"cli:{os.getenv('USER', 'unknown')}")
 
 
@@ -656,7 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = ns.func(ns)
         return code
     except FedtokenRpcError as exc:
-        out.error(errors.rpc_error(exc, ns.target))
+        out.error(errors.rpc_error(exc, ns.target, getattr(ns, "tls_files", "")))
     except UsageError as exc:
         out.error(str(exc))
     except FedtokenError as exc:
