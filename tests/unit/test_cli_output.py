@@ -195,3 +195,13 @@ def test_doctor_certificate_checks(tmp_path: Path) -> None:
     report = doctor.report(list(checks.values()))
     assert report["ok"] is False
     assert set(report["checks"][0]) == {"name", "status", "detail", "fix"}
+
+
+def test_json_is_accepted_before_and_after_any_command() -> None:
+    from fedtoken.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--json", "keys", "list"]).global_json is True
+    assert parser.parse_args(["keys", "list", "--json"]).json is True
+    assert parser.parse_args(["doctor", "--json"]).json is True
+    assert parser.parse_args(["compliance", "--json"]).json is True  # its own, kept

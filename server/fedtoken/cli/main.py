@@ -646,7 +646,23 @@ def build_parser() -> argparse.ArgumentParser:
     j = sub.add_parser("jwks", help="print a tenant's JWKS")
     j.add_argument("--tenant", default="")
     j.set_defaults(func=cmd_jwks)
+    _json_everywhere(p)
     return p
+
+
+def _json_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--json`` after any command too (``fedtoken keys list --json``), not
+    only before it; commands that had their own keep it."""
+    children = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not children:
+        if parser.prog.split()[1:2] != ["serve"] and not any(
+                "--json" in a.option_strings for a in parser._actions):
+            parser.add_argument("--json", action="store_true",
+                                help="print JSON even on a terminal")
+        return
+    for child in children:
+        for sub_parser in set(child.choices.values()):
+            _json_everywhere(sub_parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
