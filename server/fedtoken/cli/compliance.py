@@ -29,6 +29,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from fedtoken.cli import output
 from fedtoken_client import FedtokenClient
 from fedtoken_client._pb.fedtoken.v1 import common_pb2, key_admin_pb2
 
@@ -134,7 +135,7 @@ def render_reconcile(report: key_admin_pb2.ReconcileKeysReport, fix: bool) -> li
 
 def run_compliance(ns: argparse.Namespace, *, connect: Connect, emit: Emit,
                    write: Write = print) -> int:
-    with connect(ns) as c:
+    with connect(ns) as c, output.current().progress("reading every key's HSM attributes"):
         report: key_admin_pb2.ComplianceReport = c.compliance_report(tenant=ns.tenant)
     if ns.json:
         emit(_as_dict(report))
@@ -146,7 +147,8 @@ def run_compliance(ns: argparse.Namespace, *, connect: Connect, emit: Emit,
 
 def run_reconcile(ns: argparse.Namespace, *, connect: Connect, emit: Emit,
                   write: Write = print) -> int:
-    with connect(ns) as c:
+    what = "reconciling HSM objects with Postgres" + (" (destroying orphans)" if ns.fix else "")
+    with connect(ns) as c, output.current().progress(what):
         report: key_admin_pb2.ReconcileKeysReport = c.reconcile_keys(fix=ns.fix)
     if ns.json:
         emit(_as_dict(report))
