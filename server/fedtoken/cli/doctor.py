@@ -111,7 +111,7 @@ def check_hsm(settings: Any) -> list[Check]:
     except LookupError as exc:
         return [_fail("hsm module", str(exc), "install softhsm2 or set hsm_module "
                       "(FEDTOKEN_HSM_MODULE) to the PKCS#11 library of your HSM")]
-    except (FileNotFoundError, FedtokenError) as exc:
+    except (OSError, FedtokenError) as exc:
         detail = exc.message if isinstance(exc, FedtokenError) else str(exc)
         return [_fail("hsm pin", detail, "set hsm_pin_file (FEDTOKEN_HSM_PIN_FILE) or "
                       "FEDTOKEN_HSM_PIN, or run `fedtoken serve` once for the dev token")]
@@ -355,8 +355,20 @@ def run_checks(overrides: dict[str, Any], config_file: Path | None, *,
     if settings is None:
         return [first, *(Check(n, SKIP, "settings do not load")
                          for n in ("hsm", "postgres", "certificates"))]
-    return [first, *check_hsm(settings), *check_postgres(settings),
-            *check_certificates(settings, client_cert=client_cert, client_ca=client_ca)]
+    return [first, *_guarded("hsm", lambda: check_hsm(settings)),
+            *_guarded("postgres", lambda: check_postgres(settings)),
+            *_guarded("certificates", lambda: check_certificates(
+                settings, client_cert=client_cert, client_ca=client_ca))]
+
+
+def _guarded(name: str, checks: Callable[[], list[Check]]) -> list[Check]:
+    """A group's checks; anything unforeseen is that group's failure, one row,
+    not a stack trace that hides the other groups' results."""
+    try:
+        return checks()
+    except Exception as exc:  # noqa: BLE001 - reported as a failed check
+        return [_fail(name, f"{type(exc).__name__}: {exc}",
+                      "see the detail; the other checks ran regardless")]
 
 
 def report(checks: list[Check]) -> dict[str, Any]:
