@@ -64,8 +64,11 @@ _PEM = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:.*?-----END [A-Z0-9 
 # times slower in ``re``), the value replaced at the same position.
 _SECRET_NAMES: Final = r"(?:pin|passw(?:or)?d|passphrase|secret|token)"  # noqa: S105 - names
 _VALUE: Final = r"([\"']?\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s,;]+)"
-_KEY_VALUE = re.compile(_SECRET_NAMES + _VALUE)
-_KEY_VALUE_ANY_CASE = re.compile(_SECRET_NAMES + _VALUE, re.IGNORECASE)
+# The name must start a word ("hsm_pin", "access_token" count; "fedtoken: 2",
+# "spin: 3" do not).
+_NAME_START: Final = r"(?<![a-z0-9])"
+_KEY_VALUE = re.compile(_NAME_START + _SECRET_NAMES + _VALUE)
+_KEY_VALUE_ANY_CASE = re.compile(r"(?<![A-Za-z0-9])" + _SECRET_NAMES + _VALUE, re.IGNORECASE)
 # Parts of an extra's key that make its whole value a secret.
 _SECRET_PARTS: Final = frozenset({"pin", "password", "passwd", "passphrase", "secret", "token",
                                   "authorization", "pem"})

@@ -435,3 +435,14 @@ def bench_boundary(n: int = 200_000) -> dict[str, float]:
 if __name__ == "__main__":  # pragma: no cover
     for name, us in bench_boundary().items():
         print(f"{name:16s} {us:.3f} us/call")
+
+
+def test_secret_names_only_at_the_start_of_a_word() -> None:
+    from fedtoken.logs import REDACTED, redact
+
+    # The service's own startup line: "fedtoken" ends in "token".
+    line = "fedtoken: 2 workers on gRPC 127.0.0.1:50051, HTTP bridge on http://127.0.0.1:8080"
+    assert redact(line) == line
+    assert redact("spin: 3, Fedtoken=ok") == "spin: 3, Fedtoken=ok"
+    assert redact("hsm_pin: 1234 access_token=abc PIN=9") == (
+        f"hsm_pin: {REDACTED} access_token={REDACTED} PIN={REDACTED}")
