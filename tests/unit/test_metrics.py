@@ -4,41 +4,23 @@ observed, labels stay bounded, the sampler reads an App and never raises."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from prometheus_client import values
-from prometheus_client.parser import text_string_to_metric_families
 
 from fedtoken.core.model import Reason, Verdict
 from fedtoken.ops import metrics
+from tests.unit._metrics_fixture import fresh, rendered_samples
+
+__all__ = ["fresh"]  # the fixture, used by name
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-@pytest.fixture
-def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Single-process metrics, built anew for this test."""
-    monkeypatch.delenv(metrics.ENV, raising=False)
-    saved = values.ValueClass
-    values.ValueClass = values.MutexValue
-    metrics._reset()
-    yield
-    metrics._reset()
-    values.ValueClass = saved
-
-
 def scrape() -> Samples:
-    body, content_type = metrics.render()
-    assert content_type.startswith("text/plain")
-    out: Samples = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
+    return {(name, frozenset(labels.items())): v for name, labels, v in rendered_samples()}
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:

@@ -5,18 +5,19 @@ sampler's key set age, stale serving and usability; nothing from a token."""
 from __future__ import annotations
 
 import collections
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 import pytest
-from prometheus_client import values
-from prometheus_client.parser import text_string_to_metric_families
 
 from fedtoken.core.trust import TrustedIssuer
 from fedtoken.federation import CacheSettings, RemoteJwksCache
 from fedtoken.ops import metrics
 from tests._jwks_fixture import JwksServer, Reply, jwk_of, rsa_key
+from tests.unit._metrics_fixture import fresh, rendered_samples
 from tests.unit.fakes import NOW, FakeClock
+
+__all__ = ["fresh"]  # the fixture, used by name
 
 PARTNER = "https://partner.example"
 SETTINGS = CacheSettings(fetch_timeout=0.5, default_max_age=100, min_max_age=10,
@@ -27,17 +28,6 @@ SETTINGS = CacheSettings(fetch_timeout=0.5, default_max_age=100, min_max_age=10,
 
 
 @pytest.fixture
-def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv(metrics.ENV, raising=False)
-    saved = values.ValueClass
-    values.ValueClass = values.MutexValue
-    metrics._reset()
-    yield
-    metrics._reset()
-    values.ValueClass = saved
-
-
-@pytest.fixture
 async def server() -> AsyncIterator[JwksServer]:
     srv = await JwksServer().start()
     yield srv
@@ -45,11 +35,9 @@ async def server() -> AsyncIterator[JwksServer]:
 
 
 def scrape() -> dict[str, dict[frozenset[tuple[str, str]], float]]:
-    body, _ = metrics.render()
     out: dict[str, dict[frozenset[tuple[str, str]], float]] = collections.defaultdict(dict)
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            out[s.name][frozenset(s.labels.items())] = s.value
+    for name, labels, v in rendered_samples():
+        out[name][frozenset(labels.items())] = v
     return out
 
 

@@ -5,34 +5,23 @@ each token exactly once (over the in-memory ports of tests/unit/fakes.py)."""
 from __future__ import annotations
 
 import collections
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
-from prometheus_client import values
-from prometheus_client.parser import text_string_to_metric_families
 
 from fedtoken.core.model import Expectation, Reason
 from fedtoken.core.ports import CallContext, Principal
-from fedtoken.ops import metrics
 from fedtoken.service.types import IssueParams
 from fedtoken_client._pb.fedtoken.v1 import common_pb2
+from tests.unit._metrics_fixture import fresh, rendered_samples
 from tests.unit.fakes import Services, build_services
+
+__all__ = ["fresh"]  # the fixture, used by name
 
 AUD = "api://orders"
 CTX = CallContext(Principal(identity="spiffe://example.org/ns/shop/sa/orders"),
                   request_id="req-1")
 REASON_NUMBERS = {r: common_pb2.Reason.Value(r.value) for r in Reason}  # as rpc.convert
-
-
-@pytest.fixture
-def fresh(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv(metrics.ENV, raising=False)
-    saved = values.ValueClass
-    values.ValueClass = values.MutexValue
-    metrics._reset()
-    yield
-    metrics._reset()
-    values.ValueClass = saved
 
 
 @pytest.fixture
@@ -44,12 +33,10 @@ async def acme(fresh: None) -> AsyncIterator[Services]:
 
 
 def counts(name: str, label: str) -> dict[str, float]:
-    body, _ = metrics.render()
     out: dict[str, float] = collections.defaultdict(float)
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            if s.name == name:
-                out[s.labels[label]] += s.value
+    for sample, labels, v in rendered_samples():
+        if sample == name:
+            out[labels[label]] += v
     return dict(out)
 
 
