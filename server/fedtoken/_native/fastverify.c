@@ -624,6 +624,34 @@ ascii_str(const unsigned char *s, Py_ssize_t len)
     return PyUnicode_DecodeASCII((const char *)s, len, NULL);
 }
 
+/* An integer of at most MAX_INT_DIGITS digits, as json.loads reads one;
+ * c->p at '-' or the first digit. 0, or -1 for "-", "01", fractions,
+ * exponents and longer numbers (the scanner's fallback). */
+static int
+scan_int(Cursor *c, long long *out)
+{
+    int neg = 0;
+    if (c->p < c->end && *c->p == '-') {
+        neg = 1;
+        c->p++;
+    }
+    const unsigned char *digits = c->p;
+    long long v = 0;
+    while (c->p < c->end && *c->p >= '0' && *c->p <= '9') {
+        if (c->p - digits >= MAX_INT_DIGITS) {
+            return -1;
+        }
+        v = v * 10 + (*c->p - '0');
+        c->p++;
+    }
+    Py_ssize_t nd = c->p - digits;
+    if (nd == 0 || (nd > 1 && digits[0] == '0') || !is_delim(c)) {
+        return -1;
+    }
+    *out = neg ? -v : v;
+    return 0;
+}
+
 /* One value; a new reference, or NULL (fallback when no exception). */
 static PyObject *
 scan_value(Cursor *c, int in_array)
@@ -644,25 +672,11 @@ scan_value(Cursor *c, int in_array)
         return NULL; /* arrays of strings only */
     }
     if (ch == '-' || (ch >= '0' && ch <= '9')) {
-        int neg = 0;
-        if (ch == '-') {
-            neg = 1;
-            c->p++;
+        long long v;
+        if (scan_int(c, &v) != 0) {
+            return NULL;
         }
-        const unsigned char *digits = c->p;
-        long long v = 0;
-        while (c->p < c->end && *c->p >= '0' && *c->p <= '9') {
-            if (c->p - digits >= MAX_INT_DIGITS) {
-                return NULL;
-            }
-            v = v * 10 + (*c->p - '0');
-            c->p++;
-        }
-        Py_ssize_t nd = c->p - digits;
-        if (nd == 0 || (nd > 1 && digits[0] == '0') || !is_delim(c)) {
-            return NULL; /* "-", "01", fractions and exponents */
-        }
-        return PyLong_FromLongLong(neg ? -v : v);
+        return PyLong_FromLongLong(v);
     }
     if (ch == 't' && literal(c, "true", 4)) {
         return Py_NewRef(Py_True);

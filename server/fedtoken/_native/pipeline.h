@@ -66,26 +66,10 @@ span_value(Cursor *c, Member *out)
         return 0;
     }
     if (ch == '-' || (ch >= '0' && ch <= '9')) {
-        int neg = 0;
-        if (ch == '-') {
-            neg = 1;
-            c->p++;
-        }
-        const unsigned char *digits = c->p;
-        long long v = 0;
-        while (c->p < c->end && *c->p >= '0' && *c->p <= '9') {
-            if (c->p - digits >= MAX_INT_DIGITS) {
-                return -1;
-            }
-            v = v * 10 + (*c->p - '0');
-            c->p++;
-        }
-        Py_ssize_t nd = c->p - digits;
-        if (nd == 0 || (nd > 1 && digits[0] == '0') || !is_delim(c)) {
+        if (scan_int(c, &out->v) != 0) {
             return -1;
         }
         out->type = CL_INT;
-        out->v = neg ? -v : v;
         return 0;
     }
     if ((ch == 't' && literal(c, "true", 4)) || (ch == 'f' && literal(c, "false", 5)) ||
