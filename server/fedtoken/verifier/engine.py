@@ -307,7 +307,12 @@ class VerificationEngine:
         pass finishes the tokens it answered; the tokens it handed back take
         the three phases above.
         """
-        now = self._clock.now()
+        return await self._batch_at(tokens, expect, self._clock.now())
+
+    async def _batch_at(self, tokens: Sequence[str], expect: Expectation, now: float
+                        ) -> list[Verdict]:
+        """verify_batch judged at ``now``: the verified-token cache first,
+        then the uncached path for its misses."""
         if self._cache is None:
             return await self._batch_uncached(tokens, expect, now)
         cached, misses = self._cached_split(tokens, expect, now)
@@ -372,16 +377,7 @@ class VerificationEngine:
                 for i in range(0, count, size)))
         wire = _merge_parts(parts, plan)
         if wire.rest:
-            others = [tokens[i] for i in wire.rest]
-            if self._cache is None:
-                wire.verdicts = await self._batch_uncached(others, expect, now)
-            else:
-                cached, misses = self._cached_split(others, expect, now)
-                if misses:
-                    done = await self._batch_uncached([others[i] for i in misses], expect, now)
-                    for i, verdict in zip(misses, done, strict=True):
-                        cached[i] = verdict
-                wire.verdicts = cached  # type: ignore[assignment] # every None was replaced
+            wire.verdicts = await self._batch_at([tokens[i] for i in wire.rest], expect, now)
         return wire
 
     async def _batch_uncached(
