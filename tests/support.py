@@ -12,11 +12,13 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+import pytest
 
 from fedtoken.app import App, start_app
 from fedtoken.config import Settings, load_settings
@@ -24,6 +26,7 @@ from fedtoken.hsm import HsmConfig
 from fedtoken_client import FedtokenClient, Tls
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def child_env() -> dict[str, str]:
@@ -84,6 +87,20 @@ class _Tls:
                     options: list[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
         t = tls or self.tls
         return grpc.aio.secure_channel(self.target, t.credentials(), options=options or [])
+
+
+def poll_until(probe: Callable[[], T], done: Callable[[T], bool], what: str, *,
+               deadline: float, interval: float) -> T:
+    """Poll ``probe`` until ``done`` holds for its value; fail the test after
+    ``deadline`` seconds, naming ``what`` and the last value."""
+    end = time.monotonic() + deadline
+    while True:
+        value = probe()
+        if done(value):
+            return value
+        if time.monotonic() > end:
+            pytest.fail(f"not within {deadline}s: {what} (last: {value!r})")
+        time.sleep(interval)
 
 
 def free_port() -> int:

@@ -43,7 +43,7 @@ from fedtoken.store.embedded import EmbeddedPostgres
 from fedtoken_client import FedtokenClient, FedtokenRpcError, reason_name
 from tests._pg_fixture import create_database
 from tests.integration._faults import PgControl
-from tests.support import ServerThread, make_settings
+from tests.support import ServerThread, make_settings, poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -188,14 +188,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, hsm_config: HsmConfig) -> Iter
 
 
 def eventually(probe: Callable[[], T], done: Callable[[T], bool], what: str) -> T:
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        value = probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {DEADLINE}s: {what} (last: {value!r})")
-        time.sleep(0.05)
+    return poll_until(probe, done, what, deadline=DEADLINE, interval=0.05)
 
 
 def verdict(client: FedtokenClient, token: str) -> str:

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -37,7 +36,7 @@ from fedtoken.store import create_pool
 from fedtoken.store.embedded import EmbeddedPostgres
 from tests._pg_fixture import create_database
 from tests.integration._faults import FaultServe, PgControl
-from tests.support import ServerThread, free_port, make_settings
+from tests.support import ServerThread, free_port, make_settings, poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -86,14 +85,7 @@ def env(hsm_config: HsmConfig) -> Iterator[Env]:
 
 
 def eventually(probe: Callable[[], T], done: Callable[[T], bool], what: str) -> T:
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        value = probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {DEADLINE}s: {what} (last: {value!r})")
-        time.sleep(0.1)
+    return poll_until(probe, done, what, deadline=DEADLINE, interval=0.1)
 
 
 def statuses(channel: grpc.Channel) -> dict[str, str]:

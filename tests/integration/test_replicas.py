@@ -25,7 +25,7 @@ import pytest
 
 from fedtoken_client import FedtokenClient, reason_name
 from tests._pg_fixture import create_database, drop_database
-from tests.support import ServeProcess
+from tests.support import ServeProcess, poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -62,14 +62,7 @@ def clients(
 
 def eventually(probe: Callable[[], T], done: Callable[[T], bool], what: str) -> T:
     """Poll ``probe`` until ``done`` holds, or fail after DEADLINE seconds."""
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        value = probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {DEADLINE}s: {what} (last: {value!r})")
-        time.sleep(0.02)
+    return poll_until(probe, done, what, deadline=DEADLINE, interval=0.02)
 
 
 def verdict_on(client: FedtokenClient, token: str, aud: str = "svc") -> Callable[[], str]:
